@@ -1,0 +1,235 @@
+//! The guest image: a kernel and a read-only root filesystem with the agent,
+//! built from Debian packages and cached under a key derived from the recipe.
+//!
+//! Layout of the cache:
+//! - `kernels/<key>/`: vmlinux, config, kernel.json
+//! - `rootfs/<key>/`: rootfs.ext4 (no agent), rootfs.json
+//! - `images/<key>/`: vmlinux, rootfs.ext4 (with agent), manifest.json
+//!
+//! Each product is built in `tmp/` and renamed into place when whole, so an
+//! interrupted build leaves nothing that looks finished.
+
+mod agent;
+mod command;
+mod host_tools;
+pub mod kernel;
+mod lock;
+mod mirror;
+mod progress;
+pub mod recipe;
+pub mod rootfs;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use command::{run_captured, run_logged};
+use lock::{BuildLock, Scratch};
+use progress::Progress;
+
+pub use agent::elf_has_interpreter;
+
+/// A finished guest image.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Image {
+    pub fn vmlinux(&self) -> PathBuf {
+        self.dir.join("vmlinux")
+    }
+
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs.ext4")
+    }
+}
+
+/// manifest.json: what an image is made of.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub recipe_hash: String,
+    pub airlock_version: String,
+    pub build_date: String,
+    pub kernel: ManifestKernel,
+    pub rootfs: ManifestRootfs,
+    pub agent: ManifestAgent,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestKernel {
+    pub recipe_hash: String,
+    pub version: String,
+    pub source_package_version: String,
+    pub patches: Vec<String>,
+    pub vmlinux_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestRootfs {
+    pub recipe_hash: String,
+    pub suite: String,
+    pub ext4_bytes: u64,
+    pub packages: Vec<rootfs::Package>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestAgent {
+    pub path_in_guest: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// What `ensure` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    AlreadyBuilt,
+    Built,
+}
+
+/// Returns the image for the current recipe, building whatever part of it is
+/// missing. Progress goes to stderr.
+pub fn ensure(cache: &Path) -> Result<(Image, Outcome)> {
+    std::fs::create_dir_all(cache).with_context(|| format!("cannot create {}", cache.display()))?;
+    let source_version = kernel::source_package_version()?;
+    let agent_path = agent::locate(&cache.join("logs"))?;
+    let agent_bytes = std::fs::read(&agent_path)
+        .with_context(|| format!("cannot read the guest agent {}", agent_path.display()))?;
+    let agent_sha256 = recipe::sha256_hex(&agent_bytes);
+    let kernel_key = recipe::kernel_key(&source_version);
+    let rootfs_key = recipe::rootfs_key();
+    let key = recipe::image_key(&kernel_key, &rootfs_key, &agent_sha256);
+    let dir = cache.join("images").join(&key);
+    if let Some(image) = read_image(&dir) {
+        return Ok((image, Outcome::AlreadyBuilt));
+    }
+
+    host_tools::check_all()?;
+    let _lock = BuildLock::acquire(cache)?;
+    // Another process may have finished it while we waited for the lock.
+    if let Some(image) = read_image(&dir) {
+        return Ok((image, Outcome::AlreadyBuilt));
+    }
+    eprintln!(
+        "airlock: preparing the guest image {key} in {} (first run only)",
+        cache.display()
+    );
+    let kernel = kernel::ensure(cache, &source_version)?;
+    let rootfs = rootfs::ensure(cache)?;
+
+    let progress = Progress::new("image");
+    progress.step("adding the guest agent to the root filesystem");
+    let scratch = Scratch::create(cache, &format!("image-{key}"))?;
+    let out = scratch.path().join("out");
+    std::fs::create_dir(&out).context("cannot create the image output directory")?;
+    link_or_copy(&kernel.vmlinux(), &out.join("vmlinux"))?;
+    let ext4 = out.join("rootfs.ext4");
+    std::fs::copy(rootfs.ext4(), &ext4).context("cannot copy the base root filesystem")?;
+    std::fs::write(scratch.path().join("airlock-agent"), &agent_bytes)
+        .context("cannot stage the agent")?;
+    install_agent(scratch.path(), &ext4, agent_bytes.len() as u64)?;
+
+    let manifest = Manifest {
+        recipe_hash: key.clone(),
+        airlock_version: env!("CARGO_PKG_VERSION").to_string(),
+        build_date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        kernel: ManifestKernel {
+            recipe_hash: kernel.key.clone(),
+            version: kernel.info.version.clone(),
+            source_package_version: kernel.info.source_package_version.clone(),
+            patches: kernel.info.patches.clone(),
+            vmlinux_bytes: kernel.info.vmlinux_bytes,
+        },
+        rootfs: ManifestRootfs {
+            recipe_hash: rootfs.key.clone(),
+            suite: rootfs.info.suite.clone(),
+            ext4_bytes: rootfs.info.ext4_bytes,
+            packages: rootfs.info.packages.clone(),
+        },
+        agent: ManifestAgent {
+            path_in_guest: airlock_protocol::AGENT_GUEST_PATH.to_string(),
+            sha256: agent_sha256,
+            bytes: agent_bytes.len() as u64,
+        },
+    };
+    write_json(&out.join("manifest.json"), &manifest)?;
+    publish(&out, &dir)?;
+    progress.step(&format!("done: {}", dir.display()));
+    Ok((Image { dir, manifest }, Outcome::Built))
+}
+
+fn read_image(dir: &Path) -> Option<Image> {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).ok()?;
+    let manifest: Manifest = serde_json::from_str(&text).ok()?;
+    (dir.join("vmlinux").is_file() && dir.join("rootfs.ext4").is_file()).then(|| Image {
+        dir: dir.to_path_buf(),
+        manifest,
+    })
+}
+
+/// Writes the agent into the ext4 image as root-owned 0755, then reads it back:
+/// debugfs reports errors on stderr but exits 0, so only a check is reliable.
+fn install_agent(workdir: &Path, ext4: &Path, agent_len: u64) -> Result<()> {
+    let guest = airlock_protocol::AGENT_GUEST_PATH;
+    let script = workdir.join("debugfs.cmds");
+    std::fs::write(
+        &script,
+        format!(
+            "write airlock-agent {guest}\nsif {guest} mode 0100755\nsif {guest} uid 0\nsif {guest} gid 0\n"
+        ),
+    )
+    .context("cannot write the debugfs script")?;
+    let mut debugfs = Command::new("debugfs");
+    debugfs
+        .current_dir(workdir)
+        .arg("-w")
+        .arg("-f")
+        .arg(&script)
+        .arg(ext4);
+    run_logged(
+        debugfs,
+        "debugfs (installing the agent)",
+        &workdir.join("debugfs.log"),
+        |_| {},
+    )?;
+    let mut stat = Command::new("debugfs");
+    stat.arg("-R").arg(format!("stat {guest}")).arg(ext4);
+    let text = run_captured(stat, "debugfs stat")?;
+    let size_ok = text.contains(&format!("Size: {agent_len}"));
+    let mode_ok = text.contains("Mode:  0755") || text.contains("Mode: 0755");
+    if !size_ok || !mode_ok {
+        bail!("the agent did not land in the root filesystem as expected; debugfs says:\n{text}");
+    }
+    Ok(())
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))
+}
+
+/// Moves a finished build into its final place in one rename.
+fn publish(built: &Path, dest: &Path) -> Result<()> {
+    let parent = dest.parent().context("a cache path has no parent")?;
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    if dest.exists() {
+        // Left by a build that crashed between rename and marker; rebuilt now.
+        lock::remove_tree(dest)?;
+    }
+    std::fs::rename(built, dest)
+        .with_context(|| format!("cannot move the build into {}", dest.display()))
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).context("cannot serialize build metadata")?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
