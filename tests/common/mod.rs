@@ -1,0 +1,42 @@
+//! Helpers shared by the integration tests: the built `airlock` binary and
+//! the guest image, built once per test binary and cached across runs.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub fn airlock() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_airlock"))
+}
+
+pub fn run(mut cmd: Command) -> Output {
+    cmd.output().expect("the airlock binary runs")
+}
+
+/// The image directory, from `airlock image build` (a no-op once built; the
+/// first run on a fresh machine builds it, which takes minutes).
+pub fn image_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let mut cmd = airlock();
+        cmd.args(["image", "build"]).stderr(std::process::Stdio::inherit());
+        let out = run(cmd);
+        assert!(out.status.success(), "airlock image build failed");
+        PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
+    })
+    .clone()
+}
+
+/// Runs one debugfs request against an ext4 image and returns its stdout.
+pub fn debugfs(image: &std::path::Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .expect("debugfs runs (apt-get install e2fsprogs)");
+    assert!(out.status.success(), "debugfs {request}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
