@@ -39,7 +39,7 @@ const ROOTFS_PACKAGES: &str = include_str!("../../images/rootfs/packages.txt");
 
 /// Bumped when the build steps themselves change in a way that changes output.
 const KERNEL_STEPS_VERSION: &str = "kernel-steps-1";
-const ROOTFS_STEPS_VERSION: &str = "rootfs-steps-1";
+const ROOTFS_STEPS_VERSION: &str = "rootfs-steps-2";
 const IMAGE_STEPS_VERSION: &str = "image-steps-1";
 
 /// The packages to install into the root filesystem.

@@ -70,37 +70,28 @@ pub fn ensure(cache: &Path) -> Result<Rootfs> {
     let log = scratch.path().join("build.log");
     let tree = scratch.path().join("tree");
 
-    let packages = recipe::rootfs_packages();
-    progress.step(&format!(
-        "debootstrap {} (minbase + {}) from {mirror}; this downloads ~200 MiB",
-        recipe::SUITE,
-        packages.join(", ")
-    ));
+    progress.step(&format!("debootstrap {} minbase from {mirror}", recipe::SUITE));
     let mut debootstrap = Command::new("debootstrap");
-    debootstrap
-        .args(["--variant=minbase", "--merged-usr"])
-        .arg(format!("--include={}", packages.join(",")))
-        .arg(recipe::SUITE)
-        .arg(&tree)
-        .arg(&mirror);
+    debootstrap.args(["--variant=minbase", "--merged-usr"]).arg(recipe::SUITE).arg(&tree).arg(&mirror);
     let mut throttle = Throttle::new(Duration::from_secs(10));
-    let mut last_stage = String::new();
     run_logged(debootstrap, "debootstrap", &log, |line| {
-        // debootstrap prints "I: Retrieving x", "I: Unpacking y", ...: show
-        // each new stage, and a sample of the rest.
-        let Some(info) = line.strip_prefix("I: ") else {
-            return;
-        };
-        let stage = info
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        if stage != last_stage || throttle.ready() {
+        // "I: Retrieving <pkg>" and the like come once per package: show a
+        // sample of those, and every stage line.
+        let Some(info) = line.strip_prefix("I: ") else { return };
+        let per_package = ["Retrieving", "Validating", "Extracting", "Unpacking", "Configuring"]
+            .iter()
+            .any(|verb| info.starts_with(verb) && !info.contains("packages"));
+        if !per_package || throttle.ready() {
             eprintln!("[rootfs] {info}");
-            last_stage = stage;
         }
     })?;
+
+    let packages = recipe::rootfs_packages();
+    progress.step(&format!(
+        "installing {} and their dependencies (no recommends; ~150 MiB download)",
+        packages.join(", ")
+    ));
+    install_packages(&tree, &packages, &log)?;
 
     progress.step(&format!("adding the unprivileged user '{SANDBOX_USER}'"));
     let mut useradd = Command::new("chroot");
@@ -203,6 +194,69 @@ pub fn parse_package_list(text: &str) -> Vec<Package> {
         .collect();
     packages.sort_by(|a, b| a.name.cmp(&b.name));
     packages
+}
+
+/// apt-get inside the new root, with the host's DNS, /proc mounted, and no
+/// service started by a package's scripts.
+fn install_packages(tree: &Path, packages: &[&str], log: &Path) -> Result<()> {
+    std::fs::copy("/etc/resolv.conf", tree.join("etc/resolv.conf"))
+        .context("cannot copy /etc/resolv.conf into the new root")?;
+    let policy = tree.join("usr/sbin/policy-rc.d");
+    std::fs::write(&policy, "#!/bin/sh\nexit 101\n").context("cannot write policy-rc.d")?;
+    std::fs::set_permissions(&policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .context("cannot make policy-rc.d executable")?;
+    let proc_mount = Mount::new("proc", &tree.join("proc"))?;
+
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("chroot");
+        cmd.arg(tree).arg("apt-get").args(["-q", "-y", "-o", "Dpkg::Use-Pty=0"]).args(args);
+        cmd.env("DEBIAN_FRONTEND", "noninteractive").env("LC_ALL", "C");
+        cmd
+    };
+    run_logged(apt(&["update"]), "apt-get update in the new root", log, |_| {})?;
+    let mut install = apt(&["install", "--no-install-recommends"]);
+    install.args(packages);
+    let mut throttle = Throttle::new(Duration::from_secs(10));
+    let (mut fetched, mut set_up) = (0usize, 0usize);
+    run_logged(install, "apt-get install in the new root", log, |line| {
+        if line.starts_with("Get:") {
+            fetched += 1;
+        } else if line.starts_with("Setting up ") {
+            set_up += 1;
+        }
+        if throttle.ready() && fetched > 0 {
+            eprintln!("[rootfs] {fetched} packages fetched, {set_up} set up");
+        }
+    })?;
+    run_logged(apt(&["clean"]), "apt-get clean", log, |_| {})?;
+    drop(proc_mount);
+    std::fs::remove_file(&policy).context("cannot remove policy-rc.d")?;
+    std::fs::write(tree.join("etc/resolv.conf"), "").context("cannot reset resolv.conf")?;
+    Ok(())
+}
+
+/// A mount that is undone when dropped, so an error path leaves none behind.
+struct Mount {
+    target: PathBuf,
+}
+
+impl Mount {
+    fn new(fstype: &str, target: &Path) -> Result<Mount> {
+        std::fs::create_dir_all(target).with_context(|| format!("cannot create {}", target.display()))?;
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", fstype, fstype]).arg(target);
+        run_captured(cmd, &format!("mounting {fstype}"))?;
+        Ok(Mount { target: target.to_path_buf() })
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let status = Command::new("umount").arg("-l").arg(&self.target).status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!("warning: could not unmount {}", self.target.display());
+        }
+    }
 }
 
 /// Drops what a sandbox never reads; the image is smaller and faster to copy.

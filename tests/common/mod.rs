@@ -32,6 +32,7 @@ pub fn image_dir() -> PathBuf {
 /// Runs one debugfs request against an ext4 image and returns its stdout.
 pub fn debugfs(image: &std::path::Path, request: &str) -> String {
     let out = Command::new("debugfs")
+        .env("PAGER", "__none__")
         .arg("-R")
         .arg(request)
         .arg(image)

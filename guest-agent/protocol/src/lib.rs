@@ -11,4 +11,4 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// The path of the agent inside the guest image; the kernel runs it as PID 1.
-pub const AGENT_GUEST_PATH: &str = "/sbin/airlock-agent";
+pub const AGENT_GUEST_PATH: &str = "/usr/sbin/airlock-agent";
