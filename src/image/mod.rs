@@ -197,7 +197,10 @@ fn install_agent(workdir: &Path, ext4: &Path, agent_len: u64) -> Result<()> {
         |_| {},
     )?;
     let mut stat = Command::new("debugfs");
-    stat.env("PAGER", "__none__").arg("-R").arg(format!("stat {guest}")).arg(ext4);
+    stat.env("PAGER", "__none__")
+        .arg("-R")
+        .arg(format!("stat {guest}"))
+        .arg(ext4);
     let text = run_captured(stat, "debugfs stat")?;
     let size_ok = text.contains(&format!("Size: {agent_len}"));
     let mode_ok = text.contains("Mode:  0755") || text.contains("Mode: 0755");

@@ -70,17 +70,32 @@ pub fn ensure(cache: &Path) -> Result<Rootfs> {
     let log = scratch.path().join("build.log");
     let tree = scratch.path().join("tree");
 
-    progress.step(&format!("debootstrap {} minbase from {mirror}", recipe::SUITE));
+    progress.step(&format!(
+        "debootstrap {} minbase from {mirror}",
+        recipe::SUITE
+    ));
     let mut debootstrap = Command::new("debootstrap");
-    debootstrap.args(["--variant=minbase", "--merged-usr"]).arg(recipe::SUITE).arg(&tree).arg(&mirror);
+    debootstrap
+        .args(["--variant=minbase", "--merged-usr"])
+        .arg(recipe::SUITE)
+        .arg(&tree)
+        .arg(&mirror);
     let mut throttle = Throttle::new(Duration::from_secs(10));
     run_logged(debootstrap, "debootstrap", &log, |line| {
         // "I: Retrieving <pkg>" and the like come once per package: show a
         // sample of those, and every stage line.
-        let Some(info) = line.strip_prefix("I: ") else { return };
-        let per_package = ["Retrieving", "Validating", "Extracting", "Unpacking", "Configuring"]
-            .iter()
-            .any(|verb| info.starts_with(verb) && !info.contains("packages"));
+        let Some(info) = line.strip_prefix("I: ") else {
+            return;
+        };
+        let per_package = [
+            "Retrieving",
+            "Validating",
+            "Extracting",
+            "Unpacking",
+            "Configuring",
+        ]
+        .iter()
+        .any(|verb| info.starts_with(verb) && !info.contains("packages"));
         if !per_package || throttle.ready() {
             eprintln!("[rootfs] {info}");
         }
@@ -209,11 +224,20 @@ fn install_packages(tree: &Path, packages: &[&str], log: &Path) -> Result<()> {
 
     let apt = |args: &[&str]| {
         let mut cmd = Command::new("chroot");
-        cmd.arg(tree).arg("apt-get").args(["-q", "-y", "-o", "Dpkg::Use-Pty=0"]).args(args);
-        cmd.env("DEBIAN_FRONTEND", "noninteractive").env("LC_ALL", "C");
+        cmd.arg(tree)
+            .arg("apt-get")
+            .args(["-q", "-y", "-o", "Dpkg::Use-Pty=0"])
+            .args(args);
+        cmd.env("DEBIAN_FRONTEND", "noninteractive")
+            .env("LC_ALL", "C");
         cmd
     };
-    run_logged(apt(&["update"]), "apt-get update in the new root", log, |_| {})?;
+    run_logged(
+        apt(&["update"]),
+        "apt-get update in the new root",
+        log,
+        |_| {},
+    )?;
     let mut install = apt(&["install", "--no-install-recommends"]);
     install.args(packages);
     let mut throttle = Throttle::new(Duration::from_secs(10));
@@ -242,11 +266,14 @@ struct Mount {
 
 impl Mount {
     fn new(fstype: &str, target: &Path) -> Result<Mount> {
-        std::fs::create_dir_all(target).with_context(|| format!("cannot create {}", target.display()))?;
+        std::fs::create_dir_all(target)
+            .with_context(|| format!("cannot create {}", target.display()))?;
         let mut cmd = Command::new("mount");
         cmd.args(["-t", fstype, fstype]).arg(target);
         run_captured(cmd, &format!("mounting {fstype}"))?;
-        Ok(Mount { target: target.to_path_buf() })
+        Ok(Mount {
+            target: target.to_path_buf(),
+        })
     }
 }
 
