@@ -56,8 +56,12 @@ impl Report {
     }
 }
 
-/// Runs every check; never fails itself, it reports.
-pub fn run(cache: &Path) -> Report {
+/// How long the boot check waits for the agent (a kvm_pvm boot takes ~40 s).
+const BOOT_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Runs every check; never fails itself, it reports. With `boot`, also
+/// boots the newest image and times it to agent-ready.
+pub fn run(cache: &Path, boot: bool) -> Report {
     let mut checks = Vec::new();
     let device = host_kvm::kvm_device_path();
     let kvm_ok = match host_kvm::check_kvm_access(&device) {
@@ -86,9 +90,72 @@ pub fn run(cache: &Path) -> Report {
             detail: format!("{}: {}", flavor_tag(flavor), flavor.describe()),
         });
     }
-    checks.push(image_check(cache));
+    let (image_check, newest) = image_check(cache);
+    checks.push(image_check);
     checks.push(disk_check(cache));
+    if boot {
+        match (&newest, kvm_ok) {
+            (Some(image), true) => checks.push(boot_check(image, flavor)),
+            _ => checks.push(Check {
+                name: "boot",
+                status: Status::Warn,
+                detail: "skipped: needs a working /dev/kvm and a built image".into(),
+            }),
+        }
+    }
     Report { checks, flavor }
+}
+
+fn boot_check(image: &image::Image, flavor: Option<KvmFlavor>) -> Check {
+    eprintln!(
+        "doctor: booting {} to check it (about 40 s on kvm_pvm, well under a second on hardware KVM)",
+        image.manifest.recipe_hash
+    );
+    match boot_to_agent(image) {
+        Ok((elapsed, version)) => Check {
+            name: "boot",
+            status: Status::Ok,
+            detail: format!(
+                "booted to agent-ready in {:.1} s (agent {version}){}",
+                elapsed.as_secs_f64(),
+                if flavor == Some(KvmFlavor::SoftwareNestedPvm) {
+                    "; cold boots are slow on kvm_pvm, sandboxes start from snapshots instead"
+                } else {
+                    ""
+                }
+            ),
+        },
+        Err(err) => Check {
+            name: "boot",
+            status: Status::Fail,
+            detail: format!("{err:#}"),
+        },
+    }
+}
+
+fn boot_to_agent(image: &image::Image) -> anyhow::Result<(std::time::Duration, String)> {
+    use anyhow::Context;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let run_dir = tempfile::tempdir().context("cannot create a run directory")?;
+        let spec = crate::vm::VmSpec::for_image(image, run_dir.path())
+            .context("cannot find the airlock executable")?;
+        let started = std::time::Instant::now();
+        let mut vm = crate::vm::Vm::spawn(&spec).await?;
+        vm.wait_agent_ready(BOOT_CHECK_TIMEOUT).await?;
+        let client = crate::agent_client::AgentClient::connect(
+            vm.vsock_socket(),
+            airlock_protocol::AGENT_VSOCK_PORT,
+            std::time::Duration::from_secs(30),
+        )
+        .await?;
+        let pong = client.ping().await?;
+        let elapsed = started.elapsed();
+        let _ = vm.stop(std::time::Duration::from_secs(10)).await;
+        Ok((elapsed, pong.agent_version))
+    })
 }
 
 pub fn flavor_tag(flavor: KvmFlavor) -> &'static str {
@@ -98,9 +165,9 @@ pub fn flavor_tag(flavor: KvmFlavor) -> &'static str {
     }
 }
 
-fn image_check(cache: &Path) -> Check {
+fn image_check(cache: &Path) -> (Check, Option<image::Image>) {
     let images = cache.join("images");
-    let mut newest: Option<(std::time::SystemTime, image::Manifest)> = None;
+    let mut newest: Option<(std::time::SystemTime, image::Manifest, std::path::PathBuf)> = None;
     if let Ok(entries) = std::fs::read_dir(&images) {
         for entry in entries.flatten() {
             let path = entry.path().join("manifest.json");
@@ -114,33 +181,42 @@ fn image_check(cache: &Path) -> Check {
                 .metadata()
                 .and_then(|m| m.modified())
                 .unwrap_or(std::time::UNIX_EPOCH);
-            if newest.as_ref().is_none_or(|(t, _)| modified > *t) {
-                newest = Some((modified, manifest));
+            if newest.as_ref().is_none_or(|(t, _, _)| modified > *t) {
+                newest = Some((modified, manifest, entry.path()));
             }
         }
     }
     match newest {
-        Some((_, m)) => Check {
-            name: "image",
-            status: Status::Ok,
-            detail: format!(
-                "{} (Linux {}, {} packages, built {}) in {}",
-                m.recipe_hash,
-                m.kernel.version,
-                m.rootfs.packages.len(),
-                m.build_date,
-                images.display()
-            ),
-        },
-        None => Check {
-            name: "image",
-            status: Status::Warn,
-            detail: format!(
-                "no guest image in {} yet: `airlock image build` makes one (as root, ~10 min), \
+        Some((_, m, dir)) => (
+            Check {
+                name: "image",
+                status: Status::Ok,
+                detail: format!(
+                    "{} (Linux {}, {} packages, built {}) in {}",
+                    m.recipe_hash,
+                    m.kernel.version,
+                    m.rootfs.packages.len(),
+                    m.build_date,
+                    images.display()
+                ),
+            },
+            Some(image::Image {
+                dir,
+                manifest: m.clone(),
+            }),
+        ),
+        None => (
+            Check {
+                name: "image",
+                status: Status::Warn,
+                detail: format!(
+                    "no guest image in {} yet: `airlock image build` makes one (as root, ~10 min), \
                  and `airlock serve` does so on first use",
-                images.display()
-            ),
-        },
+                    images.display()
+                ),
+            },
+            None,
+        ),
     }
 }
 

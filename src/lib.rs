@@ -1,7 +1,10 @@
 //! airlock: an MCP server that runs AI agents' code in per-conversation KVM
 //! microVMs. The binary in `main.rs` is a thin CLI over this library.
 
+pub mod agent_client;
 pub mod doctor;
 pub mod host_kvm;
 pub mod image;
 pub mod paths;
+pub mod vm;
+pub mod vmm;

@@ -38,10 +38,15 @@ enum Commands {
         command: ImageCommands,
     },
     /// Check that this machine can run sandboxes, and say what to fix if not.
-    Doctor,
+    Doctor {
+        /// Skip booting the image (the boot check takes ~40 s on a
+        /// software-nested KVM).
+        #[arg(long)]
+        no_boot: bool,
+    },
     /// Run one microVM (started by airlock itself; not for direct use).
     #[command(hide = true)]
-    Vmm,
+    Vmm(airlock::vmm::config::VmmConfig),
 }
 
 #[derive(Subcommand)]
@@ -66,8 +71,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Commands::Doctor => {
-            let report = doctor::run(&paths::cache_root()?);
+        Commands::Doctor { no_boot } => {
+            let report = doctor::run(&paths::cache_root()?, !no_boot);
             print!("{}", report.render());
             Ok(if report.ready() {
                 ExitCode::SUCCESS
@@ -96,7 +101,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tracing::info!(image = %image.dir.display(), http = ?http, "guest image ready");
             bail!("this build of airlock cannot serve MCP yet: the gateway is not part of it")
         }
-        Commands::Vmm => bail!("this build of airlock has no VMM yet"),
+        Commands::Vmm(config) => {
+            let code = airlock::vmm::run::run(&config);
+            Ok(if code == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(code.clamp(1, 255) as u8)
+            })
+        }
     }
 }
 
@@ -107,5 +119,6 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

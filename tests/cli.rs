@@ -12,15 +12,25 @@ use common::{airlock, run};
 fn doctor_reports_this_hosts_kvm() {
     let out = run({
         let mut cmd = airlock();
-        cmd.arg("doctor");
+        cmd.args(["doctor", "--no-boot"]);
         cmd
     });
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "doctor says not ready:\n{stdout}");
-    assert!(stdout.contains("[ok  ] kvm: /dev/kvm opens, API version 12"), "{stdout}");
+    assert!(
+        stdout.contains("[ok  ] kvm: /dev/kvm opens, API version 12"),
+        "{stdout}"
+    );
     // Independent of airlock's own detection: the module list in sysfs.
-    let expected = if Path::new("/sys/module/kvm_pvm").exists() { "kvm_pvm" } else { "hardware" };
-    let flavor = stdout.lines().find(|l| l.contains("kvm flavor:")).expect("a flavor line");
+    let expected = if Path::new("/sys/module/kvm_pvm").exists() {
+        "kvm_pvm"
+    } else {
+        "hardware"
+    };
+    let flavor = stdout
+        .lines()
+        .find(|l| l.contains("kvm flavor:"))
+        .expect("a flavor line");
     assert!(flavor.contains(expected), "expected {expected}: {flavor}");
     assert!(stdout.contains("verdict: ready"), "{stdout}");
 }
@@ -36,17 +46,22 @@ fn assert_one_line_error(stderr: &str, needle: &str) {
 #[test]
 fn missing_kvm_is_a_one_line_error() {
     let mut cmd = airlock();
-    cmd.arg("serve").env("AIRLOCK_KVM_DEVICE", "/nonexistent/kvm");
+    cmd.arg("serve")
+        .env("AIRLOCK_KVM_DEVICE", "/nonexistent/kvm");
     let out = run(cmd);
     assert!(!out.status.success());
     assert_one_line_error(&String::from_utf8_lossy(&out.stderr), "does not exist");
 
     let mut cmd = airlock();
-    cmd.arg("doctor").env("AIRLOCK_KVM_DEVICE", "/nonexistent/kvm");
+    cmd.arg("doctor")
+        .env("AIRLOCK_KVM_DEVICE", "/nonexistent/kvm");
     let out = run(cmd);
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("[FAIL] kvm: /nonexistent/kvm does not exist"), "{stdout}");
+    assert!(
+        stdout.contains("[FAIL] kvm: /nonexistent/kvm does not exist"),
+        "{stdout}"
+    );
     assert!(stdout.contains("verdict: not ready"), "{stdout}");
 }
 
@@ -61,7 +76,12 @@ fn unreadable_kvm_is_a_one_line_error() {
     // SAFETY: geteuid has no preconditions.
     let mut cmd = if unsafe { libc::geteuid() } == 0 {
         let mut cmd = std::process::Command::new("setpriv");
-        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_airlock")]);
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_airlock"),
+        ]);
         cmd
     } else {
         airlock()

@@ -21,7 +21,8 @@ pub fn image_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let mut cmd = airlock();
-        cmd.args(["image", "build"]).stderr(std::process::Stdio::inherit());
+        cmd.args(["image", "build"])
+            .stderr(std::process::Stdio::inherit());
         let out = run(cmd);
         assert!(out.status.success(), "airlock image build failed");
         PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
@@ -38,6 +39,10 @@ pub fn debugfs(image: &std::path::Path, request: &str) -> String {
         .arg(image)
         .output()
         .expect("debugfs runs (apt-get install e2fsprogs)");
-    assert!(out.status.success(), "debugfs {request}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "debugfs {request}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

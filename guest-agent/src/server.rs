@@ -1,0 +1,290 @@
+//! The vsock listener and the per-connection protocol loop.
+//!
+//! Each connection gets a reader loop (this task) and a writer task fed by a
+//! bounded queue of encoded frames; the writer sends everything queued in one
+//! write. Request handlers that stream output (next protocol step) push into
+//! the same queue, so requests can run concurrently on one connection.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use airlock_protocol::{
+    ErrorCode, Frame, FrameError, FrameReader, HelloOk, Message, PROTOCOL_VERSION, Pong,
+    READY_MARKER,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
+
+use crate::VERSION;
+use crate::conn::Conn;
+use crate::log::{self, log};
+
+/// Encoded frames queued per connection before producers wait for the writer.
+const OUTBOX_FRAMES: usize = 64;
+/// Stop adding queued frames to one write beyond this many bytes.
+const MAX_BATCH: usize = 256 << 10;
+/// Consecutive accept failures after which the listener is re-created.
+const REBIND_AFTER: u32 = 5;
+
+/// State shared by all connections.
+pub struct Agent {
+    started: Instant,
+    /// Called after ShutdownOk went out; in the guest it reboots the VM.
+    on_shutdown: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Agent {
+    pub fn new(on_shutdown: Box<dyn Fn() + Send + Sync>) -> Agent {
+        Agent {
+            started: Instant::now(),
+            on_shutdown,
+        }
+    }
+
+    fn pong(&self) -> Pong {
+        Pong {
+            agent_version: VERSION.to_string(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+/// Listens on the vsock port; never returns. Only failures involve timers (a
+/// backoff); an idle listener sleeps in epoll with no timeout.
+pub async fn listen(agent: Arc<Agent>, port: u32) {
+    let mut backoff = Backoff::default();
+    loop {
+        let listener = match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port)) {
+            Ok(listener) => listener,
+            Err(e) => {
+                log!("cannot listen on vsock port {port}: {e}");
+                backoff.sleep().await;
+                continue;
+            }
+        };
+        log::line(format_args!(
+            "airlock-agent {VERSION} {READY_MARKER} {port}"
+        ));
+        let mut failures = 0;
+        while failures < REBIND_AFTER {
+            match std::future::poll_fn(|cx| listener.poll_accept_std(cx)).await {
+                Ok((stream, addr)) => {
+                    failures = 0;
+                    backoff.reset();
+                    tokio::spawn(serve_vsock(agent.clone(), OwnedFd::from(stream), addr));
+                }
+                // The peer gave up before we accepted: nothing wrong with us.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EPROTO)) => {}
+                Err(e) => {
+                    failures += 1;
+                    log!("accept on vsock port {port}: {e}");
+                    backoff.sleep().await;
+                }
+            }
+        }
+        log!("re-creating the vsock listener");
+    }
+}
+
+async fn serve_vsock(agent: Arc<Agent>, fd: OwnedFd, addr: VsockAddr) {
+    let peer = format!("cid {} port {}", addr.cid(), addr.port());
+    match Conn::new(fd) {
+        Ok(conn) => serve_connection(agent, conn.clone(), conn, &peer).await,
+        Err(e) => log!("connection from {peer}: {e}"),
+    }
+}
+
+/// Speaks the protocol on one connection until it closes. Never panics on
+/// peer input: bad frames end this connection (with an error frame and a
+/// console line), nothing else.
+pub async fn serve_connection<R, W>(agent: Arc<Agent>, reader: R, writer: W, peer: &str)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(OUTBOX_FRAMES);
+    let writer = tokio::spawn(write_loop(writer, rx));
+    let outbox = Outbox(tx);
+    let end = read_loop(&agent, FrameReader::new(reader), &outbox).await;
+    // Let the last frames (an error, ShutdownOk) go out before acting on it.
+    drop(outbox);
+    let _ = writer.await;
+    match end {
+        End::Closed => {}
+        End::Failed(reason) => log!("connection from {peer} closed: {reason}"),
+        End::Shutdown => (agent.on_shutdown)(),
+    }
+}
+
+#[derive(Debug)]
+enum End {
+    Closed,
+    Failed(String),
+    Shutdown,
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    agent: &Agent,
+    mut frames: FrameReader<R>,
+    out: &Outbox,
+) -> End {
+    let mut greeted = false;
+    loop {
+        let frame = match frames.read_frame().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return End::Closed,
+            Err(FrameError::UnknownKind { kind, request_id }) => {
+                // Well delimited, so the stream is still in sync.
+                let msg = format!("unsupported message kind {kind:#04x}");
+                if !out
+                    .send(request_id, Message::error(ErrorCode::Unsupported, msg))
+                    .await
+                {
+                    return End::Closed;
+                }
+                continue;
+            }
+            Err(FrameError::Io(e)) => return End::Failed(format!("read error: {e}")),
+            Err(e) => {
+                out.send(0, Message::error(ErrorCode::Protocol, e.to_string()))
+                    .await;
+                return End::Failed(e.to_string());
+            }
+        };
+        let id = frame.request_id;
+        if !greeted {
+            let (reply, failure) = match frame.message {
+                Message::Hello(h) if h.protocol_version == PROTOCOL_VERSION => (
+                    Message::HelloOk(HelloOk {
+                        agent_version: VERSION.to_string(),
+                        protocol_version: PROTOCOL_VERSION,
+                    }),
+                    None,
+                ),
+                Message::Hello(h) => {
+                    let msg = format!(
+                        "host speaks protocol {}, agent {VERSION} speaks {PROTOCOL_VERSION}",
+                        h.protocol_version
+                    );
+                    (Message::error(ErrorCode::VersionMismatch, &msg), Some(msg))
+                }
+                other => {
+                    let msg = format!("expected Hello, got {:?}", other.kind());
+                    (Message::error(ErrorCode::Protocol, &msg), Some(msg))
+                }
+            };
+            let sent = out.send(id, reply).await;
+            if let Some(msg) = failure {
+                return End::Failed(msg);
+            }
+            if !sent {
+                return End::Closed;
+            }
+            greeted = true;
+            continue;
+        }
+        let reply = match frame.message {
+            Message::Ping => Message::Pong(agent.pong()),
+            Message::Shutdown => {
+                out.send(id, Message::ShutdownOk).await;
+                return End::Shutdown;
+            }
+            // Nothing is cancellable yet; cancelling a finished or unknown
+            // request is a no-op by design (it races with completion).
+            Message::Cancel => continue,
+            // Never answer an error with an error.
+            Message::Error(_) => continue,
+            Message::Hello(_) => Message::error(ErrorCode::Protocol, "duplicate Hello"),
+            other @ (Message::HelloOk(_)
+            | Message::Pong(_)
+            | Message::ShutdownOk
+            | Message::Output(_)) => {
+                let msg = format!("{:?} is not a request", other.kind());
+                Message::error(ErrorCode::Protocol, msg)
+            }
+        };
+        if !out.send(id, reply).await {
+            return End::Closed;
+        }
+    }
+}
+
+/// The queue to the connection's writer task.
+struct Outbox(mpsc::Sender<Vec<u8>>);
+
+impl Outbox {
+    /// Queues a frame; false once the writer has gone (connection broken).
+    async fn send(&self, request_id: u64, message: Message) -> bool {
+        let frame = Frame::new(request_id, message);
+        let bytes = match frame.encode() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                log!("cannot encode {:?}: {e}", frame.message.kind());
+                let fallback = Message::error(ErrorCode::Internal, "reply too large to encode");
+                match Frame::new(request_id, fallback).encode() {
+                    Ok(bytes) => bytes,
+                    Err(_) => return false,
+                }
+            }
+        };
+        self.0.send(bytes).await.is_ok()
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(mut batch) = rx.recv().await {
+        // Whatever else is queued already goes out in the same write call.
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if writer.write_all(&batch).await.is_err() {
+            // The peer went away; the reader sees it too.
+            return;
+        }
+    }
+}
+
+/// Exponential backoff for the listener's failure paths only.
+#[derive(Default)]
+struct Backoff {
+    next: Option<Duration>,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(50);
+    const MAX: Duration = Duration::from_secs(5);
+
+    async fn sleep(&mut self) {
+        let delay = self.next.unwrap_or(Self::FIRST);
+        self.next = Some((delay * 2).min(Self::MAX));
+        tokio::time::sleep(delay).await;
+    }
+
+    fn reset(&mut self) {
+        self.next = None;
+    }
+}
+
+/// Reboots the guest (PID 1 only): the VMM treats a guest reboot as a clean exit.
+pub fn reboot_guest() {
+    if std::process::id() != 1 {
+        log!("shutdown requested, but not PID 1: not rebooting");
+        return;
+    }
+    log!("shutdown requested: syncing and rebooting");
+    // SAFETY: plain system calls; reboot does not return on success.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    log!("reboot: {}", io::Error::last_os_error());
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,262 @@
+//! The host's handle on one microVM: a supervised `airlock vmm` child
+//! process. Spawn it, wait until it runs, read its events, stop it with a
+//! deadline; dropping the handle kills the process.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+
+use crate::vmm::control::{CMD_STATS, CMD_STOP, ExitReason, ExitReport, VmmMessage};
+use crate::vmm::stats::Stats;
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// The `airlock` executable that runs `airlock vmm`.
+    pub airlock_exe: PathBuf,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub extra_cmdline: String,
+    pub init: Option<String>,
+    /// Directory for the VM's sockets and console log; must exist.
+    pub run_dir: PathBuf,
+}
+
+impl VmSpec {
+    /// A spec for `image` with defaults, run by the current executable.
+    pub fn for_image(image: &crate::image::Image, run_dir: &Path) -> std::io::Result<VmSpec> {
+        Ok(VmSpec {
+            airlock_exe: std::env::current_exe()?,
+            kernel: image.vmlinux(),
+            rootfs: image.rootfs(),
+            vcpus: 1,
+            memory_mib: crate::vmm::config::DEFAULT_MEMORY_MIB,
+            extra_cmdline: String::new(),
+            init: None,
+            run_dir: run_dir.to_path_buf(),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot start the VMM process {exe}: {source}")]
+    Spawn {
+        exe: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM ended ({reason:?}): {detail}{}", tail_text(console_tail))]
+    Ended {
+        reason: ExitReason,
+        detail: String,
+        console_tail: Vec<String>,
+    },
+    #[error("the VMM process exited without a report ({0})")]
+    NoReport(String),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+    #[error("cannot talk to the VMM process: {0}")]
+    Control(std::io::Error),
+}
+
+fn tail_text(tail: &[String]) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("\nlast console lines:\n  {}", tail.join("\n  "))
+    }
+}
+
+impl From<ExitReport> for VmError {
+    fn from(report: ExitReport) -> Self {
+        VmError::Ended {
+            reason: report.reason,
+            detail: report.detail,
+            console_tail: report.console_tail,
+        }
+    }
+}
+
+pub struct Vm {
+    child: Child,
+    control: Option<ChildStdin>,
+    messages: mpsc::UnboundedReceiver<VmmMessage>,
+    exit: Option<ExitReport>,
+    vsock_socket: PathBuf,
+    console_log: PathBuf,
+    pid: u32,
+}
+
+impl Vm {
+    /// Starts the VMM and waits until its vCPUs run (or it fails to build the VM).
+    pub async fn spawn(spec: &VmSpec) -> Result<Vm, VmError> {
+        let vsock_socket = spec.run_dir.join("vsock.sock");
+        let console_log = spec.run_dir.join("console.log");
+        let mut cmd = Command::new(&spec.airlock_exe);
+        cmd.arg("vmm")
+            .arg("--kernel")
+            .arg(&spec.kernel)
+            .arg("--rootfs")
+            .arg(&spec.rootfs)
+            .arg("--vsock-socket")
+            .arg(&vsock_socket)
+            .arg("--console-log")
+            .arg(&console_log)
+            .arg("--vcpus")
+            .arg(spec.vcpus.to_string())
+            .arg("--memory-mib")
+            .arg(spec.memory_mib.to_string())
+            .arg("--extra-cmdline")
+            .arg(&spec.extra_cmdline);
+        if let Some(init) = &spec.init {
+            cmd.arg("--init").arg(init);
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|source| VmError::Spawn {
+            exe: spec.airlock_exe.display().to_string(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let control = child.stdin.take();
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| VmError::NoReport("no stdout pipe".into()))?;
+        let (tx, messages) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match serde_json::from_str::<VmmMessage>(&line) {
+                    Ok(message) => {
+                        if tx.send(message).is_err() {
+                            return;
+                        }
+                    }
+                    Err(err) => tracing::warn!(%err, line, "unreadable line from the VMM"),
+                }
+            }
+        });
+        let mut vm = Vm {
+            child,
+            control,
+            messages,
+            exit: None,
+            vsock_socket,
+            console_log,
+            pid,
+        };
+        match vm.next_message().await {
+            Some(VmmMessage::Started { .. }) => Ok(vm),
+            Some(VmmMessage::Exit(report)) => Err(report.into()),
+            Some(other) => Err(VmError::NoReport(format!(
+                "unexpected first message {other:?}"
+            ))),
+            None => Err(VmError::NoReport(vm.wait_status().await)),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn vsock_socket(&self) -> &Path {
+        &self.vsock_socket
+    }
+
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    async fn next_message(&mut self) -> Option<VmmMessage> {
+        let message = self.messages.recv().await;
+        if let Some(VmmMessage::Exit(report)) = &message {
+            self.exit = Some(report.clone());
+        }
+        message
+    }
+
+    async fn wait_status(&mut self) -> String {
+        match self.child.wait().await {
+            Ok(status) => status.to_string(),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    /// Waits until the guest agent says it listens; fails if the VM ends first.
+    pub async fn wait_agent_ready(&mut self, timeout: Duration) -> Result<(), VmError> {
+        let waiting = async {
+            loop {
+                match self.next_message().await {
+                    Some(VmmMessage::AgentReadyHint) => return Ok(()),
+                    Some(VmmMessage::Exit(report)) => return Err(report.into()),
+                    Some(_) => {}
+                    None => return Err(VmError::NoReport(self.wait_status().await)),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, waiting)
+            .await
+            .map_err(|_| VmError::Timeout(timeout, "the guest agent"))?
+    }
+
+    /// Asks the VMM for its exit and interrupt counters.
+    pub async fn stats(&mut self) -> Result<Stats, VmError> {
+        self.send(CMD_STATS).await?;
+        loop {
+            match self.next_message().await {
+                Some(VmmMessage::Stats { stats }) => return Ok(stats),
+                Some(VmmMessage::Exit(report)) => return Err(report.into()),
+                Some(_) => {}
+                None => return Err(VmError::NoReport(self.wait_status().await)),
+            }
+        }
+    }
+
+    async fn send(&mut self, command: &str) -> Result<(), VmError> {
+        let control = self
+            .control
+            .as_mut()
+            .ok_or_else(|| VmError::NoReport("control channel closed".into()))?;
+        control
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .map_err(VmError::Control)?;
+        control.flush().await.map_err(VmError::Control)
+    }
+
+    /// Waits for the VM to end by itself and returns its report.
+    pub async fn wait(&mut self) -> Result<ExitReport, VmError> {
+        while self.exit.is_none() {
+            if self.next_message().await.is_none() {
+                break;
+            }
+        }
+        let status = self.wait_status().await;
+        self.exit.clone().ok_or(VmError::NoReport(status))
+    }
+
+    /// Stops the VM: asks the VMM, then kills it if it has not exited by `deadline`.
+    pub async fn stop(mut self, deadline: Duration) -> Result<ExitReport, VmError> {
+        if self.exit.is_none() {
+            // An error here means the VMM already exited; wait() tells how.
+            let _ = self.send(CMD_STOP).await;
+        }
+        match tokio::time::timeout(deadline, self.wait()).await {
+            Ok(result) => result,
+            Err(_) => {
+                let _ = self.child.kill().await;
+                Err(VmError::Timeout(deadline, "the VMM to stop"))
+            }
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! What one `airlock vmm` process runs: set by the parent on its command line.
+
+use std::path::PathBuf;
+
+use crate::vmm::layout::MAX_MEMORY_BYTES;
+
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+pub const MIN_MEMORY_MIB: u32 = 64;
+pub const MAX_VCPUS: u8 = 4;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct VmmConfig {
+    /// Guest kernel (an uncompressed ELF vmlinux).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Root filesystem image, served read-only as /dev/vda.
+    #[arg(long)]
+    pub rootfs: PathBuf,
+    /// Unix socket where the host reaches the guest's vsock ports.
+    #[arg(long)]
+    pub vsock_socket: PathBuf,
+    /// File that receives the guest's serial console.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Number of vCPUs (1-4).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=MAX_VCPUS as i64))]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
+    pub memory_mib: u32,
+    /// Extra kernel command-line arguments, appended last (they win).
+    #[arg(long, default_value = "")]
+    pub extra_cmdline: String,
+    /// Replace the init program (tests use this to make a guest fail).
+    #[arg(long)]
+    pub init: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("memory must be between {MIN_MEMORY_MIB} MiB and {max} MiB, not {0} MiB", max = MAX_MEMORY_BYTES >> 20)]
+    Memory(u32),
+}
+
+impl VmmConfig {
+    pub fn memory_bytes(&self) -> Result<u64, ConfigError> {
+        let bytes = u64::from(self.memory_mib) << 20;
+        if self.memory_mib < MIN_MEMORY_MIB || bytes > MAX_MEMORY_BYTES {
+            return Err(ConfigError::Memory(self.memory_mib));
+        }
+        Ok(bytes)
+    }
+}

@@ -1,0 +1,59 @@
+//! The VMM process's control channel: commands arrive as lines on its stdin,
+//! and events leave as JSON lines on its stdout. The parent holding stdin
+//! open is also the VMM's lifeline: EOF (the parent died, even by SIGKILL)
+//! stops the VM. That works for any parent, where PR_SET_PDEATHSIG would fire
+//! when the spawning *thread* exits, which in a thread pool is arbitrary.
+
+use serde::{Deserialize, Serialize};
+
+use crate::vmm::stats::Stats;
+
+/// Commands, one per line on stdin.
+pub const CMD_STOP: &str = "stop";
+pub const CMD_STATS: &str = "stats";
+
+/// Events, one JSON object per line on stdout.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum VmmMessage {
+    /// vCPUs are running.
+    Started {
+        pid: u32,
+        vmm_setup_micros: u64,
+    },
+    /// The agent announced it listens; connecting now will succeed.
+    AgentReadyHint,
+    Stats {
+        stats: Stats,
+    },
+    /// The VM ended; the process exits right after this line.
+    Exit(ExitReport),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExitReport {
+    pub reason: ExitReason,
+    /// Human-readable detail (for errors: what went wrong, and where).
+    pub detail: String,
+    pub stats: Stats,
+    pub console_tail: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The guest shut itself down (reset through the i8042).
+    GuestShutdown,
+    /// The host asked the VMM to stop.
+    Stopped,
+    /// The guest kernel panicked.
+    GuestPanic,
+    /// KVM or the VMM could not go on (emulation failure, triple fault, ...).
+    Fatal,
+}
+
+impl ExitReason {
+    pub fn is_error(self) -> bool {
+        matches!(self, ExitReason::GuestPanic | ExitReason::Fatal)
+    }
+}

@@ -1,0 +1,179 @@
+//! The device thread: sleeps in epoll_wait on the muxer's host sockets, the
+//! queue-notify event fd, a control event fd and a stop event fd, and after
+//! every wake-up runs the queues until nothing more can move.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use virtio_queue::Queue;
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::muxer::Muxer;
+use super::packet::MAX_PAYLOAD;
+use super::virtq;
+use crate::vmm::devices::virtio::device::{GuestMemory, Interrupt};
+
+const TOKEN_QUEUE: u64 = 1;
+const TOKEN_STOP: u64 = 2;
+const TOKEN_CONTROL: u64 = 3;
+
+/// Requests from other threads that outlive one activation of the device.
+#[derive(Debug)]
+pub struct Control {
+    evt: EventFd,
+    transport_reset: AtomicBool,
+}
+
+impl Control {
+    pub fn new() -> io::Result<Control> {
+        Ok(Control {
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            transport_reset: AtomicBool::new(false),
+        })
+    }
+
+    /// Asks the running (or next) device thread for a transport reset.
+    pub fn request_transport_reset(&self) {
+        self.transport_reset.store(true, Ordering::SeqCst);
+        if let Err(e) = self.evt.write(1) {
+            tracing::warn!(%e, "vsock: cannot wake the device thread");
+        }
+    }
+
+    pub fn take_transport_reset(&self) -> bool {
+        self.transport_reset.swap(false, Ordering::SeqCst)
+    }
+}
+
+pub struct Worker {
+    mem: GuestMemory,
+    queues: [Queue; 3],
+    interrupt: Arc<Interrupt>,
+    muxer: Muxer,
+    queue_evt: EventFd,
+    stop_evt: EventFd,
+    control: Arc<Control>,
+    scratch: Vec<u8>,
+    event_pending: bool,
+}
+
+impl Worker {
+    /// `queues` are rx, tx, event, in virtio's order.
+    pub fn new(
+        mem: GuestMemory,
+        queues: [Queue; 3],
+        interrupt: Arc<Interrupt>,
+        muxer: Muxer,
+        queue_evt: EventFd,
+        stop_evt: EventFd,
+        control: Arc<Control>,
+    ) -> Worker {
+        Worker {
+            mem,
+            queues,
+            interrupt,
+            muxer,
+            queue_evt,
+            stop_evt,
+            control,
+            scratch: vec![0; MAX_PAYLOAD],
+            event_pending: false,
+        }
+    }
+
+    /// Registers the thread's fds with the muxer's epoll. On failure none
+    /// stay registered, and `into_muxer` gives the muxer back.
+    pub fn register(&self) -> io::Result<()> {
+        let fds = self.thread_fds();
+        for (i, (fd, token)) in fds.iter().enumerate() {
+            if let Err(e) = self.muxer.add_thread_fd(*fd, *token) {
+                for (fd, _) in &fds[..i] {
+                    self.muxer.remove_thread_fd(*fd);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn into_muxer(self) -> Muxer {
+        self.muxer
+    }
+
+    fn thread_fds(&self) -> [(RawFd, u64); 3] {
+        [
+            (self.queue_evt.as_raw_fd(), TOKEN_QUEUE),
+            (self.stop_evt.as_raw_fd(), TOKEN_STOP),
+            (self.control.evt.as_raw_fd(), TOKEN_CONTROL),
+        ]
+    }
+
+    /// Runs until the stop event fd fires; returns the muxer so the device
+    /// keeps its listener across resets.
+    pub fn run(mut self) -> Muxer {
+        let mut events = vec![EpollEvent::default(); 64];
+        // A reset requested while the device was inactive, and buffers the
+        // driver queued before DRIVER_OK, are handled by a first pass.
+        self.take_control();
+        let mut timeout = 0;
+        'run: loop {
+            let n = match self.muxer.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!(%e, "vsock: epoll_wait failed; device stops");
+                    break;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_STOP => break 'run,
+                    TOKEN_QUEUE => {
+                        let _ = self.queue_evt.read();
+                    }
+                    TOKEN_CONTROL => {
+                        let _ = self.control.evt.read();
+                        self.take_control();
+                    }
+                    token => self
+                        .muxer
+                        .handle_event(token, EventSet::from_bits_truncate(ev.events())),
+                }
+            }
+            timeout = if self.pump() { 0 } else { -1 };
+        }
+        for (fd, _) in self.thread_fds() {
+            self.muxer.remove_thread_fd(fd);
+        }
+        self.muxer
+    }
+
+    fn take_control(&mut self) {
+        if self.control.take_transport_reset() {
+            tracing::debug!("vsock: transport reset");
+            self.muxer.drop_connections();
+            self.event_pending = true;
+        }
+    }
+
+    /// One pass over every queue; true if some queue has more to do now.
+    fn pump(&mut self) -> bool {
+        let [rxq, txq, evq] = &mut self.queues;
+        let tx = virtq::process_tx(&mut self.muxer, &self.mem, txq, &mut self.scratch);
+        if tx.used {
+            virtq::notify_guest(txq, &self.mem, &self.interrupt);
+        }
+        let rx = virtq::process_rx(&mut self.muxer, &self.mem, rxq, &mut self.scratch);
+        if rx.used {
+            virtq::notify_guest(rxq, &self.mem, &self.interrupt);
+        }
+        let ev = virtq::process_event(&mut self.event_pending, &self.mem, evq);
+        if ev.used {
+            virtq::notify_guest(evq, &self.mem, &self.interrupt);
+        }
+        tx.more || rx.more || ev.more
+    }
+}

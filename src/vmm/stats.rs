@@ -1,0 +1,92 @@
+//! Counters of what the VMM did for its guest: KVM exits by reason and
+//! interrupts injected. They do not depend on how fast the host's emulator
+//! is, so benchmarks compare them across hosts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+static INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+static EXITS: [AtomicU64; ExitKind::COUNT] = [const { AtomicU64::new(0) }; ExitKind::COUNT];
+
+/// The KVM exit reasons the VMM tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Hlt,
+    Shutdown,
+    InternalError,
+    FailEntry,
+    SystemEvent,
+    Interrupted,
+    Other,
+}
+
+impl ExitKind {
+    const COUNT: usize = 11;
+    const ALL: [ExitKind; ExitKind::COUNT] = [
+        ExitKind::IoIn,
+        ExitKind::IoOut,
+        ExitKind::MmioRead,
+        ExitKind::MmioWrite,
+        ExitKind::Hlt,
+        ExitKind::Shutdown,
+        ExitKind::InternalError,
+        ExitKind::FailEntry,
+        ExitKind::SystemEvent,
+        ExitKind::Interrupted,
+        ExitKind::Other,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            ExitKind::IoIn => "io_in",
+            ExitKind::IoOut => "io_out",
+            ExitKind::MmioRead => "mmio_read",
+            ExitKind::MmioWrite => "mmio_write",
+            ExitKind::Hlt => "hlt",
+            ExitKind::Shutdown => "shutdown",
+            ExitKind::InternalError => "internal_error",
+            ExitKind::FailEntry => "fail_entry",
+            ExitKind::SystemEvent => "system_event",
+            ExitKind::Interrupted => "interrupted",
+            ExitKind::Other => "other",
+        }
+    }
+}
+
+pub fn count_exit(kind: ExitKind) {
+    EXITS[kind as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn count_interrupt() {
+    INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A snapshot of the counters.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    pub exits_total: u64,
+    pub exits: std::collections::BTreeMap<String, u64>,
+    pub interrupts_injected: u64,
+}
+
+pub fn snapshot() -> Stats {
+    let mut exits = std::collections::BTreeMap::new();
+    let mut total = 0;
+    for kind in ExitKind::ALL {
+        let n = EXITS[kind as usize].load(Ordering::Relaxed);
+        total += n;
+        if n > 0 {
+            exits.insert(kind.name().to_string(), n);
+        }
+    }
+    Stats {
+        exits_total: total,
+        exits,
+        interrupts_injected: INTERRUPTS.load(Ordering::Relaxed),
+    }
+}
