@@ -92,6 +92,7 @@ pub struct Vm {
     vsock_socket: PathBuf,
     console_log: PathBuf,
     pid: u32,
+    exit_code: Option<i32>,
 }
 
 impl Vm {
@@ -154,6 +155,7 @@ impl Vm {
             vsock_socket,
             console_log,
             pid,
+            exit_code: None,
         };
         match vm.next_message().await {
             Some(VmmMessage::Started { .. }) => Ok(vm),
@@ -187,9 +189,17 @@ impl Vm {
 
     async fn wait_status(&mut self) -> String {
         match self.child.wait().await {
-            Ok(status) => status.to_string(),
+            Ok(status) => {
+                self.exit_code = status.code();
+                status.to_string()
+            }
             Err(err) => err.to_string(),
         }
+    }
+
+    /// The VMM process's exit code, once `wait` or `stop` has seen it exit.
+    pub fn exit_code(&self) -> Option<i32> {
+        self.exit_code
     }
 
     /// Waits until the guest agent says it listens; fails if the VM ends first.
@@ -246,7 +256,7 @@ impl Vm {
     }
 
     /// Stops the VM: asks the VMM, then kills it if it has not exited by `deadline`.
-    pub async fn stop(mut self, deadline: Duration) -> Result<ExitReport, VmError> {
+    pub async fn stop(&mut self, deadline: Duration) -> Result<ExitReport, VmError> {
         if self.exit.is_none() {
             // An error here means the VMM already exited; wait() tells how.
             let _ = self.send(CMD_STOP).await;

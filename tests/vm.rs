@@ -28,8 +28,10 @@ fn spec(run_dir: &std::path::Path) -> VmSpec {
     }
 }
 
-async fn boot(run_dir: &std::path::Path) -> (Vm, AgentClient) {
-    let mut vm = Vm::spawn(&spec(run_dir)).await.expect("VMM starts");
+async fn boot(run_dir: &std::path::Path, vcpus: u8) -> (Vm, AgentClient) {
+    let mut spec = spec(run_dir);
+    spec.vcpus = vcpus;
+    let mut vm = Vm::spawn(&spec).await.expect("VMM starts");
     vm.wait_agent_ready(BOOT_TIMEOUT)
         .await
         .expect("agent comes up");
@@ -47,8 +49,8 @@ async fn boot(run_dir: &std::path::Path) -> (Vm, AgentClient) {
 async fn two_vms_answer_ping_on_their_own_sockets_and_power_off_cleanly() {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let started = Instant::now();
-    let ((mut vm_a, client_a), (vm_b, client_b)) =
-        tokio::join!(boot(dir_a.path()), boot(dir_b.path()));
+    let ((mut vm_a, client_a), (mut vm_b, client_b)) =
+        tokio::join!(boot(dir_a.path(), 1), boot(dir_b.path(), 2));
     eprintln!("two VMs booted to agent-ready in {:?}", started.elapsed());
     assert_ne!(vm_a.vsock_socket(), vm_b.vsock_socket());
 
@@ -68,6 +70,7 @@ async fn two_vms_answer_ping_on_their_own_sockets_and_power_off_cleanly() {
     client_a.shutdown().await.expect("shutdown request");
     let report = vm_a.wait().await.expect("exit report");
     assert_eq!(report.reason, ExitReason::GuestShutdown, "{report:?}");
+    assert_eq!(vm_a.exit_code(), Some(0));
     let pong_b = client_b
         .ping()
         .await
@@ -75,6 +78,7 @@ async fn two_vms_answer_ping_on_their_own_sockets_and_power_off_cleanly() {
     assert!(pong_b.uptime_ms >= 1);
     let report = vm_b.stop(Duration::from_secs(10)).await.expect("B stops");
     assert_eq!(report.reason, ExitReason::Stopped);
+    assert_eq!(vm_b.exit_code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,6 +104,75 @@ async fn a_kernel_panic_ends_the_vm_with_the_console_tail() {
             );
         }
         other => panic!("expected a panic report, got {other}"),
+    }
+    let _ = vm.wait().await;
+    assert_eq!(vm.exit_code(), Some(1), "a panic is a failure exit");
+}
+
+/// A minimal ELF "kernel" whose entry point is `code`, loaded at 1 MiB.
+fn tiny_kernel(code: &[u8]) -> tempfile::NamedTempFile {
+    let entry: u64 = 0x10_0000;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&entry.to_le_bytes());
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers follow the header
+    elf.extend_from_slice(&0u64.to_le_bytes());
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for half in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    let offset = 64 + 56;
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // r-x
+    elf.extend_from_slice(&(offset as u64).to_le_bytes());
+    elf.extend_from_slice(&entry.to_le_bytes());
+    elf.extend_from_slice(&entry.to_le_bytes());
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&0x1000u64.to_le_bytes());
+    elf.extend_from_slice(code);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), elf).unwrap();
+    file
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_faults_fatally_ends_with_a_clear_error() {
+    // ud2 with an empty IDT: #UD cannot be delivered, so the CPU triple-faults
+    // (on kvm_pvm the emulator may stop it first with an internal error).
+    let kernel = tiny_kernel(&[0x0f, 0x0b]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = spec(dir.path());
+    spec.kernel = kernel.path().to_path_buf();
+    let mut vm = Vm::spawn(&spec).await.expect("VMM starts");
+    let report = vm.wait().await.expect("exit report");
+    assert_eq!(report.reason, ExitReason::Fatal, "{report:?}");
+    assert!(
+        report.detail.contains("triple-faulted") || report.detail.contains("KVM internal error"),
+        "{}",
+        report.detail
+    );
+    assert!(report.detail.contains("rip=0x10000"), "{}", report.detail);
+    assert_eq!(vm.exit_code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_that_is_not_elf_is_refused_before_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(bogus.path(), b"not a kernel").unwrap();
+    let mut spec = spec(dir.path());
+    spec.kernel = bogus.path().to_path_buf();
+    match Vm::spawn(&spec).await {
+        Err(VmError::Ended { reason, detail, .. }) => {
+            assert_eq!(reason, ExitReason::Fatal);
+            assert!(detail.contains("cannot load the kernel"), "{detail}");
+        }
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("a bogus kernel must not start"),
     }
 }
 
