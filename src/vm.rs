@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
-use crate::vmm::control::{CMD_STATS, CMD_STOP, ExitReason, ExitReport, VmmMessage};
+use crate::vmm::control::{CMD_SNAPSHOT, CMD_STATS, CMD_STOP, ExitReason, ExitReport, VmmMessage};
 use crate::vmm::stats::Stats;
 
 /// What to boot.
@@ -26,6 +26,8 @@ pub struct VmSpec {
     pub init: Option<String>,
     /// Directory for the VM's sockets and console log; must exist.
     pub run_dir: PathBuf,
+    /// Restore from this snapshot directory instead of booting.
+    pub restore: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -40,6 +42,7 @@ impl VmSpec {
             extra_cmdline: String::new(),
             init: None,
             run_dir: run_dir.to_path_buf(),
+            restore: None,
         })
     }
 }
@@ -93,6 +96,25 @@ pub struct Vm {
     console_log: PathBuf,
     pid: u32,
     exit_code: Option<i32>,
+    timing: StartTiming,
+}
+
+/// How long a VM took to start, as the host and the VMM saw it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartTiming {
+    /// From spawning the process to its vCPUs running.
+    pub spawn_to_running: Duration,
+    /// The VMM's own part: from its `main` to vCPUs running.
+    pub vmm_setup: Duration,
+    pub restored: bool,
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    pub memory_bytes_written: u64,
+    pub pause: Duration,
+    pub save: Duration,
 }
 
 impl Vm {
@@ -100,6 +122,7 @@ impl Vm {
     pub async fn spawn(spec: &VmSpec) -> Result<Vm, VmError> {
         let vsock_socket = spec.run_dir.join("vsock.sock");
         let console_log = spec.run_dir.join("console.log");
+        let spawned_at = std::time::Instant::now();
         let mut cmd = Command::new(&spec.airlock_exe);
         cmd.arg("vmm")
             .arg("--kernel")
@@ -118,6 +141,9 @@ impl Vm {
             .arg(&spec.extra_cmdline);
         if let Some(init) = &spec.init {
             cmd.arg("--init").arg(init);
+        }
+        if let Some(dir) = &spec.restore {
+            cmd.arg("--restore").arg(dir);
         }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -156,9 +182,21 @@ impl Vm {
             console_log,
             pid,
             exit_code: None,
+            timing: StartTiming::default(),
         };
         match vm.next_message().await {
-            Some(VmmMessage::Started { .. }) => Ok(vm),
+            Some(VmmMessage::Started {
+                vmm_setup_micros,
+                restored,
+                ..
+            }) => {
+                vm.timing = StartTiming {
+                    spawn_to_running: spawned_at.elapsed(),
+                    vmm_setup: Duration::from_micros(vmm_setup_micros),
+                    restored,
+                };
+                Ok(vm)
+            }
             Some(VmmMessage::Exit(report)) => Err(report.into()),
             Some(other) => Err(VmError::NoReport(format!(
                 "unexpected first message {other:?}"
@@ -169,6 +207,43 @@ impl Vm {
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    pub fn timing(&self) -> StartTiming {
+        self.timing
+    }
+
+    /// Pauses the VM and saves it into `dir` (created if missing); the VM
+    /// ends afterwards. The host must have closed its vsock connections.
+    pub async fn snapshot(&mut self, dir: &Path) -> Result<SnapshotInfo, VmError> {
+        std::fs::create_dir_all(dir).map_err(VmError::Control)?;
+        let dir = dir.canonicalize().map_err(VmError::Control)?;
+        self.send(&format!("{CMD_SNAPSHOT} {}", dir.display()))
+            .await?;
+        loop {
+            match self.next_message().await {
+                Some(VmmMessage::SnapshotSaved {
+                    memory_bytes_written,
+                    pause_micros,
+                    save_micros,
+                    ..
+                }) => {
+                    let info = SnapshotInfo {
+                        memory_bytes_written,
+                        pause: Duration::from_micros(pause_micros),
+                        save: Duration::from_micros(save_micros),
+                    };
+                    let report = self.wait().await?;
+                    if report.reason != ExitReason::Snapshotted {
+                        return Err(report.into());
+                    }
+                    return Ok(info);
+                }
+                Some(VmmMessage::Exit(report)) => return Err(report.into()),
+                Some(_) => {}
+                None => return Err(VmError::NoReport(self.wait_status().await)),
+            }
+        }
     }
 
     pub fn vsock_socket(&self) -> &Path {

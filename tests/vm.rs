@@ -25,6 +25,7 @@ fn spec(run_dir: &std::path::Path) -> VmSpec {
         extra_cmdline: String::new(),
         init: None,
         run_dir: run_dir.to_path_buf(),
+        restore: None,
     }
 }
 

@@ -34,6 +34,11 @@ pub struct VmmConfig {
     /// Replace the init program (tests use this to make a guest fail).
     #[arg(long)]
     pub init: Option<String>,
+    /// Restore the VM from this snapshot directory instead of booting
+    /// (vCPUs and memory come from the snapshot; --kernel and --rootfs must
+    /// be the image it was made from).
+    #[arg(long)]
+    pub restore: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

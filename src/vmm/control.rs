@@ -11,15 +11,26 @@ use crate::vmm::stats::Stats;
 /// Commands, one per line on stdin.
 pub const CMD_STOP: &str = "stop";
 pub const CMD_STATS: &str = "stats";
+/// `snapshot <dir>`: pause, save the VM into <dir> (which must exist), exit.
+pub const CMD_SNAPSHOT: &str = "snapshot";
 
 /// Events, one JSON object per line on stdout.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum VmmMessage {
-    /// vCPUs are running.
+    /// vCPUs are running. `vmm_setup_micros` is from the VMM's start to
+    /// vCPU start (for a restore: the VMM's whole part of it).
     Started {
         pid: u32,
         vmm_setup_micros: u64,
+        restored: bool,
+    },
+    /// A snapshot was written; `memory_bytes_written` counts non-zero pages.
+    SnapshotSaved {
+        dir: String,
+        memory_bytes_written: u64,
+        pause_micros: u64,
+        save_micros: u64,
     },
     /// The agent announced it listens; connecting now will succeed.
     AgentReadyHint,
@@ -46,6 +57,8 @@ pub enum ExitReason {
     GuestShutdown,
     /// The host asked the VMM to stop.
     Stopped,
+    /// The VM was saved to a snapshot and ended.
+    Snapshotted,
     /// The guest kernel panicked.
     GuestPanic,
     /// KVM or the VMM could not go on (emulation failure, triple fault, ...).

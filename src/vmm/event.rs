@@ -3,7 +3,7 @@
 
 use std::sync::mpsc;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VmEvent {
     /// The guest reset itself (i8042 0xFE): its orderly way to end.
     GuestReset,
@@ -17,6 +17,13 @@ pub enum VmEvent {
     StopRequested,
     /// The host asked for the counters.
     StatsRequested,
+    /// The host asked for a snapshot into this directory (the VM ends after it).
+    SnapshotRequested(std::path::PathBuf),
+    /// A vCPU stopped for a snapshot and saved its state.
+    VcpuPaused {
+        index: u8,
+        state: Box<Result<crate::vmm::snapshot::vcpu_state::VcpuState, String>>,
+    },
 }
 
 #[derive(Clone)]

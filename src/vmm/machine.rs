@@ -23,12 +23,14 @@ use crate::vmm::devices::virtio::blk::Block;
 use crate::vmm::devices::virtio::device::{GuestMemory, Interrupt, VirtioDevice};
 use crate::vmm::devices::virtio::mmio::MmioTransport;
 use crate::vmm::devices::virtio::rng::Rng;
-use crate::vmm::devices::virtio::vsock::Vsock;
+use crate::vmm::devices::virtio::vsock::{Vsock, VsockHandle};
 use crate::vmm::event::VmEventSender;
 use crate::vmm::layout::{
     HIGH_MEMORY_START, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, MMIO_DEVICE_SIZE, MMIO_START,
     SERIAL_IRQ, VIRTIO_FIRST_IRQ,
 };
+use crate::vmm::snapshot::identity::ImageIdentity;
+use crate::vmm::snapshot::{self, MachineState, SnapshotError};
 use crate::vmm::x86_64::cpuid::{self, CpuidProfile};
 use crate::vmm::x86_64::{boot_params, mptable, regs};
 
@@ -77,6 +79,8 @@ pub enum BuildError {
     },
     #[error("device layout: {0}")]
     Layout(String),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
@@ -92,24 +96,29 @@ pub struct Machine {
     pub mem: GuestMemory,
     pub console_tail: ConsoleTail,
     pub cmdline: String,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub vsock: VsockHandle,
+    /// MSRs a snapshot saves.
+    pub msr_indices: Arc<Vec<u32>>,
+    pub identity: ImageIdentity,
 }
 
-pub fn build(
-    config: &VmmConfig,
-    flavor: KvmFlavor,
-    events: VmEventSender,
-) -> Result<Machine, BuildError> {
-    let mem_bytes = config.memory_bytes()?;
-    crate::host_kvm::check_kvm_access(&crate::host_kvm::kvm_device_path())?;
-    let kvm = Kvm::new_with_path(
-        std::ffi::CString::new(
-            crate::host_kvm::kvm_device_path()
-                .as_os_str()
-                .as_encoded_bytes(),
-        )
-        .map_err(|e| BuildError::Layout(e.to_string()))?,
-    )
-    .map_err(ioctl("opening /dev/kvm"))?;
+impl Machine {
+    pub fn memory_bytes(&self) -> u64 {
+        self.mem.iter().map(|r| r.len()).sum()
+    }
+}
+
+fn open_kvm() -> Result<Kvm, BuildError> {
+    let device = crate::host_kvm::kvm_device_path();
+    crate::host_kvm::check_kvm_access(&device)?;
+    let path = std::ffi::CString::new(device.as_os_str().as_encoded_bytes())
+        .map_err(|e| BuildError::Layout(e.to_string()))?;
+    Kvm::new_with_path(path).map_err(ioctl("opening /dev/kvm"))
+}
+
+fn create_vm(kvm: &Kvm) -> Result<VmFd, BuildError> {
     let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDR)
         .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
@@ -121,18 +130,30 @@ pub fn build(
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
 
+/// Boots a new VM from the kernel.
+pub fn build(
+    config: &VmmConfig,
+    flavor: KvmFlavor,
+    events: VmEventSender,
+) -> Result<Machine, BuildError> {
+    let mem_bytes = config.memory_bytes()?;
+    let kvm = open_kvm()?;
+    let vm = create_vm(&kvm)?;
+    let identity = ImageIdentity::of(&config.kernel, &config.rootfs)?;
     let mem = create_memory(&vm, mem_bytes)?;
     let entry = load_kernel(&mem, config)?;
 
     let console_tail = ConsoleTail::default();
-    let (pio, mmio, mmio_args) = create_devices(&vm, &mem, config, console_tail.clone(), events)?;
+    let devices = create_devices(&vm, &mem, config, console_tail.clone(), events, None)?;
 
     let init = config
         .init
         .as_deref()
         .unwrap_or(airlock_protocol::AGENT_GUEST_PATH);
-    let cmdline = cmdline::build(flavor, init, &mmio_args, &config.extra_cmdline);
+    let cmdline = cmdline::build(flavor, init, &devices.mmio_args, &config.extra_cmdline);
     boot_params::write(&mem, &cmdline, mem_bytes)?;
     mptable::write(&mem, config.vcpus)?;
     regs::write_boot_tables(&mem)?;
@@ -163,29 +184,90 @@ pub fn build(
     Ok(Machine {
         vm,
         vcpus,
-        pio,
-        mmio,
+        pio: devices.pio,
+        mmio: devices.mmio,
         mem,
         console_tail,
         cmdline,
+        serial: devices.serial,
+        transports: devices.transports,
+        vsock: devices.vsock,
+        msr_indices: Arc::new(snapshot::vcpu_state::msr_indices(&kvm)?),
+        identity,
+    })
+}
+
+/// Restores a VM from the snapshot in `dir` instead of booting it. The VM
+/// state goes in before the vCPUs', as KVM wants the irqchip before LAPICs.
+pub fn restore(
+    config: &VmmConfig,
+    dir: &std::path::Path,
+    events: VmEventSender,
+) -> Result<Machine, BuildError> {
+    let state = snapshot::read_state(dir)?;
+    let identity = ImageIdentity::of(&config.kernel, &config.rootfs)?;
+    state.image.check_matches(&identity)?;
+    if state.vcpus.is_empty() || state.vcpus.len() > usize::from(crate::vmm::config::MAX_VCPUS) {
+        return Err(
+            SnapshotError::Invalid(format!("a snapshot with {} vCPUs", state.vcpus.len())).into(),
+        );
+    }
+    let kvm = open_kvm()?;
+    let vm = create_vm(&kvm)?;
+    let mem = snapshot::memory::map_private(&snapshot::memory_path(dir), state.memory_bytes)?;
+    register_memory(&vm, &mem)?;
+
+    let console_tail = ConsoleTail::default();
+    let devices = create_devices(
+        &vm,
+        &mem,
+        config,
+        console_tail.clone(),
+        events,
+        Some(&state),
+    )?;
+    state.vm.restore(&vm)?;
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in state.vcpus.iter().enumerate() {
+        let vcpu = vm
+            .create_vcpu(index as u64)
+            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        saved.restore(&vcpu)?;
+        vcpus.push(vcpu);
+    }
+    // Connections the guest had at snapshot time point nowhere now.
+    devices.vsock.send_transport_reset();
+    Ok(Machine {
+        vm,
+        vcpus,
+        pio: devices.pio,
+        mmio: devices.mmio,
+        mem,
+        console_tail,
+        cmdline: state.cmdline,
+        serial: devices.serial,
+        transports: devices.transports,
+        vsock: devices.vsock,
+        msr_indices: Arc::new(snapshot::vcpu_state::msr_indices(&kvm)?),
+        identity,
     })
 }
 
 fn create_memory(vm: &VmFd, bytes: u64) -> Result<GuestMemory, BuildError> {
-    let len = usize::try_from(bytes).map_err(|e| BuildError::Memory {
-        bytes,
-        reason: e.to_string(),
-    })?;
-    let mem =
-        GuestMemory::from_ranges(&[(GuestAddress(0), len)]).map_err(|e| BuildError::Memory {
-            bytes,
-            reason: e.to_string(),
-        })?;
+    let memory_error = |reason: String| BuildError::Memory { bytes, reason };
+    let len = usize::try_from(bytes).map_err(|e| memory_error(e.to_string()))?;
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), len)])
+        .map_err(|e| memory_error(e.to_string()))?;
+    register_memory(vm, &mem)?;
+    Ok(mem)
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), BuildError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
             .map_err(|e| BuildError::Memory {
-                bytes,
+                bytes: region.len(),
                 reason: e.to_string(),
             })?;
         let region = kvm_userspace_memory_region {
@@ -200,7 +282,7 @@ fn create_memory(vm: &VmFd, bytes: u64) -> Result<GuestMemory, BuildError> {
         unsafe { vm.set_user_memory_region(region) }
             .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
     }
-    Ok(mem)
+    Ok(())
 }
 
 fn load_kernel(mem: &GuestMemory, config: &VmmConfig) -> Result<u64, BuildError> {
@@ -219,7 +301,14 @@ fn load_kernel(mem: &GuestMemory, config: &VmmConfig) -> Result<u64, BuildError>
     Ok(loaded.kernel_load.0)
 }
 
-type Devices = (Bus, Bus, Vec<MmioDeviceArg>);
+struct Devices {
+    pio: Bus,
+    mmio: Bus,
+    mmio_args: Vec<MmioDeviceArg>,
+    serial: Arc<Mutex<SerialDevice>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    vsock: VsockHandle,
+}
 
 fn create_devices(
     vm: &VmFd,
@@ -227,6 +316,7 @@ fn create_devices(
     config: &VmmConfig,
     console_tail: ConsoleTail,
     events: VmEventSender,
+    saved: Option<&MachineState>,
 ) -> Result<Devices, BuildError> {
     let mut pio = Bus::default();
     let mut mmio = Bus::default();
@@ -239,13 +329,16 @@ fn create_devices(
         None => None,
     };
     let serial_irq = irqfd(vm, SERIAL_IRQ)?;
-    let serial = SerialDevice::new(serial_irq, ConsoleSink::new(log, console_tail, events));
-    pio.insert(
-        serial::COM1_PORT,
-        serial::PORT_COUNT,
-        Arc::new(Mutex::new(serial)),
-    )
-    .map_err(|e| BuildError::Layout(e.to_string()))?;
+    let sink = ConsoleSink::new(log, console_tail, events);
+    let serial = match saved {
+        Some(state) => {
+            SerialDevice::restore(serial_irq, sink, &state.serial).map_err(BuildError::Layout)?
+        }
+        None => SerialDevice::new(serial_irq, sink),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    pio.insert(serial::COM1_PORT, serial::PORT_COUNT, serial.clone())
+        .map_err(|e| BuildError::Layout(e.to_string()))?;
     pio.insert(
         i8042::DATA_PORT,
         i8042::PORT_SPAN,
@@ -255,23 +348,49 @@ fn create_devices(
 
     let vsock = Vsock::new(GUEST_CID, config.vsock_socket.clone())
         .map_err(|e| BuildError::Vsock(e.to_string()))?;
+    let vsock_handle = vsock.handle();
     let virtio: Vec<Box<dyn VirtioDevice>> = vec![
         Box::new(Block::open(&config.rootfs)?),
         Box::new(Rng::default()),
         Box::new(vsock),
     ];
+    if let Some(state) = saved
+        && state.transports.len() != virtio.len()
+    {
+        return Err(SnapshotError::Invalid(format!(
+            "a snapshot with {} virtio devices, this VMM has {}",
+            state.transports.len(),
+            virtio.len()
+        ))
+        .into());
+    }
     let mut args = Vec::new();
+    let mut transports = Vec::new();
     for (i, device) in virtio.into_iter().enumerate() {
         let base = MMIO_START + i as u64 * MMIO_DEVICE_SIZE;
         let irq = VIRTIO_FIRST_IRQ + i as u32;
         let interrupt = Interrupt::new(irqfd(vm, irq)?);
-        let transport = MmioTransport::new(device, mem.clone(), interrupt)
+        let mut transport = MmioTransport::new(device, mem.clone(), interrupt)
             .map_err(|e| BuildError::Layout(format!("virtio queue: {e}")))?;
-        mmio.insert(base, MMIO_DEVICE_SIZE, Arc::new(Mutex::new(transport)))
+        if let Some(state) = saved {
+            transport
+                .restore_state(&state.transports[i])
+                .map_err(|e| SnapshotError::Invalid(format!("virtio device {i}: {e}")))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(base, MMIO_DEVICE_SIZE, transport.clone())
             .map_err(|e| BuildError::Layout(e.to_string()))?;
+        transports.push(transport);
         args.push(MmioDeviceArg { base, irq });
     }
-    Ok((pio, mmio, args))
+    Ok(Devices {
+        pio,
+        mmio,
+        mmio_args: args,
+        serial,
+        transports,
+        vsock: vsock_handle,
+    })
 }
 
 fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, BuildError> {

@@ -9,6 +9,7 @@ pub mod event;
 pub mod layout;
 pub mod machine;
 pub mod run;
+pub mod snapshot;
 pub mod stats;
 pub mod vcpu;
 pub mod x86_64;

@@ -1,42 +1,74 @@
-//! The `airlock vmm` process: builds the VM, runs its vCPUs, serves the
-//! control channel, and reports how the VM ended.
+//! The `airlock vmm` process: builds (or restores) the VM, runs its vCPUs,
+//! serves the control channel, saves snapshots, and reports how the VM ended.
 
 use std::io::{BufRead, Write};
+use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use crate::host_kvm::KvmFlavor;
 use crate::vmm::config::VmmConfig;
-use crate::vmm::control::{CMD_STATS, CMD_STOP, ExitReason, ExitReport, VmmMessage};
+use crate::vmm::control::{CMD_SNAPSHOT, CMD_STATS, CMD_STOP, ExitReason, ExitReport, VmmMessage};
 use crate::vmm::event::{self, VmEvent, VmEventSender};
-use crate::vmm::{machine, stats, vcpu};
+use crate::vmm::machine::{self, Machine};
+use crate::vmm::snapshot::vm_state::VmState;
+use crate::vmm::snapshot::{self, MachineState};
+use crate::vmm::stats;
+use crate::vmm::vcpu::{self, PauseRequest, VcpuContext};
 
 /// Runs the VM to its end and returns the process exit code.
 pub fn run(config: &VmmConfig) -> i32 {
     let started = Instant::now();
     block_stop_signals();
     let (events, receiver) = event::channel();
-    let machine = match machine::build(config, KvmFlavor::detect(), events.clone()) {
+    let built = match &config.restore {
+        Some(dir) => machine::restore(config, dir, events.clone()),
+        None => machine::build(config, KvmFlavor::detect(), events.clone()),
+    };
+    let mut machine = match built {
         Ok(machine) => machine,
         Err(err) => {
-            let report = ExitReport {
-                reason: ExitReason::Fatal,
-                detail: format!("cannot build the VM: {err}"),
-                stats: stats::snapshot(),
-                console_tail: Vec::new(),
+            let verb = if config.restore.is_some() {
+                "restore"
+            } else {
+                "build"
             };
-            emit(&VmmMessage::Exit(report));
-            return 1;
+            return finish(
+                ExitReason::Fatal,
+                format!("cannot {verb} the VM: {err}"),
+                Vec::new(),
+            );
         }
     };
-    tracing::debug!(cmdline = %machine.cmdline, "starting guest");
+    if let Err(err) = vcpu::install_kick_handler() {
+        return finish(
+            ExitReason::Fatal,
+            format!("cannot install the vCPU kick handler: {err}"),
+            Vec::new(),
+        );
+    }
+    tracing::debug!(cmdline = %machine.cmdline, restored = config.restore.is_some(), "starting guest");
     let console_tail = machine.console_tail.clone();
-    for (index, fd) in machine.vcpus.into_iter().enumerate() {
-        let (pio, mmio, vcpu_events) = (machine.pio.clone(), machine.mmio.clone(), events.clone());
-        let spawned = std::thread::Builder::new()
+    let pause = Arc::new(PauseRequest::default());
+    let mut vcpu_threads = Vec::new();
+    let vcpu_count = machine.vcpus.len();
+    for (index, fd) in std::mem::take(&mut machine.vcpus).into_iter().enumerate() {
+        let ctx = VcpuContext {
+            index: index as u8,
+            pio: machine.pio.clone(),
+            mmio: machine.mmio.clone(),
+            events: events.clone(),
+            pause: pause.clone(),
+            msr_indices: machine.msr_indices.clone(),
+        };
+        match std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu::run(index as u8, fd, pio, mmio, vcpu_events));
-        if let Err(err) = spawned {
-            events.send(VmEvent::Fatal(format!("cannot start a vCPU thread: {err}")));
+            .spawn(move || vcpu::run(fd, ctx))
+        {
+            Ok(handle) => vcpu_threads.push(handle),
+            Err(err) => events.send(VmEvent::Fatal(format!("cannot start a vCPU thread: {err}"))),
         }
     }
     spawn_control_reader(events.clone());
@@ -44,6 +76,7 @@ pub fn run(config: &VmmConfig) -> i32 {
     emit(&VmmMessage::Started {
         pid: std::process::id(),
         vmm_setup_micros: started.elapsed().as_micros() as u64,
+        restored: config.restore.is_some(),
     });
 
     let mut panicked = false;
@@ -66,20 +99,105 @@ pub fn run(config: &VmmConfig) -> i32 {
             VmEvent::GuestReset => break (ExitReason::GuestShutdown, "the guest shut down".into()),
             VmEvent::StopRequested => break (ExitReason::Stopped, "stopped by the host".into()),
             VmEvent::Fatal(detail) => break (ExitReason::Fatal, detail),
+            VmEvent::VcpuPaused { .. } => {}
+            VmEvent::SnapshotRequested(dir) => {
+                pause.request();
+                for handle in &vcpu_threads {
+                    // SAFETY: the thread is alive (it parks, never exits, once paused).
+                    unsafe { libc::pthread_kill(handle.as_pthread_t(), vcpu::kick_signal()) };
+                }
+                break match save_snapshot(&machine, &receiver, vcpu_count, &dir) {
+                    Ok(()) => (
+                        ExitReason::Snapshotted,
+                        format!("saved to {}", dir.display()),
+                    ),
+                    Err(err) => (ExitReason::Fatal, format!("snapshot failed: {err}")),
+                };
+            }
         }
     };
-    // Let a panic message that is still arriving reach the tail.
+    finish(reason, detail, console_tail.lines())
+}
+
+fn finish(reason: ExitReason, detail: String, console_tail: Vec<String>) -> i32 {
     let report = ExitReport {
         reason,
         detail,
         stats: stats::snapshot(),
-        console_tail: console_tail.lines(),
+        console_tail,
     };
-    tracing::info!(reason = ?report.reason, exits = report.stats.exits_total,
-        interrupts = report.stats.interrupts_injected, "VM ended: {}", report.detail);
+    tracing::info!(
+        reason = ?report.reason,
+        exits = report.stats.exits_total,
+        interrupts = report.stats.interrupts_injected,
+        "VM ended: {}",
+        report.detail
+    );
     let code = i32::from(report.reason.is_error());
     emit(&VmmMessage::Exit(report));
     code
+}
+
+/// Waits for every vCPU to save itself, then saves the rest of the VM.
+fn save_snapshot(
+    machine: &Machine,
+    receiver: &Receiver<VmEvent>,
+    vcpu_count: usize,
+    dir: &Path,
+) -> Result<(), String> {
+    let pause_started = Instant::now();
+    let mut vcpus: Vec<Option<snapshot::vcpu_state::VcpuState>> =
+        (0..vcpu_count).map(|_| None).collect();
+    while vcpus.iter().any(Option::is_none) {
+        match receiver.recv() {
+            Ok(VmEvent::VcpuPaused { index, state }) => {
+                let state = (*state).map_err(|e| format!("vCPU {index}: {e}"))?;
+                let slot = vcpus
+                    .get_mut(usize::from(index))
+                    .ok_or("a vCPU index out of range")?;
+                *slot = Some(state);
+            }
+            Ok(VmEvent::Fatal(detail)) => return Err(detail),
+            Ok(VmEvent::GuestReset) => return Err("the guest reset while pausing".into()),
+            Ok(_) => {}
+            Err(_) => return Err("the vCPUs went away while pausing".into()),
+        }
+    }
+    let pause_micros = pause_started.elapsed().as_micros() as u64;
+    let save_started = Instant::now();
+    let transports = machine
+        .transports
+        .iter()
+        .map(|t| {
+            t.lock()
+                .map(|t| t.save_state())
+                .map_err(|_| "a device lock is poisoned".to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let serial = machine
+        .serial
+        .lock()
+        .map_err(|_| "the serial lock is poisoned")?
+        .snapshot();
+    let state = MachineState {
+        image: machine.identity.clone(),
+        memory_bytes: machine.memory_bytes(),
+        vcpus: vcpus.into_iter().flatten().collect(),
+        vm: VmState::save(&machine.vm).map_err(|e| e.to_string())?,
+        serial,
+        transports,
+        cmdline: machine.cmdline.clone(),
+    };
+    let written = snapshot::memory::save(&machine.mem, &snapshot::memory_path(dir))
+        .map_err(|e| e.to_string())?;
+    snapshot::write_state(dir, &state).map_err(|e| e.to_string())?;
+    emit(&VmmMessage::SnapshotSaved {
+        dir: dir.display().to_string(),
+        memory_bytes_written: written,
+        pause_micros,
+        save_micros: save_started.elapsed().as_micros() as u64,
+    });
+    Ok(())
 }
 
 fn emit(message: &VmmMessage) {
@@ -105,11 +223,18 @@ fn spawn_control_reader(events: VmEventSender) {
                         events.send(VmEvent::StopRequested);
                         return;
                     }
-                    Ok(_) => match line.trim() {
-                        CMD_STOP => events.send(VmEvent::StopRequested),
-                        CMD_STATS => events.send(VmEvent::StatsRequested),
-                        other => tracing::warn!(command = other, "unknown control command"),
-                    },
+                    Ok(_) => {
+                        let line = line.trim_end_matches(['\n', '\r']);
+                        let (command, argument) = line.split_once(' ').unwrap_or((line, ""));
+                        match command {
+                            CMD_STOP => events.send(VmEvent::StopRequested),
+                            CMD_STATS => events.send(VmEvent::StatsRequested),
+                            CMD_SNAPSHOT if !argument.is_empty() => {
+                                events.send(VmEvent::SnapshotRequested(argument.into()))
+                            }
+                            other => tracing::warn!(command = other, "unknown control command"),
+                        }
+                    }
                 }
             }
         });

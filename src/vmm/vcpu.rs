@@ -1,16 +1,82 @@
 //! The vCPU run loop: KVM_RUN, then dispatch of each exit to the buses.
 
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::vmm::bus::{Bus, BusAction};
 use crate::vmm::event::{VmEvent, VmEventSender};
+use crate::vmm::snapshot::vcpu_state::VcpuState;
 use crate::vmm::stats::{ExitKind, count_exit};
+
+/// Shared by the main thread and the vCPU threads: a request to stop in a
+/// state that can be saved.
+#[derive(Default)]
+pub struct PauseRequest(AtomicBool);
+
+impl PauseRequest {
+    pub fn request(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    fn requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, for the kick signal handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the kick handler. Setting immediate_exit (rather than relying on
+/// EINTR alone) closes the race with a thread about to enter KVM_RUN: KVM
+/// then finishes any pending I/O and returns at once.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        IMMEDIATE_EXIT.with(|p| {
+            let p = p.get();
+            if !p.is_null() {
+                // SAFETY: points into this thread's kvm_run mapping, which
+                // lives as long as the thread's VcpuFd.
+                unsafe { p.write_volatile(1) };
+            }
+        });
+    }
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+}
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 
-/// Runs one vCPU until the guest or an error ends it; reports how it ended.
-pub fn run(index: u8, mut vcpu: VcpuFd, pio: Bus, mmio: Bus, events: VmEventSender) {
+/// What a vCPU thread needs besides its fd.
+pub struct VcpuContext {
+    pub index: u8,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub events: VmEventSender,
+    pub pause: Arc<PauseRequest>,
+    pub msr_indices: Arc<Vec<u32>>,
+}
+
+/// Runs one vCPU until the guest or an error ends it, or a pause saves it.
+pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    let VcpuContext {
+        index,
+        pio,
+        mmio,
+        events,
+        pause,
+        msr_indices,
+    } = ctx;
+    IMMEDIATE_EXIT.with(|p| p.set(&mut vcpu.get_kvm_run().immediate_exit));
     let end = loop {
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -79,10 +145,24 @@ pub fn run(index: u8, mut vcpu: VcpuFd, pio: Bus, mmio: Bus, events: VmEventSend
             }
             Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => {
                 count_exit(ExitKind::Interrupted);
+                vcpu.set_kvm_immediate_exit(0);
+                if pause.requested() {
+                    let saved = VcpuState::save(&vcpu, &msr_indices).map_err(|e| e.to_string());
+                    IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+                    events.send(VmEvent::VcpuPaused {
+                        index,
+                        state: Box::new(saved),
+                    });
+                    // Paused for good: the VMM exits after the snapshot.
+                    loop {
+                        std::thread::park();
+                    }
+                }
             }
             Err(err) => break VmEvent::Fatal(format!("KVM_RUN failed on vCPU {index}: {err}")),
         }
     };
+    IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
     events.send(end);
 }
 

@@ -59,6 +59,12 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Restores the status word from a snapshot (the irqchip state carries
+    /// whether the line is raised).
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }

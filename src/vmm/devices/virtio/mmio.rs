@@ -46,6 +46,32 @@ const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_NEEDS_RESET: u32 = 0x40;
 const STATUS_FAILED: u32 = 0x80;
 
+/// The transport's registers and queue set-up, as saved in a snapshot.
+/// Queue positions are not saved: at a snapshot every chain the device took
+/// has been returned, so both positions equal the used ring's index, which
+/// is read back from guest memory on restore.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub activated: bool,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueConfig>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct QueueConfig {
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemory,
@@ -204,6 +230,85 @@ impl MmioTransport {
         }
     }
 
+    pub fn save_state(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            activated: self.activated,
+            interrupt_status: self.interrupt.status(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueConfig {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts a freshly made transport (same device type) into a saved state,
+    /// activating the device with its queues where the driver had.
+    pub fn restore_state(&mut self, saved: &TransportState) -> Result<(), String> {
+        if saved.device_type != self.device.device_type() || saved.queues.len() != self.queues.len()
+        {
+            return Err(format!(
+                "saved device type {} with {} queues does not match device type {} with {}",
+                saved.device_type,
+                saved.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            ));
+        }
+        self.status = saved.status;
+        self.device_features_sel = saved.device_features_sel;
+        self.driver_features_sel = saved.driver_features_sel;
+        self.driver_features = saved.driver_features & self.device.features();
+        self.queue_sel = saved.queue_sel;
+        self.interrupt.set_status(saved.interrupt_status);
+        self.device.ack_features(self.driver_features);
+        let mut device_queues = Vec::with_capacity(saved.queues.len());
+        for (i, (queue, config)) in self.queues.iter_mut().zip(&saved.queues).enumerate() {
+            let position = if config.ready && saved.activated {
+                used_index(&self.mem, config.used_ring)
+                    .ok_or_else(|| format!("queue {i}: used ring outside memory"))?
+            } else {
+                0
+            };
+            let state = virtio_queue::QueueState {
+                max_size: queue.max_size(),
+                next_avail: position,
+                next_used: position,
+                event_idx_enabled: false,
+                size: config.size,
+                ready: config.ready,
+                desc_table: config.desc_table,
+                avail_ring: config.avail_ring,
+                used_ring: config.used_ring,
+            };
+            let restored = Queue::try_from(state.clone()).map_err(|e| format!("queue {i}: {e}"))?;
+            if restored.ready() && !restored.is_valid(&self.mem) {
+                return Err(format!("queue {i} is not valid in the restored memory"));
+            }
+            *queue = restored;
+            device_queues.push(Queue::try_from(state).map_err(|e| format!("queue {i}: {e}"))?);
+        }
+        if saved.activated {
+            self.device
+                .activate(self.mem.clone(), device_queues, self.interrupt.clone())
+                .map_err(|e| e.to_string())?;
+            self.activated = true;
+        }
+        Ok(())
+    }
+
     fn read_register(&mut self, offset: u64) -> u32 {
         match offset {
             REG_MAGIC => MAGIC_VALUE,
@@ -284,6 +389,15 @@ impl MmioTransport {
             _ => tracing::debug!(offset, "guest wrote an unknown virtio-mmio register"),
         }
     }
+}
+
+/// The used ring's `idx` field: flags (u16) then idx (u16).
+fn used_index(mem: &GuestMemory, used_ring: u64) -> Option<u16> {
+    use vm_memory::{Bytes, GuestAddress};
+    let addr = used_ring.checked_add(2)?;
+    mem.read_obj::<u16>(GuestAddress(addr))
+        .ok()
+        .map(u16::from_le)
 }
 
 impl BusDevice for MmioTransport {

@@ -143,7 +143,7 @@ impl Muxer {
             rx_order: VecDeque::new(),
             rsts: VecDeque::new(),
             next_token: FIRST_STREAM_TOKEN,
-            next_port: LOCAL_PORT_FIRST,
+            next_port: random_first_port(),
         })
     }
 
@@ -529,6 +529,19 @@ fn events(i: Interest) -> EventSet {
     set
 }
 
+/// Where port allocation starts. A restored guest may still hold
+/// connections on ports an earlier VMM process handed out until it processes
+/// the transport reset; a random start keeps a new connection off them.
+fn random_first_port() -> u32 {
+    let mut bytes = [0u8; 4];
+    let span = LOCAL_PORT_END - LOCAL_PORT_FIRST;
+    if crate::vmm::devices::virtio::rng::fill_random(&mut bytes) {
+        LOCAL_PORT_FIRST + u32::from_le_bytes(bytes) % span
+    } else {
+        LOCAL_PORT_FIRST
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -735,6 +748,7 @@ mod tests {
     #[test]
     fn ports_are_unique_and_round_robin() {
         let mut h = Host::new();
+        h.muxer.next_port = LOCAL_PORT_FIRST;
         let (_a, ra) = connect(&mut h);
         let mut b = h.client();
         b.write_all(b"CONNECT 1024\n").unwrap();

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -58,6 +58,11 @@ pub struct Worker {
     control: Arc<Control>,
     scratch: Vec<u8>,
     event_pending: bool,
+    /// After a transport reset, the event queue's avail index when the event
+    /// went out. Nothing goes to the guest until the driver has handled the
+    /// reset, which it shows by re-posting the event buffer: a connection
+    /// made before that would be torn down by the reset itself.
+    reset_unacked_at: Option<u16>,
 }
 
 impl Worker {
@@ -81,6 +86,7 @@ impl Worker {
             control,
             scratch: vec![0; MAX_PAYLOAD],
             event_pending: false,
+            reset_unacked_at: None,
         }
     }
 
@@ -166,13 +172,28 @@ impl Worker {
         if tx.used {
             virtq::notify_guest(txq, &self.mem, &self.interrupt);
         }
-        let rx = virtq::process_rx(&mut self.muxer, &self.mem, rxq, &mut self.scratch);
-        if rx.used {
-            virtq::notify_guest(rxq, &self.mem, &self.interrupt);
-        }
+        let was_pending = self.event_pending;
         let ev = virtq::process_event(&mut self.event_pending, &self.mem, evq);
         if ev.used {
             virtq::notify_guest(evq, &self.mem, &self.interrupt);
+        }
+        let avail = evq
+            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+            .ok();
+        if was_pending && !self.event_pending {
+            self.reset_unacked_at = Some(avail.map_or(0, |a| a.0));
+        } else if let (Some(at), Some(now)) = (self.reset_unacked_at, avail)
+            && now.0 != at
+        {
+            tracing::debug!("vsock: the guest handled the transport reset");
+            self.reset_unacked_at = None;
+        }
+        if self.reset_unacked_at.is_some() {
+            return tx.more || ev.more;
+        }
+        let rx = virtq::process_rx(&mut self.muxer, &self.mem, rxq, &mut self.scratch);
+        if rx.used {
+            virtq::notify_guest(rxq, &self.mem, &self.interrupt);
         }
         tx.more || rx.more || ev.more
     }
