@@ -349,6 +349,7 @@ fn create_devices(
     let vsock = Vsock::new(GUEST_CID, config.vsock_socket.clone())
         .map_err(|e| BuildError::Vsock(e.to_string()))?;
     let vsock_handle = vsock.handle();
+    let vsock_notify = vsock.notify_eventfd().map_err(BuildError::EventFd)?;
     let virtio: Vec<Box<dyn VirtioDevice>> = vec![
         Box::new(Block::open(&config.rootfs)?),
         Box::new(Rng::default()),
@@ -368,6 +369,13 @@ fn create_devices(
     let mut transports = Vec::new();
     for (i, device) in virtio.into_iter().enumerate() {
         let base = MMIO_START + i as u64 * MMIO_DEVICE_SIZE;
+        if device.device_type() == crate::vmm::devices::virtio::device::TYPE_VSOCK {
+            let notify = kvm_ioctls::IoEventAddress::Mmio(
+                base + crate::vmm::devices::virtio::mmio::REG_QUEUE_NOTIFY,
+            );
+            vm.register_ioevent(&vsock_notify, &notify, kvm_ioctls::NoDatamatch)
+                .map_err(ioctl("KVM_IOEVENTFD"))?;
+        }
         let irq = VIRTIO_FIRST_IRQ + i as u32;
         let interrupt = Interrupt::new(irqfd(vm, irq)?);
         let mut transport = MmioTransport::new(device, mem.clone(), interrupt)

@@ -123,6 +123,13 @@ impl Vsock {
         }
     }
 
+    /// The event fd the device thread wakes on for queue notifications. The
+    /// VMM registers it with KVM as an ioeventfd on QueueNotify, so a guest's
+    /// kick reaches this thread without an exit to the VMM.
+    pub fn notify_eventfd(&self) -> io::Result<EventFd> {
+        self.queue_evt.try_clone()
+    }
+
     /// See `VsockHandle::send_transport_reset`.
     pub fn send_transport_reset(&self) {
         self.control.request_transport_reset();
