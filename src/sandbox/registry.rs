@@ -323,6 +323,15 @@ impl<S> State<S> {
         }
     }
 
+    fn unreserve(&mut self, principal: &str) {
+        if let Some(n) = self.creating.get_mut(principal) {
+            *n -= 1;
+            if *n == 0 {
+                self.creating.remove(principal);
+            }
+        }
+    }
+
     fn remember(&mut self, id: &str, ended: Ended) {
         if self.ended.insert(id.to_string(), ended).is_none() {
             self.ended_order.push_back(id.to_string());
@@ -581,29 +590,20 @@ impl<P: Provider> Registry<P> {
             *state.creating.entry(principal.to_string()).or_default() += 1;
         }
         let taken = self.provider.take().await;
-        let mut state = self.state();
-        if let Some(n) = state.creating.get_mut(principal) {
-            *n -= 1;
-            if *n == 0 {
-                state.creating.remove(principal);
-            }
-        }
         let sandbox = match taken {
             Ok(sandbox) => sandbox,
             Err(err) => {
+                self.state().unreserve(principal);
                 self.metrics.restore_failed();
                 return Err(RegistryError::Start(format!("{err:#}")));
             }
         };
-        let id = match new_id() {
-            Some(id) => id,
-            None => {
-                drop(state);
-                sandbox.destroy().await;
-                return Err(RegistryError::Start(
-                    "the host has no entropy for a sandbox id".into(),
-                ));
-            }
+        let Some(id) = new_id() else {
+            self.state().unreserve(principal);
+            sandbox.destroy().await;
+            return Err(RegistryError::Start(
+                "the host has no entropy for a sandbox id".into(),
+            ));
         };
         let now = Instant::now();
         let pid = sandbox.pid();
@@ -626,8 +626,12 @@ impl<P: Provider> Registry<P> {
             ended: AtomicBool::new(false),
         });
         handle.set_vm(pid);
-        state.handles.insert(id.clone(), handle.clone());
-        drop(state);
+        {
+            // Counted as live from now on instead of as being created.
+            let mut state = self.state();
+            state.unreserve(principal);
+            state.handles.insert(id.clone(), handle.clone());
+        }
         self.metrics.restore();
         tracing::info!(sandbox = %id, %principal, "sandbox bound");
         if self.closed.load(Ordering::SeqCst) {

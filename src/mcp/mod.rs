@@ -1,0 +1,144 @@
+//! The MCP gateway: airlock's tools served over stdio (one conversation, one
+//! sandbox) or Streamable HTTP (one sandbox per session, or per explicit
+//! sandbox id for sessionless clients), on rmcp.
+//!
+//! - [`tools`]: the tool server (argument checks, result shaping).
+//! - [`backend`]: the warm pool, prepared in the background.
+//! - [`session`]: HTTP sessions whose close destroys their sandbox.
+//! - [`auth`]: bearer tokens and principals.
+//! - [`http`]: the HTTP app (`/mcp`, `/healthz`, `/metrics`).
+
+pub mod auth;
+pub mod backend;
+pub mod http;
+pub mod session;
+pub mod tools;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use rmcp::ServiceExt;
+
+use crate::metrics::Metrics;
+use crate::sandbox::registry::Limits;
+use crate::template::TemplateShape;
+
+/// The registry of the gateway's sandboxes.
+pub type Registry = crate::sandbox::registry::Registry<backend::LazyPool>;
+
+/// Warm sandboxes kept ready, by mode.
+pub const DEFAULT_POOL_SIZE_STDIO: usize = 1;
+pub const DEFAULT_POOL_SIZE_HTTP: usize = 2;
+
+/// Everything `airlock serve` was asked for.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Streamable HTTP on this address; stdio when `None`.
+    pub http: Option<SocketAddr>,
+    pub tokens_file: Option<PathBuf>,
+    /// The value of `AIRLOCK_TOKENS`.
+    pub tokens_env: Option<String>,
+    /// Serve a non-loopback address without tokens.
+    pub insecure_no_auth: bool,
+    /// Extra Host values accepted (loopback names are always accepted).
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins accepted (none by default: requests with an Origin are refused).
+    pub allowed_origins: Vec<String>,
+    /// Warm sandboxes kept ready; `None` for the mode's default.
+    pub pool_size: Option<usize>,
+    pub limits: Limits,
+    /// The longest timeout a call may ask for.
+    pub max_timeout: Duration,
+}
+
+/// Serves until stdin closes (stdio), or SIGINT/SIGTERM; then destroys every
+/// sandbox.
+pub async fn serve(options: ServeOptions) -> Result<()> {
+    let tokens = auth::Tokens::load(
+        options.tokens_file.as_deref(),
+        options.tokens_env.as_deref(),
+    )?;
+    if let Some(addr) = options.http {
+        http::check_bind(addr, &tokens, options.insecure_no_auth)?;
+    } else if !tokens.is_empty() && options.tokens_file.is_some() {
+        tracing::warn!("--tokens-file has no effect in stdio mode");
+    }
+    if options.limits.idle_timeout.is_zero() || options.limits.max_lifetime.is_zero() {
+        bail!("--idle-timeout and --max-lifetime must be more than zero");
+    }
+    if options.limits.max_sandboxes == 0 || options.limits.max_per_principal == 0 {
+        bail!("--max-sandboxes and --max-sandboxes-per-principal must be at least 1");
+    }
+    let cache = crate::paths::ensure_cache_root()?;
+    let exe = std::env::current_exe().context("cannot find the airlock executable")?;
+    let shape = TemplateShape::default();
+    let pool_size = options.pool_size.unwrap_or(match options.http {
+        Some(_) => DEFAULT_POOL_SIZE_HTTP,
+        None => DEFAULT_POOL_SIZE_STDIO,
+    });
+    let backend = Arc::new(backend::LazyPool::start(cache, exe, shape, pool_size));
+    let metrics = Arc::new(Metrics::new());
+    let registry = Registry::start(backend.clone(), options.limits, shape.memory_mib, metrics);
+    let call_limits = tools::CallLimits {
+        max_timeout: options.max_timeout,
+        vcpus: shape.vcpus,
+        memory_mib: shape.memory_mib,
+    };
+    let served = match options.http {
+        Some(addr) => {
+            let app = http::App {
+                registry: registry.clone(),
+                backend,
+                tokens,
+                call_limits,
+            };
+            http::serve(addr, app, &options).await
+        }
+        None => serve_stdio(registry.clone(), call_limits).await,
+    };
+    tracing::info!("shutting down: destroying every sandbox");
+    registry.shutdown().await;
+    served
+}
+
+async fn serve_stdio(registry: Arc<Registry>, call_limits: tools::CallLimits) -> Result<()> {
+    let server = tools::AirlockServer::new(registry, tools::Mode::Stdio, call_limits);
+    let serving = async {
+        let running = server
+            .serve(rmcp::transport::stdio())
+            .await
+            .context("the MCP client did not complete the handshake")?;
+        running.waiting().await.context("the MCP session failed")?;
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        result = serving => {
+            tracing::info!("stdin closed");
+            result
+        }
+        signal = shutdown_signal() => {
+            tracing::info!("{signal}");
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, naming it.
+pub async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(%err, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
