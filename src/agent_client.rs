@@ -10,7 +10,15 @@
 //! each incoming frame by request id to that request's channel (streamed
 //! events, then one final frame); a writer task sends whole frames from a
 //! queue, so a caller that gives up mid-request (timeout, dropped future)
-//! never leaves half a frame on the wire.
+//! never leaves half a frame on the wire. Giving up on a request (dropping
+//! its [`Response`] or [`Call`] before the end) sends a Cancel for it, which
+//! makes the agent kill its process tree or interrupt its interpreter.
+//!
+//! On top of the raw requests sit typed operations: [`AgentClient::exec`],
+//! [`AgentClient::run_code`] (with streamed [`Event`]s), interpreter reset
+//! and warm status, files, limits and [`AgentClient::refresh`]. Their results
+//! keep output as bytes; [`OutputText`] decodes it for display, lossily, and
+//! says when it was cut or not UTF-8.
 
 use std::collections::HashMap;
 use std::io;
@@ -20,8 +28,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use airlock_protocol::{
-    ErrorCode, Frame, FrameError, FrameReader, Hello, Kind, Message, PROTOCOL_VERSION, Pong,
-    write_frame,
+    Command, ErrorCode, Exec, ExecResult, FileData, FileList, FileStat, Frame, FrameError,
+    FrameReader, Hello, Image, Kind, Language, Limits, ListFiles, MAX_FILE_LEN, Message,
+    OutputLimits, PROTOCOL_VERSION, Pong, ReadFile, Refresh, RefreshReply, RemoveFile,
+    ResetInterpreter, RunCode, RunCodeResult, SetLimits, StatFile, Stream, StreamStats, WarmStatus,
+    WarmStatusReply, WriteFile, write_frame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -39,6 +50,12 @@ const OUTBOX_FRAMES: usize = 64;
 const MAX_BATCH: usize = 1 << 20;
 /// Request id of the handshake; requests count up from 1.
 const HELLO_ID: u64 = 0;
+/// Default bound on file, limit, reset and refresh requests: a big file on a
+/// software-nested guest takes a while.
+const LONG_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Extra time given to exec and run_code past their own timeout, for the
+/// agent to kill, reap and report.
+const RESULT_SLACK: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -70,6 +87,7 @@ pub struct AgentClient {
     next_id: AtomicU64,
     agent_version: String,
     request_timeout: Duration,
+    long_request_timeout: Duration,
     reader: JoinHandle<()>,
 }
 
@@ -119,12 +137,23 @@ pub struct Response {
     request_id: u64,
     rx: mpsc::Receiver<Frame>,
     shared: Arc<Shared>,
+    outbox: mpsc::Sender<Vec<u8>>,
     done: bool,
 }
 
 impl Response {
     pub fn request_id(&self) -> u64 {
         self.request_id
+    }
+
+    /// Asks the agent to cancel this request; its final frame still comes
+    /// (for exec and run_code, a result with `cancelled` set).
+    pub async fn cancel(&self) -> Result<()> {
+        let bytes = Frame::new(self.request_id, Message::Cancel).encode()?;
+        self.outbox
+            .send(bytes)
+            .await
+            .map_err(|_| self.shared.closed_error())
     }
 
     /// The next frame of this request, `Ok(None)` after its final frame.
@@ -160,6 +189,22 @@ impl Drop for Response {
     fn drop(&mut self) {
         if !self.done {
             self.shared.lock().pending.remove(&self.request_id);
+            // Nobody waits for the answer: stop the work too. Drop cannot
+            // wait for room in the queue, so a full queue hands the frame
+            // to a task.
+            if let Ok(bytes) = Frame::new(self.request_id, Message::Cancel).encode() {
+                match self.outbox.try_send(bytes) {
+                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(mpsc::error::TrySendError::Full(bytes)) => {
+                        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                            let outbox = self.outbox.clone();
+                            handle.spawn(async move {
+                                let _ = outbox.send(bytes).await;
+                            });
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -190,6 +235,28 @@ impl AgentClient {
             })?
     }
 
+    /// Connects to an agent serving the protocol directly on a Unix socket
+    /// (`airlock-agent --serve-unix PATH`, the debug mode), without the
+    /// VMM's CONNECT preamble.
+    pub async fn connect_unix(path: &Path, timeout: Duration) -> Result<AgentClient> {
+        let connecting = async {
+            let stream = UnixStream::connect(path)
+                .await
+                .map_err(|source| AgentError::Connect {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            let (read, write) = stream.into_split();
+            Self::handshake(read, write, Vec::new(), timeout).await
+        };
+        tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| AgentError::Timeout {
+                what: "connecting to the guest agent",
+                after: timeout,
+            })?
+    }
+
     async fn connect_inner(uds_path: &Path, port: u32, timeout: Duration) -> Result<AgentClient> {
         let stream = UnixStream::connect(uds_path)
             .await
@@ -202,7 +269,15 @@ impl AgentClient {
             .write_all(format!("CONNECT {port}\n").as_bytes())
             .await?;
         let leftover = read_connect_reply(&mut read, port).await?;
+        Self::handshake(read, write, leftover, timeout).await
+    }
 
+    async fn handshake(
+        read: OwnedReadHalf,
+        mut write: OwnedWriteHalf,
+        leftover: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<AgentClient> {
         let mut frames = FrameReader::with_buffered(read, &leftover);
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -247,6 +322,7 @@ impl AgentClient {
             next_id: AtomicU64::new(HELLO_ID + 1),
             agent_version,
             request_timeout: timeout,
+            long_request_timeout: LONG_REQUEST_TIMEOUT.max(timeout),
             reader,
         })
     }
@@ -258,6 +334,11 @@ impl AgentClient {
 
     pub fn set_request_timeout(&mut self, timeout: Duration) {
         self.request_timeout = timeout;
+    }
+
+    /// Bounds file, limit, reset and refresh requests (default 10 minutes).
+    pub fn set_long_request_timeout(&mut self, timeout: Duration) {
+        self.long_request_timeout = timeout;
     }
 
     /// Whether the connection has ended (requests would fail with `Closed`).
@@ -287,6 +368,7 @@ impl AgentClient {
             request_id,
             rx,
             shared: self.shared.clone(),
+            outbox: self.outbox.clone(),
             done: false,
         };
         if self.outbox.send(bytes).await.is_err() {
@@ -332,6 +414,541 @@ impl AgentClient {
                 after: self.request_timeout,
             })?
     }
+    /// Asks the agent to cancel request `request_id` (see [`Response::cancel`]).
+    pub async fn cancel(&self, request_id: u64) -> Result<()> {
+        let bytes = Frame::new(request_id, Message::Cancel).encode()?;
+        self.outbox
+            .send(bytes)
+            .await
+            .map_err(|_| self.shared.closed_error())
+    }
+
+    /// One request, its final frame and payload, within `bound`.
+    async fn call_with(
+        &self,
+        message: Message,
+        payload: Vec<u8>,
+        what: &'static str,
+        bound: Duration,
+    ) -> Result<Frame> {
+        let exchange = async { self.request(message, payload).await?.finish().await };
+        tokio::time::timeout(bound, exchange)
+            .await
+            .map_err(|_| AgentError::Timeout { what, after: bound })?
+    }
+
+    /// Starts a command; stream its events with [`Call::next_event`], or
+    /// wait for it with [`Call::finish_exec`]. Dropping the call cancels it.
+    pub async fn start_exec(&self, exec: Exec, stdin: Vec<u8>) -> Result<Call> {
+        let bound = op_bound(exec.timeout_ms);
+        let response = self.request(Message::Exec(exec), stdin).await?;
+        Ok(Call { response, bound })
+    }
+
+    /// Runs a command as the sandbox user and collects its output.
+    pub async fn exec(&self, exec: Exec, stdin: Vec<u8>) -> Result<ExecOutput> {
+        self.start_exec(exec, stdin)
+            .await?
+            .finish_exec(|_| {})
+            .await
+    }
+
+    /// Runs `script` with `bash -c`, with a timeout and default limits.
+    pub async fn sh(&self, script: &str, timeout: Duration) -> Result<ExecOutput> {
+        self.exec(
+            Exec {
+                command: Command::Shell(script.to_string()),
+                cwd: None,
+                env: Vec::new(),
+                timeout_ms: Some(timeout.as_millis() as u64),
+                output: OutputLimits::default(),
+            },
+            Vec::new(),
+        )
+        .await
+    }
+
+    /// Starts code in the warm interpreter of its language.
+    pub async fn start_run_code(&self, run: RunCode, code: impl Into<Vec<u8>>) -> Result<Call> {
+        let bound = op_bound(run.timeout_ms);
+        let response = self.request(Message::RunCode(run), code.into()).await?;
+        Ok(Call { response, bound })
+    }
+
+    /// Runs code in the warm interpreter of `language` with a timeout and
+    /// default output limits, and collects its output and images.
+    pub async fn run_code(
+        &self,
+        language: Language,
+        code: &str,
+        timeout: Duration,
+    ) -> Result<RunOutput> {
+        let run = RunCode {
+            language,
+            timeout_ms: Some(timeout.as_millis() as u64),
+            output: OutputLimits::default(),
+        };
+        self.start_run_code(run, code)
+            .await?
+            .finish_run(|_| {})
+            .await
+    }
+
+    /// Drops the state of one interpreter (or of all); they stay warm (bash
+    /// restarts its shell).
+    pub async fn reset(&self, language: Option<Language>) -> Result<()> {
+        let message = Message::ResetInterpreter(ResetInterpreter { language });
+        let frame = self
+            .call_with(message, Vec::new(), "reset", self.long_request_timeout)
+            .await?;
+        expect(frame, Kind::ResetInterpreter, |m| match m {
+            Message::Done => Some(()),
+            _ => None,
+        })
+        .map(|(v, _)| v)
+    }
+
+    /// Which interpreters are warm; with `wait`, first waits up to that long
+    /// for all of them to finish starting.
+    pub async fn warm_status(&self, wait: Option<Duration>) -> Result<WarmStatusReply> {
+        let wait_ms = wait.map(|w| w.as_millis() as u64);
+        let bound = self.request_timeout + wait.unwrap_or_default();
+        let frame = self
+            .call_with(
+                Message::WarmStatus(WarmStatus { wait_ms }),
+                Vec::new(),
+                "warm status",
+                bound,
+            )
+            .await?;
+        expect(frame, Kind::WarmStatus, |m| match m {
+            Message::WarmStatusReply(r) => Some(r),
+            _ => None,
+        })
+        .map(|(v, _)| v)
+    }
+
+    /// Makes a restored guest fresh: mixes `entropy` into its kernel RNG,
+    /// sets its clock, reseeds the interpreters' generators.
+    pub async fn refresh(
+        &self,
+        wall_clock_unix_ns: Option<u64>,
+        entropy: Vec<u8>,
+    ) -> Result<RefreshReply> {
+        let message = Message::Refresh(Refresh { wall_clock_unix_ns });
+        let frame = self
+            .call_with(message, entropy, "refresh", self.long_request_timeout)
+            .await?;
+        expect(frame, Kind::Refresh, |m| match m {
+            Message::RefreshReply(r) => Some(r),
+            _ => None,
+        })
+        .map(|(v, _)| v)
+    }
+
+    /// Changes limits on user code (absent fields stay); returns those in force.
+    pub async fn set_limits(&self, limits: SetLimits) -> Result<Limits> {
+        let frame = self
+            .call_with(
+                Message::SetLimits(limits),
+                Vec::new(),
+                "set limits",
+                self.long_request_timeout,
+            )
+            .await?;
+        expect(frame, Kind::SetLimits, |m| match m {
+            Message::Limits(l) => Some(l),
+            _ => None,
+        })
+        .map(|(v, _)| v)
+    }
+
+    /// The limits in force and current use.
+    pub async fn limits(&self) -> Result<Limits> {
+        self.set_limits(SetLimits::default()).await
+    }
+
+    /// Writes a file as the sandbox user (at most [`MAX_FILE_LEN`] bytes).
+    pub async fn write_file(&self, write: WriteFile, content: Vec<u8>) -> Result<FileStat> {
+        let frame = self
+            .call_with(
+                Message::WriteFile(write),
+                content,
+                "write file",
+                self.long_request_timeout,
+            )
+            .await?;
+        expect(frame, Kind::WriteFile, |m| match m {
+            Message::FileStat(s) => Some(s),
+            _ => None,
+        })
+        .map(|(v, _)| v)
+    }
+
+    /// Reads a byte range of a file (`length: None` reads to the end, up to
+    /// [`MAX_FILE_LEN`]).
+    pub async fn read_file_range(
+        &self,
+        path: &str,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<(FileData, Vec<u8>)> {
+        let message = Message::ReadFile(ReadFile {
+            path: path.to_string(),
+            offset,
+            length,
+        });
+        let frame = self
+            .call_with(message, Vec::new(), "read file", self.long_request_timeout)
+            .await?;
+        expect(frame, Kind::ReadFile, |m| match m {
+            Message::FileData(d) => Some(d),
+            _ => None,
+        })
+    }
+
+    /// Reads a whole file, in ranges if it is bigger than one frame, up to
+    /// `max_bytes`.
+    pub async fn read_file(&self, path: &str, max_bytes: u64) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let want = (max_bytes - out.len() as u64).min(MAX_FILE_LEN);
+            let (data, bytes) = self
+                .read_file_range(path, out.len() as u64, Some(want))
+                .await?;
+            out.extend_from_slice(&bytes);
+            if data.eof {
+                return Ok(out);
+            }
+            if out.len() as u64 >= max_bytes || bytes.is_empty() {
+                return Err(AgentError::Remote {
+                    code: ErrorCode::TooLarge,
+                    message: format!("{path} is {} bytes, more than {max_bytes}", data.size),
+                });
+            }
+        }
+    }
+
+    pub async fn list_files(&self, list: ListFiles) -> Result<FileList> {
+        let frame = self
+            .call_with(
+                Message::ListFiles(list),
+                Vec::new(),
+                "list files",
+                self.long_request_timeout,
+            )
+            .await?;
+        expect(frame, Kind::ListFiles, |m| match m {
+            Message::FileList(l) => Some(l),
+            _ => None,
+        })
+        .map(|(v, _)| v)
+    }
+
+    pub async fn remove_file(&self, path: &str, recursive: bool) -> Result<()> {
+        let message = Message::RemoveFile(RemoveFile {
+            path: path.to_string(),
+            recursive,
+        });
+        let frame = self
+            .call_with(
+                message,
+                Vec::new(),
+                "remove file",
+                self.long_request_timeout,
+            )
+            .await?;
+        expect(frame, Kind::RemoveFile, |m| match m {
+            Message::Done => Some(()),
+            _ => None,
+        })
+        .map(|(v, _)| v)
+    }
+
+    pub async fn stat_file(&self, path: &str) -> Result<FileStat> {
+        let message = Message::StatFile(StatFile {
+            path: path.to_string(),
+        });
+        let frame = self
+            .call_with(message, Vec::new(), "stat file", self.long_request_timeout)
+            .await?;
+        expect(frame, Kind::StatFile, |m| match m {
+            Message::FileStat(s) => Some(s),
+            _ => None,
+        })
+        .map(|(v, _)| v)
+    }
+}
+
+/// How long to wait for the result of an exec or run_code whose own timeout
+/// is `timeout_ms`.
+fn op_bound(timeout_ms: Option<u64>) -> Duration {
+    let own = Duration::from_millis(timeout_ms.unwrap_or(airlock_protocol::DEFAULT_TIMEOUT_MS));
+    own + RESULT_SLACK
+}
+
+/// The typed body of a final frame, or an error naming what came instead.
+fn expect<T>(
+    frame: Frame,
+    request: Kind,
+    pick: impl FnOnce(Message) -> Option<T>,
+) -> Result<(T, Vec<u8>)> {
+    let got = frame.message.kind();
+    match pick(frame.message) {
+        Some(v) => Ok((v, frame.payload)),
+        None => Err(AgentError::UnexpectedReply { request, got }),
+    }
+}
+
+/// A streamed event of an exec or run_code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Output { stream: Stream, bytes: Vec<u8> },
+    Image { image: Image, bytes: Vec<u8> },
+}
+
+/// An exec or run_code in flight. Dropping it before the end cancels it.
+pub struct Call {
+    response: Response,
+    bound: Duration,
+}
+
+/// What a finished call returned: its final message and collected events.
+struct Collected {
+    message: Message,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    images: Vec<(Image, Vec<u8>)>,
+}
+
+impl Call {
+    pub fn request_id(&self) -> u64 {
+        self.response.request_id()
+    }
+
+    /// Asks the agent to stop it (kill the command, interrupt the code); the
+    /// result still comes, with `cancelled` set.
+    pub async fn cancel(&self) -> Result<()> {
+        self.response.cancel().await
+    }
+
+    /// The next event, or `Ok(None)` once the final frame has arrived (it
+    /// is then returned by the `finish_*` methods).
+    async fn next_frame(&mut self) -> Result<Frame> {
+        match self.response.next().await? {
+            Some(frame) => Ok(frame),
+            None => Err(self.response.shared.closed_error()),
+        }
+    }
+
+    async fn collect(&mut self, mut on_event: impl FnMut(&Event)) -> Result<Collected> {
+        let bound = self.bound;
+        let collecting = async {
+            let mut out = Collected {
+                message: Message::Done,
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+                images: Vec::new(),
+            };
+            loop {
+                let frame = self.next_frame().await?;
+                match frame.message {
+                    Message::Output(o) => {
+                        let event = Event::Output {
+                            stream: o.stream,
+                            bytes: frame.payload,
+                        };
+                        on_event(&event);
+                        if let Event::Output { stream, bytes } = event {
+                            match stream {
+                                Stream::Stdout => out.stdout.extend_from_slice(&bytes),
+                                Stream::Stderr => out.stderr.extend_from_slice(&bytes),
+                            }
+                        }
+                    }
+                    Message::Image(image) => {
+                        let event = Event::Image {
+                            image,
+                            bytes: frame.payload,
+                        };
+                        on_event(&event);
+                        if let Event::Image { image, bytes } = event {
+                            out.images.push((image, bytes));
+                        }
+                    }
+                    message => {
+                        into_result(Frame::new(frame.request_id, message.clone()))?;
+                        out.message = message;
+                        return Ok(out);
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(bound, collecting)
+            .await
+            .map_err(|_| AgentError::Timeout {
+                what: "the result of a call",
+                after: bound,
+            })?
+    }
+
+    /// Waits for the result of an exec, passing each event to `on_event`.
+    pub async fn finish_exec(mut self, on_event: impl FnMut(&Event)) -> Result<ExecOutput> {
+        let c = self.collect(on_event).await?;
+        match c.message {
+            Message::ExecResult(result) => Ok(ExecOutput {
+                result,
+                stdout: c.stdout,
+                stderr: c.stderr,
+            }),
+            other => Err(AgentError::UnexpectedReply {
+                request: Kind::Exec,
+                got: other.kind(),
+            }),
+        }
+    }
+
+    /// Waits for the result of a run_code, passing each event to `on_event`.
+    pub async fn finish_run(mut self, on_event: impl FnMut(&Event)) -> Result<RunOutput> {
+        let c = self.collect(on_event).await?;
+        match c.message {
+            Message::RunCodeResult(result) => Ok(RunOutput {
+                result,
+                stdout: c.stdout,
+                stderr: c.stderr,
+                images: c.images,
+            }),
+            other => Err(AgentError::UnexpectedReply {
+                request: Kind::RunCode,
+                got: other.kind(),
+            }),
+        }
+    }
+}
+
+/// The outcome of an exec: its result and the output kept (see the
+/// result's stream stats for what was cut).
+#[derive(Debug, Clone)]
+pub struct ExecOutput {
+    pub result: ExecResult,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl ExecOutput {
+    /// Exited with status 0 (not killed, not timed out).
+    pub fn success(&self) -> bool {
+        self.result.exit_code == Some(0) && !self.result.timed_out && !self.result.cancelled
+    }
+
+    pub fn stdout_text(&self) -> OutputText {
+        OutputText::decode(&self.stdout, &self.result.stdout)
+    }
+
+    pub fn stderr_text(&self) -> OutputText {
+        OutputText::decode(&self.stderr, &self.result.stderr)
+    }
+}
+
+/// The outcome of a run_code: its result, output kept and images.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    pub result: RunCodeResult,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub images: Vec<(Image, Vec<u8>)>,
+}
+
+impl RunOutput {
+    /// Ran to the end without an exception, timeout or lost state.
+    pub fn success(&self) -> bool {
+        let p = &self.result.process;
+        p.exit_code == Some(0)
+            && self.result.error.is_none()
+            && !p.timed_out
+            && !p.cancelled
+            && !self.result.state_lost
+    }
+
+    pub fn stdout_text(&self) -> OutputText {
+        OutputText::decode(&self.stdout, &self.result.process.stdout)
+    }
+
+    pub fn stderr_text(&self) -> OutputText {
+        OutputText::decode(&self.stderr, &self.result.process.stderr)
+    }
+}
+
+/// Output decoded for display: invalid UTF-8 replaced (and said so), and a
+/// marker where the agent cut it, with the total size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputText {
+    pub text: String,
+    /// Some bytes were not UTF-8 and show as U+FFFD.
+    pub lossy: bool,
+    pub truncated: bool,
+    pub total_bytes: u64,
+}
+
+impl OutputText {
+    pub fn decode(bytes: &[u8], stats: &StreamStats) -> OutputText {
+        let truncated = stats.truncated();
+        // A cut can split a character: do not report that as invalid.
+        let bytes = if truncated {
+            trim_partial_char(bytes)
+        } else {
+            bytes
+        };
+        let decoded = String::from_utf8_lossy(bytes);
+        let lossy = matches!(decoded, std::borrow::Cow::Owned(_));
+        let mut text = decoded.into_owned();
+        if truncated {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&format!(
+                "[output truncated: showing the first {} of {} bytes]\n",
+                stats.kept_bytes, stats.total_bytes
+            ));
+        }
+        if lossy {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(
+                "[the output was not valid UTF-8; invalid bytes are shown as \u{FFFD}]\n",
+            );
+        }
+        OutputText {
+            text,
+            lossy,
+            truncated,
+            total_bytes: stats.total_bytes.max(bytes.len() as u64),
+        }
+    }
+}
+
+/// Drops an incomplete UTF-8 sequence at the end of `bytes`.
+fn trim_partial_char(bytes: &[u8]) -> &[u8] {
+    // A character is at most 4 bytes: look at the last 3 for a lead byte
+    // whose sequence does not fit.
+    for back in 1..=3.min(bytes.len()) {
+        let b = bytes[bytes.len() - back];
+        if b & 0xC0 == 0x80 {
+            continue; // continuation byte
+        }
+        let need = match b {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => 1,
+        };
+        if need > back {
+            return &bytes[..bytes.len() - back];
+        }
+        break;
+    }
+    bytes
 }
 
 /// Reads the VMM's answer to `CONNECT`, at most [`MAX_CONNECT_LINE`] bytes,
@@ -807,6 +1424,12 @@ mod tests {
         let (_dir, path, _peer) = fake_vmm(b"OK 5\n", |mut peer: Peer| async move {
             peer.accept_hello().await;
             let first = peer.recv().await.unwrap().request_id;
+            // The client gave up on the first: it says so with a Cancel.
+            let cancel = peer.recv().await.unwrap();
+            assert_eq!(
+                (cancel.request_id, cancel.message),
+                (first, Message::Cancel)
+            );
             let second = peer.recv().await.unwrap().request_id;
             // Answer both, late: the first one's answer finds nobody waiting.
             for id in [first, second] {

@@ -7,6 +7,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::path::Path;
 
 use crate::log::log;
 
@@ -29,8 +30,19 @@ enum Need {
     Optional,
 }
 
+/// Shares of guest RAM for the writable file systems (tmpfs pages are RAM).
+/// /tmp and the home each get a quarter, /dev/shm an eighth: filling them
+/// ends in ENOSPC for user code well before the memory limit.
+const TMP_DIVISOR: u64 = 4;
+const HOME_DIVISOR: u64 = 4;
+const SHM_DIVISOR: u64 = 8;
+
 pub fn setup() {
     use Need::*;
+    // The OOM killer must pick user code, never init.
+    if let Err(e) = crate::sys::write_small(Path::new("/proc/self/oom_score_adj"), b"-1000") {
+        log!("oom_score_adj: {e}");
+    }
     mount(
         "proc",
         "/proc",
@@ -57,6 +69,8 @@ pub fn setup() {
         Required,
     );
     ensure_console();
+    let ram = crate::sys::total_memory().unwrap_or(512 << 20);
+    let size = |divisor: u64| format!("size={}", ram / divisor);
     // /dev is a writable devtmpfs, so its subdirectories can be made here.
     if mkdir("/dev/pts", 0o755) {
         // gid 5 is Debian's tty group.
@@ -77,7 +91,7 @@ pub fn setup() {
             "/dev/shm",
             "tmpfs",
             NOSUID | NODEV,
-            "mode=1777",
+            &format!("mode=1777,{}", size(SHM_DIVISOR)),
             Optional,
         );
     }
@@ -94,7 +108,7 @@ pub fn setup() {
         "/tmp",
         "tmpfs",
         NOSUID | NODEV,
-        "mode=1777",
+        &format!("mode=1777,{}", size(TMP_DIVISOR)),
         Required,
     );
     mount(
@@ -105,7 +119,10 @@ pub fn setup() {
         "mode=0755",
         Required,
     );
-    let home_opts = format!("mode=0755,uid={SANDBOX_UID},gid={SANDBOX_GID}");
+    let home_opts = format!(
+        "mode=0755,uid={SANDBOX_UID},gid={SANDBOX_GID},{}",
+        size(HOME_DIVISOR)
+    );
     mount(
         "tmpfs",
         SANDBOX_HOME,
@@ -114,7 +131,7 @@ pub fn setup() {
         &home_opts,
         Required,
     );
-    // For memory and CPU limits on user code (later); absent without CGROUPS.
+    // For the limits on user code (see cgroup.rs); absent without CGROUPS.
     let cgroup_flags = NOSUID | NODEV | NOEXEC;
     mount(
         "cgroup2",
@@ -137,6 +154,23 @@ pub fn setup() {
         std::env::set_var("HOME", SANDBOX_HOME);
         std::env::set_var("LANG", "C.UTF-8");
     }
+}
+
+/// Changes the size limit of a tmpfs mounted by [`setup`].
+pub fn resize_tmpfs(target: &Path, bytes: u64) -> io::Result<()> {
+    let tgt = crate::sys::cstring(target)?;
+    let data = cstr(&format!("size={bytes}"));
+    // SAFETY: valid NUL-terminated strings; a remount takes no source or type.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            tgt.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | NOSUID | NODEV,
+            data.as_ptr().cast(),
+        )
+    };
+    crate::sys::cvt(rc).map(drop)
 }
 
 fn cstr(s: &str) -> CString {

@@ -1,9 +1,9 @@
 //! Zombie reaping for PID 1, without signals or polling.
 //!
-//! One thread blocks in `waitpid(-1)` while the agent has any child (orphans
-//! reparented to PID 1 included), and on a condition variable while it has
-//! none. Each exit therefore costs one `waitpid` return and nothing else; an
-//! idle agent costs nothing. A SIGCHLD handler would add a signal delivery
+//! One thread blocks in `waitid(P_ALL)` while the agent has any child
+//! (orphans reparented to PID 1 included), and on a condition variable while
+//! it has none. Each exit therefore costs one `waitid` return and one `waitpid`,
+//! nothing else; an idle agent costs nothing. A SIGCHLD handler would add a signal delivery
 //! and a self-pipe round trip per exit.
 //!
 //! Because this thread reaps every child, nothing else in the agent may wait
@@ -70,10 +70,6 @@ impl Reaper {
     ///
     /// `spawn` runs under the reaper's lock, so the child cannot be reaped
     /// before its waiter is registered.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "used by exec in the next protocol step")
-    )]
     pub fn spawn<T>(
         &self,
         spawn: impl FnOnce() -> io::Result<(T, u32)>,
@@ -92,13 +88,24 @@ impl Reaper {
 fn reap_forever(shared: &Shared) {
     loop {
         let seen = shared.lock().generation;
-        let mut status = 0;
-        // SAFETY: plain system call with a valid out-pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid > 0 {
-            // Unregistered pids are orphans: reaping them is all they need.
-            if let Some(tx) = shared.lock().waiters.remove(&pid) {
-                let _ = tx.send(ExitStatus::from_raw(status));
+        // Wait for a child to be waitable without reaping it yet: while a
+        // spawn is in progress (it holds the lock), std may itself wait for
+        // a child whose exec failed, and must find it there.
+        // SAFETY: waitid fills a zeroed plain-data struct.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if rc == 0 {
+            // SAFETY: waitid succeeded with WEXITED: si_pid is set.
+            let pid = unsafe { info.si_pid() };
+            let mut state = shared.lock();
+            let mut status = 0;
+            // SAFETY: plain system call with a valid out-pointer. ECHILD or
+            // 0 here means a spawner reaped it (a failed exec): nothing to do.
+            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                // Unregistered pids are orphans: reaping them is all they need.
+                if let Some(tx) = state.waiters.remove(&pid) {
+                    let _ = tx.send(ExitStatus::from_raw(status));
+                }
             }
             continue;
         }
@@ -120,7 +127,7 @@ fn reap_forever(shared: &Shared) {
             }
             _ => {
                 // Cannot happen with these arguments; do not spin if it does.
-                log!("waitpid: {}", io::Error::last_os_error());
+                log!("waitid: {}", io::Error::last_os_error());
                 std::thread::sleep(std::time::Duration::from_secs(1));
             }
         }
@@ -165,6 +172,18 @@ mod tests {
             let orphaner = start("sleep 0.2 & echo $! > /dev/null; exit 0");
             let exit3 = start("exit 3");
             let killed = start("kill -9 $$");
+            // An exec that fails: std waits for that child itself, which
+            // must not race with the reaper.
+            for _ in 0..20 {
+                let err = reaper
+                    .spawn(|| {
+                        let child = Command::new("/no/such/program").spawn()?;
+                        let pid = child.id();
+                        Ok((child, pid))
+                    })
+                    .expect_err("no such program");
+                assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+            }
             let ok = start("true");
             let timeout = Duration::from_secs(10);
             let get = |rx| tokio::time::timeout(timeout, rx);

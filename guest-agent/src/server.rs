@@ -2,25 +2,29 @@
 //!
 //! Each connection gets a reader loop (this task) and a writer task fed by a
 //! bounded queue of encoded frames; the writer sends everything queued in one
-//! write. Request handlers that stream output (next protocol step) push into
-//! the same queue, so requests can run concurrently on one connection.
+//! write. Operations (exec, run_code, files, ...) run as tasks of their own
+//! that push their events and final frame into the same queue, so requests
+//! run concurrently on one connection. A Cancel frame, or the connection
+//! closing, signals a running request to stop.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use airlock_protocol::{
-    ErrorCode, Frame, FrameError, FrameReader, HelloOk, Message, PROTOCOL_VERSION, Pong,
-    READY_MARKER,
+    ErrorCode, FrameError, FrameReader, HelloOk, Message, PROTOCOL_VERSION, Pong, READY_MARKER,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
 
 use crate::VERSION;
 use crate::conn::Conn;
 use crate::log::{self, log};
+use crate::ops::Ops;
+use crate::request::{Cancel, Outbox, Reply};
 
 /// Encoded frames queued per connection before producers wait for the writer.
 const OUTBOX_FRAMES: usize = 64;
@@ -34,6 +38,8 @@ pub struct Agent {
     started: Instant,
     /// Called after ShutdownOk went out; in the guest it reboots the VM.
     on_shutdown: Box<dyn Fn() + Send + Sync>,
+    /// The operations; `None` answers them Unsupported (protocol tests).
+    ops: Option<Arc<Ops>>,
 }
 
 impl Agent {
@@ -41,7 +47,13 @@ impl Agent {
         Agent {
             started: Instant::now(),
             on_shutdown,
+            ops: None,
         }
+    }
+
+    pub fn with_ops(mut self, ops: Arc<Ops>) -> Agent {
+        self.ops = Some(ops);
+        self
     }
 
     fn pong(&self) -> Pong {
@@ -108,7 +120,11 @@ where
     let (tx, rx) = mpsc::channel(OUTBOX_FRAMES);
     let writer = tokio::spawn(write_loop(writer, rx));
     let outbox = Outbox(tx);
-    let end = read_loop(&agent, FrameReader::new(reader), &outbox).await;
+    let running = Running::default();
+    let end = read_loop(&agent, FrameReader::new(reader), &outbox, &running).await;
+    // Requests still running are cancelled (their senders drop); they
+    // finish on their own and their last frames go nowhere.
+    running.cancel_all();
     // Let the last frames (an error, ShutdownOk) go out before acting on it.
     drop(outbox);
     let _ = writer.await;
@@ -126,10 +142,53 @@ enum End {
     Shutdown,
 }
 
+/// The requests running on one connection, by id, with their cancel signal.
+#[derive(Clone, Default)]
+struct Running(Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>);
+
+impl Running {
+    /// Registers `id`; false if a request with that id is still running.
+    fn insert(&self, id: u64) -> Option<oneshot::Receiver<()>> {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.contains_key(&id) {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        map.insert(id, tx);
+        Some(rx)
+    }
+
+    fn finish(&self, id: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    fn cancel(&self, id: u64) {
+        let tx = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+        if let Some(tx) = tx {
+            let _ = tx.send(());
+        }
+    }
+
+    fn cancel_all(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
 async fn read_loop<R: AsyncRead + Unpin>(
-    agent: &Agent,
+    agent: &Arc<Agent>,
     mut frames: FrameReader<R>,
     out: &Outbox,
+    running: &Running,
 ) -> End {
     let mut greeted = false;
     loop {
@@ -192,16 +251,83 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 out.send(id, Message::ShutdownOk).await;
                 return End::Shutdown;
             }
-            // Nothing is cancellable yet; cancelling a finished or unknown
-            // request is a no-op by design (it races with completion).
-            Message::Cancel => continue,
+            // Cancelling a finished or unknown request is a no-op by design
+            // (it races with completion).
+            Message::Cancel => {
+                running.cancel(id);
+                continue;
+            }
             // Never answer an error with an error.
             Message::Error(_) => continue,
             Message::Hello(_) => Message::error(ErrorCode::Protocol, "duplicate Hello"),
+            message @ (Message::Exec(_)
+            | Message::RunCode(_)
+            | Message::ResetInterpreter(_)
+            | Message::WarmStatus(_)
+            | Message::Refresh(_)
+            | Message::SetLimits(_)
+            | Message::WriteFile(_)
+            | Message::ReadFile(_)
+            | Message::ListFiles(_)
+            | Message::RemoveFile(_)
+            | Message::StatFile(_)) => {
+                let Some(ops) = agent.ops.clone() else {
+                    let msg = format!("{:?} is not available here", message.kind());
+                    if !out
+                        .send(id, Message::error(ErrorCode::Unsupported, msg))
+                        .await
+                    {
+                        return End::Closed;
+                    }
+                    continue;
+                };
+                let Some(cancel) = running.insert(id) else {
+                    let msg = format!("request id {id} is already in use by a running request");
+                    if !out
+                        .send(id, Message::error(ErrorCode::BadRequest, msg))
+                        .await
+                    {
+                        return End::Closed;
+                    }
+                    continue;
+                };
+                let reply = Reply {
+                    id,
+                    out: out.clone(),
+                };
+                let running = running.clone();
+                let payload = frame.payload;
+                tokio::spawn(async move {
+                    // In a task of its own, so that a panic still gets an answer.
+                    let worker = reply.clone();
+                    let work = tokio::spawn(async move {
+                        ops.handle(message, payload, &worker, Cancel::new(cancel))
+                            .await
+                    });
+                    let (message, payload) = work.await.unwrap_or_else(|e| {
+                        log!("request {id} failed: {e}");
+                        let msg = "the agent failed while handling this request";
+                        (Message::error(ErrorCode::Internal, msg), Vec::new())
+                    });
+                    running.finish(id);
+                    reply.event(message, payload).await;
+                });
+                continue;
+            }
             other @ (Message::HelloOk(_)
             | Message::Pong(_)
             | Message::ShutdownOk
-            | Message::Output(_)) => {
+            | Message::Done
+            | Message::Output(_)
+            | Message::Image(_)
+            | Message::ExecResult(_)
+            | Message::RunCodeResult(_)
+            | Message::WarmStatusReply(_)
+            | Message::RefreshReply(_)
+            | Message::Limits(_)
+            | Message::FileData(_)
+            | Message::FileList(_)
+            | Message::FileStat(_)) => {
                 let msg = format!("{:?} is not a request", other.kind());
                 Message::error(ErrorCode::Protocol, msg)
             }
@@ -209,28 +335,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if !out.send(id, reply).await {
             return End::Closed;
         }
-    }
-}
-
-/// The queue to the connection's writer task.
-struct Outbox(mpsc::Sender<Vec<u8>>);
-
-impl Outbox {
-    /// Queues a frame; false once the writer has gone (connection broken).
-    async fn send(&self, request_id: u64, message: Message) -> bool {
-        let frame = Frame::new(request_id, message);
-        let bytes = match frame.encode() {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                log!("cannot encode {:?}: {e}", frame.message.kind());
-                let fallback = Message::error(ErrorCode::Internal, "reply too large to encode");
-                match Frame::new(request_id, fallback).encode() {
-                    Ok(bytes) => bytes,
-                    Err(_) => return false,
-                }
-            }
-        };
-        self.0.send(bytes).await.is_ok()
     }
 }
 

@@ -26,7 +26,13 @@
 //!   Several requests may be in flight on one connection.
 //! - [`Message::Cancel`] is sent with the id of the request to cancel; it has
 //!   no reply of its own: the cancelled request still ends with its final
-//!   frame (an [`ErrorCode::Cancelled`] error if it was cut short).
+//!   frame. For [`Message::Exec`] and [`Message::RunCode`] that is their
+//!   result with `cancelled` set (the process tree is killed, the interpreter
+//!   interrupted); a request still queued, or any other request, ends with an
+//!   [`ErrorCode::Cancelled`] error if it was cut short. Closing the
+//!   connection cancels every request still running on it.
+//! - The operations themselves (exec, run_code, files, limits, freshness) are
+//!   described with their messages in [`ops`].
 //! - The client opens with [`Message::Hello`]; the agent answers
 //!   [`Message::HelloOk`], or an [`ErrorCode::VersionMismatch`] error and closes.
 
@@ -36,8 +42,10 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "tokio")]
 mod io;
+pub mod ops;
 #[cfg(feature = "tokio")]
 pub use io::{FrameReader, read_frame, write_frame};
+pub use ops::*;
 
 /// Protocol version. Bump on any incompatible change to the framing or messages.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -71,26 +79,68 @@ pub enum Kind {
     HelloOk = 0x02,
     Error = 0x03,
     Cancel = 0x04,
+    Done = 0x05,
     Ping = 0x10,
     Pong = 0x11,
     Shutdown = 0x12,
     ShutdownOk = 0x13,
-    // 0x20..: process execution (exec, run_code) and its events.
+    // 0x20..: process execution (exec, run_code), its events and the sandbox.
+    Exec = 0x20,
     Output = 0x21,
+    Image = 0x22,
+    ExecResult = 0x23,
+    RunCode = 0x24,
+    RunCodeResult = 0x25,
+    ResetInterpreter = 0x26,
+    WarmStatus = 0x27,
+    WarmStatusReply = 0x28,
+    Refresh = 0x29,
+    RefreshReply = 0x2A,
+    SetLimits = 0x2B,
+    Limits = 0x2C,
     // 0x40..: file operations.
+    WriteFile = 0x40,
+    ReadFile = 0x41,
+    FileData = 0x42,
+    ListFiles = 0x43,
+    FileList = 0x44,
+    RemoveFile = 0x45,
+    StatFile = 0x46,
+    FileStat = 0x47,
 }
 
 impl Kind {
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 30] = [
         Kind::Hello,
         Kind::HelloOk,
         Kind::Error,
         Kind::Cancel,
+        Kind::Done,
         Kind::Ping,
         Kind::Pong,
         Kind::Shutdown,
         Kind::ShutdownOk,
+        Kind::Exec,
         Kind::Output,
+        Kind::Image,
+        Kind::ExecResult,
+        Kind::RunCode,
+        Kind::RunCodeResult,
+        Kind::ResetInterpreter,
+        Kind::WarmStatus,
+        Kind::WarmStatusReply,
+        Kind::Refresh,
+        Kind::RefreshReply,
+        Kind::SetLimits,
+        Kind::Limits,
+        Kind::WriteFile,
+        Kind::ReadFile,
+        Kind::FileData,
+        Kind::ListFiles,
+        Kind::FileList,
+        Kind::RemoveFile,
+        Kind::StatFile,
+        Kind::FileStat,
     ];
 
     pub fn from_u8(byte: u8) -> Option<Kind> {
@@ -144,6 +194,20 @@ pub enum ErrorCode {
     Cancelled,
     /// The receiver failed for reasons of its own.
     Internal,
+    /// No such file or directory (or command).
+    NotFound,
+    /// The sandbox user may not do that.
+    PermissionDenied,
+    /// The path exists already (e.g. a directory where a file should go).
+    AlreadyExists,
+    /// Bigger than a limit (file, code, stdin, output limit).
+    TooLarge,
+    /// The file system is full.
+    NoSpace,
+    /// The interpreter is not warm yet, or could not start.
+    NotReady,
+    /// Another I/O error; the message says which.
+    Io,
     /// A code from a newer peer.
     #[serde(other)]
     Unknown,
@@ -171,13 +235,74 @@ pub enum Message {
     Error(ErrorBody),
     /// Cancel the request whose id the frame carries.
     Cancel,
+    /// Agent → client: the request succeeded and has nothing to return.
+    Done,
     Ping,
     Pong(Pong),
     /// Sync and reboot the guest; the VMM treats a guest reboot as a clean exit.
     Shutdown,
     /// Sent before the agent reboots; the connection may also just close.
     ShutdownOk,
+    Exec(Exec),
     Output(Output),
+    Image(Image),
+    ExecResult(ExecResult),
+    RunCode(RunCode),
+    RunCodeResult(RunCodeResult),
+    ResetInterpreter(ResetInterpreter),
+    WarmStatus(WarmStatus),
+    WarmStatusReply(WarmStatusReply),
+    Refresh(Refresh),
+    RefreshReply(RefreshReply),
+    SetLimits(SetLimits),
+    Limits(Limits),
+    WriteFile(WriteFile),
+    ReadFile(ReadFile),
+    FileData(FileData),
+    ListFiles(ListFiles),
+    FileList(FileList),
+    RemoveFile(RemoveFile),
+    StatFile(StatFile),
+    FileStat(FileStat),
+}
+
+/// Calls `$body` with the header struct of every message that has one, and
+/// `$unit` for the field-less ones.
+macro_rules! with_header {
+    ($msg:expr, $h:ident => $body:expr, $unit:expr) => {
+        match $msg {
+            Message::Hello($h) => $body,
+            Message::HelloOk($h) => $body,
+            Message::Error($h) => $body,
+            Message::Pong($h) => $body,
+            Message::Exec($h) => $body,
+            Message::Output($h) => $body,
+            Message::Image($h) => $body,
+            Message::ExecResult($h) => $body,
+            Message::RunCode($h) => $body,
+            Message::RunCodeResult($h) => $body,
+            Message::ResetInterpreter($h) => $body,
+            Message::WarmStatus($h) => $body,
+            Message::WarmStatusReply($h) => $body,
+            Message::Refresh($h) => $body,
+            Message::RefreshReply($h) => $body,
+            Message::SetLimits($h) => $body,
+            Message::Limits($h) => $body,
+            Message::WriteFile($h) => $body,
+            Message::ReadFile($h) => $body,
+            Message::FileData($h) => $body,
+            Message::ListFiles($h) => $body,
+            Message::FileList($h) => $body,
+            Message::RemoveFile($h) => $body,
+            Message::StatFile($h) => $body,
+            Message::FileStat($h) => $body,
+            Message::Cancel
+            | Message::Done
+            | Message::Ping
+            | Message::Shutdown
+            | Message::ShutdownOk => $unit,
+        }
+    };
 }
 
 impl Message {
@@ -187,18 +312,39 @@ impl Message {
             Message::HelloOk(_) => Kind::HelloOk,
             Message::Error(_) => Kind::Error,
             Message::Cancel => Kind::Cancel,
+            Message::Done => Kind::Done,
             Message::Ping => Kind::Ping,
             Message::Pong(_) => Kind::Pong,
             Message::Shutdown => Kind::Shutdown,
             Message::ShutdownOk => Kind::ShutdownOk,
+            Message::Exec(_) => Kind::Exec,
             Message::Output(_) => Kind::Output,
+            Message::Image(_) => Kind::Image,
+            Message::ExecResult(_) => Kind::ExecResult,
+            Message::RunCode(_) => Kind::RunCode,
+            Message::RunCodeResult(_) => Kind::RunCodeResult,
+            Message::ResetInterpreter(_) => Kind::ResetInterpreter,
+            Message::WarmStatus(_) => Kind::WarmStatus,
+            Message::WarmStatusReply(_) => Kind::WarmStatusReply,
+            Message::Refresh(_) => Kind::Refresh,
+            Message::RefreshReply(_) => Kind::RefreshReply,
+            Message::SetLimits(_) => Kind::SetLimits,
+            Message::Limits(_) => Kind::Limits,
+            Message::WriteFile(_) => Kind::WriteFile,
+            Message::ReadFile(_) => Kind::ReadFile,
+            Message::FileData(_) => Kind::FileData,
+            Message::ListFiles(_) => Kind::ListFiles,
+            Message::FileList(_) => Kind::FileList,
+            Message::RemoveFile(_) => Kind::RemoveFile,
+            Message::StatFile(_) => Kind::StatFile,
+            Message::FileStat(_) => Kind::FileStat,
         }
     }
 
     /// Whether this agent → client message ends its request. Streamed events
     /// return false; the request stays open until a final frame arrives.
     pub fn is_final(&self) -> bool {
-        !matches!(self, Message::Output(_))
+        !matches!(self, Message::Output(_) | Message::Image(_))
     }
 
     /// A convenience for building [`Message::Error`].
@@ -210,15 +356,8 @@ impl Message {
     }
 
     fn write_header(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-        match self {
-            Message::Hello(h) => serde_json::to_writer(out, h),
-            Message::HelloOk(h) => serde_json::to_writer(out, h),
-            Message::Error(h) => serde_json::to_writer(out, h),
-            Message::Pong(h) => serde_json::to_writer(out, h),
-            Message::Output(h) => serde_json::to_writer(out, h),
-            // No fields: an empty header.
-            Message::Cancel | Message::Ping | Message::Shutdown | Message::ShutdownOk => Ok(()),
-        }
+        // Messages without fields: an empty header.
+        with_header!(self, h => serde_json::to_writer(out, h), Ok(()))
     }
 
     fn parse(kind: Kind, header: &[u8]) -> serde_json::Result<Message> {
@@ -238,8 +377,29 @@ impl Message {
             Kind::HelloOk => Message::HelloOk(json(header)?),
             Kind::Error => Message::Error(json(header)?),
             Kind::Pong => Message::Pong(json(header)?),
+            Kind::Exec => Message::Exec(json(header)?),
             Kind::Output => Message::Output(json(header)?),
+            Kind::Image => Message::Image(json(header)?),
+            Kind::ExecResult => Message::ExecResult(json(header)?),
+            Kind::RunCode => Message::RunCode(json(header)?),
+            Kind::RunCodeResult => Message::RunCodeResult(json(header)?),
+            Kind::ResetInterpreter => Message::ResetInterpreter(json(header)?),
+            Kind::WarmStatus => Message::WarmStatus(json(header)?),
+            Kind::WarmStatusReply => Message::WarmStatusReply(json(header)?),
+            Kind::Refresh => Message::Refresh(json(header)?),
+            Kind::RefreshReply => Message::RefreshReply(json(header)?),
+            Kind::SetLimits => Message::SetLimits(json(header)?),
+            Kind::Limits => Message::Limits(json(header)?),
+            Kind::WriteFile => Message::WriteFile(json(header)?),
+            Kind::ReadFile => Message::ReadFile(json(header)?),
+            Kind::FileData => Message::FileData(json(header)?),
+            Kind::ListFiles => Message::ListFiles(json(header)?),
+            Kind::FileList => Message::FileList(json(header)?),
+            Kind::RemoveFile => Message::RemoveFile(json(header)?),
+            Kind::StatFile => Message::StatFile(json(header)?),
+            Kind::FileStat => Message::FileStat(json(header)?),
             Kind::Cancel => unit(header, Message::Cancel)?,
+            Kind::Done => unit(header, Message::Done)?,
             Kind::Ping => unit(header, Message::Ping)?,
             Kind::Shutdown => unit(header, Message::Shutdown)?,
             Kind::ShutdownOk => unit(header, Message::ShutdownOk)?,

@@ -39,6 +39,220 @@ fn samples() -> Vec<Frame> {
         )
         .with_payload(b"hello\n".to_vec()),
     ]
+    .into_iter()
+    .chain(operation_samples())
+    .collect()
+}
+
+/// One frame of every operation message, with fields set off their defaults.
+fn operation_samples() -> Vec<Frame> {
+    let stat = FileStat {
+        path: "/home/sandbox/a b/\u{e9}.txt".into(),
+        kind: FileKind::Symlink,
+        size: u64::MAX,
+        mode: 0o4755,
+        mtime_ms: -1,
+        uid: 1000,
+        gid: 1000,
+        link_target: Some("../x".into()),
+    };
+    let process = ExecResult {
+        exit_code: Some(-1),
+        signal: Some(9),
+        duration_ms: 1234,
+        timed_out: true,
+        cancelled: true,
+        oom_killed: true,
+        stdout: StreamStats {
+            total_bytes: 1 << 40,
+            kept_bytes: 65536,
+        },
+        stderr: StreamStats::default(),
+    };
+    vec![
+        Frame::new(20, Message::Done),
+        Frame::new(
+            21,
+            Message::Exec(Exec {
+                command: Command::Argv(vec!["ls".into(), "-l".into(), "\u{0}".into()]),
+                cwd: Some("/tmp".into()),
+                env: vec![("A".into(), "1".into()), ("A".into(), "2".into())],
+                timeout_ms: Some(5),
+                output: OutputLimits {
+                    stdout_max: Some(1),
+                    stderr_max: None,
+                },
+            }),
+        )
+        .with_payload(b"stdin \xff".to_vec()),
+        Frame::new(
+            22,
+            Message::Exec(Exec {
+                command: Command::Shell("echo \"$HOME\" | wc -c".into()),
+                cwd: None,
+                env: Vec::new(),
+                timeout_ms: None,
+                output: OutputLimits::default(),
+            }),
+        ),
+        Frame::new(
+            23,
+            Message::Image(Image {
+                format: ImageFormat::Png,
+                width: Some(640),
+                height: None,
+            }),
+        )
+        .with_payload(b"\x89PNG\r\n\x1a\n".to_vec()),
+        Frame::new(24, Message::ExecResult(process.clone())),
+        Frame::new(
+            25,
+            Message::RunCode(RunCode {
+                language: Language::Javascript,
+                timeout_ms: Some(2000),
+                output: OutputLimits {
+                    stdout_max: None,
+                    stderr_max: Some(0),
+                },
+            }),
+        )
+        .with_payload(b"1 + 1".to_vec()),
+        Frame::new(
+            26,
+            Message::RunCodeResult(RunCodeResult {
+                process,
+                error: Some(CodeError {
+                    name: "ZeroDivisionError".into(),
+                    value: "division by zero".into(),
+                    traceback: "Traceback ...\n".into(),
+                }),
+                state_lost: true,
+                images: 2,
+                images_dropped: 1,
+            }),
+        ),
+        Frame::new(27, Message::RunCodeResult(RunCodeResult::default())),
+        Frame::new(
+            28,
+            Message::ResetInterpreter(ResetInterpreter {
+                language: Some(Language::Bash),
+            }),
+        ),
+        Frame::new(29, Message::ResetInterpreter(ResetInterpreter::default())),
+        Frame::new(30, Message::WarmStatus(WarmStatus { wait_ms: Some(1) })),
+        Frame::new(
+            31,
+            Message::WarmStatusReply(WarmStatusReply {
+                interpreters: vec![
+                    InterpreterStatus {
+                        language: Language::Python,
+                        state: InterpreterState::Warm,
+                        warm_after_ms: Some(12_000),
+                        detail: None,
+                        starts: 1,
+                    },
+                    InterpreterStatus {
+                        language: Language::Bash,
+                        state: InterpreterState::Failed,
+                        warm_after_ms: None,
+                        detail: Some("no bash".into()),
+                        starts: 3,
+                    },
+                ],
+            }),
+        ),
+        Frame::new(
+            32,
+            Message::Refresh(Refresh {
+                wall_clock_unix_ns: Some(1_700_000_000_000_000_000),
+            }),
+        )
+        .with_payload(vec![7; 64]),
+        Frame::new(
+            33,
+            Message::RefreshReply(RefreshReply {
+                entropy_bytes: 64,
+                crng_reseeded: true,
+                clock_set: true,
+                reseeded: vec![Language::Python, Language::Javascript],
+                warnings: vec!["w".into()],
+            }),
+        ),
+        Frame::new(
+            34,
+            Message::SetLimits(SetLimits {
+                memory_max_bytes: Some(1 << 30),
+                pids_max: None,
+                tmp_size_bytes: Some(0),
+                home_size_bytes: None,
+            }),
+        ),
+        Frame::new(
+            35,
+            Message::Limits(Limits {
+                cgroups: true,
+                memory_max_bytes: Some(1),
+                memory_current_bytes: None,
+                pids_max: Some(2),
+                pids_current: Some(3),
+                tmp_size_bytes: Some(4),
+                home_size_bytes: Some(5),
+                guest_memory_bytes: Some(6),
+            }),
+        ),
+        Frame::new(
+            36,
+            Message::WriteFile(WriteFile {
+                path: "/home/sandbox/x".into(),
+                mode: Some(0o600),
+                create_parents: true,
+                append: true,
+            }),
+        )
+        .with_payload((0..=255).collect()),
+        Frame::new(
+            37,
+            Message::ReadFile(ReadFile {
+                path: "/x".into(),
+                offset: 10,
+                length: Some(20),
+            }),
+        ),
+        Frame::new(
+            38,
+            Message::FileData(FileData {
+                size: 30,
+                offset: 10,
+                eof: true,
+            }),
+        )
+        .with_payload(vec![0; 20]),
+        Frame::new(
+            39,
+            Message::ListFiles(ListFiles {
+                path: "/".into(),
+                recursive: true,
+                max_depth: Some(2),
+                max_entries: None,
+            }),
+        ),
+        Frame::new(
+            40,
+            Message::FileList(FileList {
+                entries: vec![stat.clone(), stat.clone()],
+                truncated: true,
+            }),
+        ),
+        Frame::new(
+            41,
+            Message::RemoveFile(RemoveFile {
+                path: "/tmp/d".into(),
+                recursive: true,
+            }),
+        ),
+        Frame::new(42, Message::StatFile(StatFile { path: "/".into() })),
+        Frame::new(43, Message::FileStat(stat)),
+    ]
 }
 
 fn decode_all(bytes: &[u8]) -> Result<Vec<Frame>, FrameError> {
@@ -324,6 +538,82 @@ fn encoder_enforces_limits() {
 }
 
 #[test]
+fn every_kind_has_a_sample() {
+    let kinds: std::collections::HashSet<Kind> =
+        samples().iter().map(|f| f.message.kind()).collect();
+    for k in Kind::ALL {
+        assert!(kinds.contains(&k), "no sample for {k:?}");
+    }
+}
+
+#[test]
+fn operation_headers_are_forward_compatible() {
+    // Fields left out take their defaults; unknown fields and values from a
+    // newer peer are tolerated.
+    let f = decode_all(&raw(
+        Kind::RunCode as u8,
+        1,
+        br#"{"language":"ruby","future":1}"#,
+        b"puts 1",
+    ))
+    .unwrap();
+    assert_eq!(
+        f[0].message,
+        Message::RunCode(RunCode {
+            language: Language::Unknown,
+            timeout_ms: None,
+            output: OutputLimits::default(),
+        })
+    );
+    let f = decode_all(&raw(
+        Kind::Exec as u8,
+        2,
+        br#"{"command":{"shell":"true"}}"#,
+        b"",
+    ))
+    .unwrap();
+    let Message::Exec(exec) = &f[0].message else {
+        panic!()
+    };
+    assert_eq!(exec.command, Command::Shell("true".into()));
+    assert!(exec.env.is_empty() && exec.cwd.is_none() && exec.timeout_ms.is_none());
+    let f = decode_all(&raw(
+        Kind::RunCodeResult as u8,
+        3,
+        br#"{"duration_ms":5,"exit_code":0}"#,
+        b"",
+    ))
+    .unwrap();
+    let Message::RunCodeResult(r) = &f[0].message else {
+        panic!()
+    };
+    assert_eq!((r.process.exit_code, r.process.duration_ms), (Some(0), 5));
+    assert!(!r.process.stdout.truncated() && r.error.is_none());
+    // Done, like the other field-less messages, may grow fields.
+    let f = decode_all(&raw(Kind::Done as u8, 4, br#"{"x":1}"#, b"")).unwrap();
+    assert_eq!(f[0].message, Message::Done);
+}
+
+#[test]
+fn result_header_layout_is_flat() {
+    let bytes = Frame::new(1, Message::RunCodeResult(RunCodeResult::default()))
+        .encode()
+        .unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&bytes[17..]).unwrap();
+    assert!(header.get("duration_ms").is_some(), "{header}");
+    assert!(header.get("process").is_none(), "{header}");
+    assert!(header.get("state_lost").is_some(), "{header}");
+}
+
+#[test]
+fn only_events_are_not_final() {
+    for f in samples() {
+        let event = matches!(f.message.kind(), Kind::Output | Kind::Image);
+        assert_eq!(f.message.is_final(), !event, "{:?}", f.message.kind());
+    }
+}
+
+#[test]
 fn kind_bytes_are_unique_and_stable() {
     for k in Kind::ALL {
         assert_eq!(Kind::from_u8(k as u8), Some(k));
@@ -332,6 +622,13 @@ fn kind_bytes_are_unique_and_stable() {
     assert_eq!(Kind::from_u8(0xFF), None);
     assert_eq!(Kind::Hello as u8, 1);
     assert_eq!(Kind::Ping as u8, 0x10);
+    assert_eq!(Kind::Output as u8, 0x21);
+    assert_eq!(Kind::RunCode as u8, 0x24);
+    assert_eq!(Kind::WriteFile as u8, 0x40);
+    let mut bytes: Vec<u8> = Kind::ALL.iter().map(|k| *k as u8).collect();
+    bytes.sort_unstable();
+    bytes.dedup();
+    assert_eq!(bytes.len(), Kind::ALL.len());
 }
 
 #[test]

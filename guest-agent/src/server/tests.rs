@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use airlock_protocol::{Hello, Kind, write_frame};
+use airlock_protocol::{Frame, Hello, Kind, StatFile, write_frame};
 use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -290,4 +290,27 @@ async fn random_input_never_panics_the_server() {
     }
     // Random bytes never spelled a whole valid Shutdown frame.
     assert_eq!(shutdowns.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn operations_without_ops_are_unsupported_and_the_connection_lives() {
+    let (agent, _) = agent();
+    let mut c = connect(&agent);
+    c.hello().await;
+    c.send(3, Message::StatFile(StatFile { path: "/".into() }))
+        .await;
+    let frame = c.recv().await.unwrap();
+    assert_eq!(
+        (frame.request_id, error_code(&frame)),
+        (3, Some(ErrorCode::Unsupported))
+    );
+    // Results sent to the agent are refused like other agent messages.
+    c.send(4, Message::Done).await;
+    let frame = c.recv().await.unwrap();
+    assert_eq!(
+        (frame.request_id, error_code(&frame)),
+        (4, Some(ErrorCode::Protocol))
+    );
+    c.send(5, Message::Ping).await;
+    assert_eq!(c.recv().await.unwrap().message.kind(), Kind::Pong);
 }

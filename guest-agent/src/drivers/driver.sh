@@ -1,0 +1,48 @@
+# airlock's bash driver: one persistent shell session. Each cell is sourced
+# in this shell, so `cd`, variables, functions and options carry over.
+#
+# The guest agent starts this once, as the sandbox user, with the path of the
+# cell file as $1 (written by the agent, read-only to us). fd 3 carries
+# one-byte commands in ("r": run the cell, "z": reseed $RANDOM) and fd 4
+# events out, one JSON object per line; user output goes to fds 1 and 2.
+#
+# Interrupting a cell (SIGINT to the process group) makes the trap below
+# return from the sourced cell; `exit` ends the session, and the agent
+# starts a new one.
+
+exec 62>&4 63<&3 3<&- 4>&-
+__airlock_cell=$1
+shopt -s expand_aliases
+__airlock_pending=0
+
+__airlock_done() {
+    printf '{"ev":"done","status":%d}\n' "$1" >&62
+    __airlock_pending=0
+}
+trap '__airlock_st=$?; ((__airlock_pending)) && printf "{\"ev\":\"done\",\"status\":%d,\"exited\":true}\n" "$__airlock_st" >&62' EXIT
+
+trap ':' INT
+printf '{"ev":"ready"}\n' >&62
+# Two loops: a `break` in a cell leaves only the inner one.
+while :; do
+    while :; do
+        # A `continue` in a cell lands here, before its "done".
+        if ((__airlock_pending)); then trap ':' INT; __airlock_done 0; fi
+        IFS= read -r -n 1 -u 63 __airlock_op || exit 0
+        case $__airlock_op in
+            r)
+                __airlock_pending=1
+                trap 'return 130' INT
+                source "$__airlock_cell"
+                __airlock_st=$?
+                trap ':' INT
+                __airlock_done "$__airlock_st"
+                ;;
+            z)
+                RANDOM=$SRANDOM
+                printf '{"ev":"ok"}\n' >&62
+                ;;
+        esac
+    done
+    if ((__airlock_pending)); then trap ':' INT; __airlock_done 0; fi
+done
