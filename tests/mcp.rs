@@ -1,0 +1,97 @@
+//! The MCP gateway end to end: Python scripts in tests/mcp/ drive the built
+//! `airlock serve` with the official `mcp` SDK, over stdio and Streamable
+//! HTTP, against real microVMs.
+//!
+//! The SDK lives in a virtualenv at target/pyenv (made by .ci/run, or here on
+//! first use with `python3 -m venv` and `pip install mcp`); AIRLOCK_TEST_PYTHON
+//! names another interpreter that has it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+/// The scripts start VMs and measure timeouts: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A Python interpreter with the `mcp` SDK, set up once.
+fn python() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("AIRLOCK_TEST_PYTHON") {
+                return PathBuf::from(p);
+            }
+            let venv = manifest_dir().join("target").join("pyenv");
+            let python = venv.join("bin").join("python");
+            let has_sdk = |p: &Path| {
+                Command::new(p)
+                    .args(["-c", "import mcp.client.streamable_http"])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            if !has_sdk(&python) {
+                eprintln!("setting up {} with the mcp SDK", venv.display());
+                let made = Command::new("python3")
+                    .args(["-m", "venv"])
+                    .arg(&venv)
+                    .status()
+                    .expect("python3 runs (apt-get install python3-venv)");
+                assert!(made.success(), "python3 -m venv failed");
+                let pip = Command::new(venv.join("bin").join("pip"))
+                    .args(["install", "-q", "mcp==2.3.0"])
+                    .status()
+                    .expect("pip runs");
+                assert!(pip.success(), "pip install mcp failed");
+            }
+            assert!(has_sdk(&python), "{} cannot import mcp", python.display());
+            python
+        })
+        .clone()
+}
+
+/// Runs tests/mcp/<script> against the built binary; its output shows with
+/// `--nocapture`, and in the failure message.
+fn run_script(script: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = manifest_dir().join("tests").join("mcp");
+    let started = std::time::Instant::now();
+    let out = Command::new(python())
+        .arg(dir.join(script))
+        .current_dir(&dir)
+        .env("AIRLOCK_BIN", env!("CARGO_BIN_EXE_airlock"))
+        .env("PYTHONUNBUFFERED", "1")
+        .output()
+        .expect("the python test runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Keep the measured latencies visible in the test log.
+    for line in stderr.lines().filter(|l| l.starts_with("LATENCY")) {
+        println!("{line}");
+    }
+    assert!(
+        out.status.success(),
+        "{script} failed ({:?}) after {:.0?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status,
+        started.elapsed()
+    );
+    println!("{script}: passed in {:.1?}", started.elapsed());
+}
+
+#[test]
+fn stdio_one_sandbox_state_timeout_cancel_and_clean_exit() {
+    run_script("stdio_test.py");
+}
+
+#[test]
+fn http_auth_isolation_big_files_sessions_and_sessionless_ids() {
+    run_script("http_test.py");
+}
+
+#[test]
+fn http_limits_and_idle_expiry() {
+    run_script("expiry_test.py");
+}
