@@ -2,9 +2,14 @@
 //! microVMs. The binary in `main.rs` is a thin CLI over this library.
 
 pub mod agent_client;
+pub mod bench;
 pub mod doctor;
 pub mod host_kvm;
 pub mod image;
+pub mod mcp;
+pub mod metrics;
 pub mod paths;
+pub mod sandbox;
+pub mod template;
 pub mod vm;
 pub mod vmm;

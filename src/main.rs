@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use airlock::{doctor, host_kvm, image, paths};
@@ -26,12 +26,7 @@ struct Cli {
 enum Commands {
     /// Serve MCP: over stdio by default (for desktop assistants), or over
     /// Streamable HTTP with --http. Prepares the guest image on first use.
-    Serve {
-        /// Listen for Streamable HTTP on this address (e.g. 127.0.0.1:8080)
-        /// instead of speaking MCP on stdin/stdout.
-        #[arg(long, value_name = "ADDR")]
-        http: Option<std::net::SocketAddr>,
-    },
+    Serve(ServeArgs),
     /// Manage the guest image (kernel and root filesystem).
     Image {
         #[command(subcommand)]
@@ -44,9 +39,78 @@ enum Commands {
         #[arg(long)]
         no_boot: bool,
     },
+    /// Manage the warm template snapshot that new sandboxes restore from.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommands,
+    },
+    /// Measure sandbox start-up, round trips, memory and CPU, with ratios
+    /// against baselines from the same run (several minutes).
+    Bench(airlock::bench::BenchOptions),
     /// Run one microVM (started by airlock itself; not for direct use).
     #[command(hide = true)]
     Vmm(airlock::vmm::config::VmmConfig),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommands {
+    /// Boot the guest image, warm its interpreters (numpy, pandas and
+    /// matplotlib imported, node started), and save it as the template that
+    /// every new sandbox restores from in milliseconds. Done once per image;
+    /// prints the template's directory.
+    Create {
+        /// vCPUs of the sandboxes made from this template.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// Guest memory of the sandboxes, in MiB.
+        #[arg(long, default_value_t = airlock::vmm::config::DEFAULT_MEMORY_MIB)]
+        memory_mib: u32,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Listen for Streamable HTTP on this address (e.g. 127.0.0.1:8080)
+    /// instead of speaking MCP on stdin/stdout.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<std::net::SocketAddr>,
+    /// HTTP mode: bearer tokens, one `principal:token` (or bare token) per
+    /// line. Without it, tokens come from AIRLOCK_TOKENS (same format, or
+    /// comma-separated); with neither, only a loopback address may be served.
+    #[arg(long, value_name = "FILE")]
+    tokens_file: Option<std::path::PathBuf>,
+    /// HTTP mode: serve a non-loopback address without tokens (only behind
+    /// something else that authenticates callers).
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// HTTP mode: also accept this Host header value (e.g. the server's DNS
+    /// name); loopback names are always accepted. Repeatable.
+    #[arg(long = "allowed-host", value_name = "HOST")]
+    allowed_hosts: Vec<String>,
+    /// HTTP mode: accept browser requests from this origin (e.g.
+    /// https://app.example.com:443); requests with any other Origin are
+    /// refused. Repeatable.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    allowed_origins: Vec<String>,
+    /// Restored sandboxes kept ready for new conversations (default: 1 for
+    /// stdio, 2 for HTTP).
+    #[arg(long, value_name = "N")]
+    pool_size: Option<usize>,
+    /// Destroy a sandbox after this long without tool calls.
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
+    idle_timeout: std::time::Duration,
+    /// Destroy a sandbox this long after it was created, however busy.
+    #[arg(long, value_name = "DURATION", default_value = "8h", value_parser = humantime::parse_duration)]
+    max_lifetime: std::time::Duration,
+    /// Live sandboxes in all.
+    #[arg(long, value_name = "N", default_value_t = airlock::sandbox::registry::DEFAULT_MAX_SANDBOXES)]
+    max_sandboxes: usize,
+    /// Live sandboxes per principal (token).
+    #[arg(long, value_name = "N", default_value_t = airlock::sandbox::registry::DEFAULT_MAX_PER_PRINCIPAL)]
+    max_sandboxes_per_principal: usize,
+    /// The longest timeout_seconds a run_code or run_command may ask for.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    max_timeout: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -94,12 +158,51 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", image.dir.display());
             Ok(ExitCode::SUCCESS)
         }
-        Commands::Serve { http } => {
+        Commands::Serve(args) => {
+            host_kvm::check_kvm_access(&host_kvm::kvm_device_path())?;
+            let options = airlock::mcp::ServeOptions {
+                http: args.http,
+                tokens_file: args.tokens_file,
+                tokens_env: std::env::var("AIRLOCK_TOKENS").ok(),
+                insecure_no_auth: args.insecure_no_auth,
+                allowed_hosts: args.allowed_hosts,
+                allowed_origins: args.allowed_origins,
+                pool_size: args.pool_size,
+                limits: airlock::sandbox::registry::Limits {
+                    idle_timeout: args.idle_timeout,
+                    max_lifetime: args.max_lifetime,
+                    max_sandboxes: args.max_sandboxes,
+                    max_per_principal: args.max_sandboxes_per_principal,
+                },
+                max_timeout: args.max_timeout,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let served = runtime.block_on(airlock::mcp::serve(options));
+            // The stdio reader may be blocked in read(2): do not wait for it.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            served?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Snapshot {
+            command: SnapshotCommands::Create { vcpus, memory_mib },
+        } => {
             host_kvm::check_kvm_access(&host_kvm::kvm_device_path())?;
             let cache = paths::ensure_cache_root()?;
             let (image, _) = image::ensure(&cache).context("cannot prepare the guest image")?;
-            tracing::info!(image = %image.dir.display(), http = ?http, "guest image ready");
-            bail!("this build of airlock cannot serve MCP yet: the gateway is not part of it")
+            let exe = std::env::current_exe().context("cannot find the airlock executable")?;
+            let shape = airlock::template::TemplateShape { vcpus, memory_mib };
+            let template =
+                runtime()?.block_on(airlock::template::ensure(&cache, &image, shape, &exe))?;
+            println!("{}", template.dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Bench(options) => {
+            host_kvm::check_kvm_access(&host_kvm::kvm_device_path())?;
+            runtime()?.block_on(airlock::bench::run(&options))?;
+            Ok(ExitCode::SUCCESS)
         }
         Commands::Vmm(config) => {
             let code = airlock::vmm::run::run(&config);
@@ -112,10 +215,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 /// Logs go to stderr only: in stdio mode stdout carries MCP.
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmcp=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -68,3 +68,124 @@ async fn a_saved_guest_restores_and_answers() {
     let report = restored.stop(Duration::from_secs(10)).await.expect("stops");
     assert_eq!(report.reason, ExitReason::Stopped);
 }
+
+/// The warm template, created on first use (minutes on kvm_pvm) and cached.
+async fn template() -> airlock::template::Template {
+    let image_dir = common::image_dir();
+    let cache = image_dir
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("cache root")
+        .to_path_buf();
+    let manifest =
+        serde_json::from_str(&std::fs::read_to_string(image_dir.join("manifest.json")).unwrap())
+            .unwrap();
+    let image = airlock::image::Image {
+        dir: image_dir,
+        manifest,
+    };
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_airlock"));
+    airlock::template::ensure(&cache, &image, Default::default(), exe)
+        .await
+        .expect("template")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_sandboxes_are_warm_isolated_fresh_and_on_time() {
+    use airlock::bench::run_python;
+    let template = template().await;
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_airlock"));
+    let mut sandboxes = Vec::new();
+    for _ in 0..10 {
+        sandboxes.push(
+            airlock::sandbox::Sandbox::restore(&template, exe)
+                .await
+                .expect("restore"),
+        );
+    }
+    let first = &sandboxes[0];
+    // The template's warm imports are there without importing again.
+    let warm = run_python(
+        first.client(),
+        "import sys\nprint(all(m in sys.modules for m in ('numpy', 'pandas', 'matplotlib')))",
+    )
+    .await
+    .expect("run_code");
+    assert_eq!(warm.trim(), "True");
+
+    // State made in one sandbox is absent in the others.
+    run_python(
+        first.client(),
+        "secret = 42\nopen('/tmp/secret.txt', 'w').write('x')",
+    )
+    .await
+    .unwrap();
+    for other in &sandboxes[1..] {
+        let out = run_python(
+            other.client(),
+            "import os\nprint('secret' in globals(), os.path.exists('/tmp/secret.txt'))",
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.trim(), "False False", "state leaked between sandboxes");
+    }
+
+    // Randomness differs everywhere; the clock is the host's.
+    let mut seen = std::collections::HashSet::new();
+    for sandbox in &sandboxes {
+        let host_before = std::time::SystemTime::now();
+        let out = run_python(
+            sandbox.client(),
+            "import os, random, uuid, time\nprint(os.urandom(16).hex(), random.random(), uuid.uuid4(), time.time())",
+        )
+        .await
+        .unwrap();
+        let host_after = std::time::SystemTime::now();
+        let fields: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(fields.len(), 4, "{out}");
+        for value in &fields[..3] {
+            assert!(
+                seen.insert(value.to_string()),
+                "{value} repeated across sandboxes"
+            );
+        }
+        let guest: f64 = fields[3].parse().unwrap();
+        let unix = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64()
+        };
+        assert!(
+            guest > unix(host_before) - 2.0 && guest < unix(host_after) + 2.0,
+            "guest clock {guest} vs host {}..{}",
+            unix(host_before),
+            unix(host_after)
+        );
+    }
+    for sandbox in sandboxes {
+        sandbox.destroy().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_refuses_another_image() {
+    let template = template().await;
+    let dir = tempfile::tempdir().unwrap();
+    let other_rootfs = dir.path().join("rootfs.ext4");
+    std::fs::write(&other_rootfs, vec![0x5a; 4 << 20]).unwrap();
+    let mut restore = spec(dir.path());
+    restore.rootfs = other_rootfs;
+    restore.restore = Some(template.dir.clone());
+    match Vm::spawn(&restore).await {
+        Err(VmError::Ended { reason, detail, .. }) => {
+            assert_eq!(reason, ExitReason::Fatal);
+            assert!(
+                detail.contains("the snapshot was made from image"),
+                "{detail}"
+            );
+            assert!(detail.contains("recreate the template"), "{detail}");
+        }
+        Err(other) => panic!("unexpected error: {other}"),
+        Ok(_) => panic!("a restore onto another image must be refused"),
+    }
+}

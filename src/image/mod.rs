@@ -13,7 +13,7 @@ mod agent;
 mod command;
 mod host_tools;
 pub mod kernel;
-mod lock;
+pub(crate) mod lock;
 mod mirror;
 mod progress;
 pub mod recipe;

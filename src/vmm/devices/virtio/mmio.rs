@@ -293,7 +293,7 @@ impl MmioTransport {
                 avail_ring: config.avail_ring,
                 used_ring: config.used_ring,
             };
-            let restored = Queue::try_from(state.clone()).map_err(|e| format!("queue {i}: {e}"))?;
+            let restored = Queue::try_from(state).map_err(|e| format!("queue {i}: {e}"))?;
             if restored.ready() && !restored.is_valid(&self.mem) {
                 return Err(format!("queue {i} is not valid in the restored memory"));
             }

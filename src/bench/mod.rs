@@ -1,0 +1,393 @@
+//! `airlock bench`: how fast sandboxes start and answer, and what they cost,
+//! measured in one run against baselines from the same run (this machine is
+//! shared and noisy, so ratios mean more than absolute numbers). On a
+//! software-nested KVM, guest-side times say little about real KVM; the
+//! VMM-side times, exit counts and memory figures do not depend on it.
+
+pub mod procfs;
+pub mod qemu;
+pub mod stats;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use airlock_protocol::{Language, Message, RunCode};
+use anyhow::{Context, Result, bail};
+
+use crate::agent_client::AgentClient;
+use crate::host_kvm::KvmFlavor;
+use crate::sandbox::Sandbox;
+use crate::template::{self, Template, TemplateShape};
+use crate::vm::{Vm, VmSpec};
+use stats::{ms, summarize};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchOptions {
+    /// Round trips for the warm run_code measurement.
+    #[arg(long, default_value_t = 30)]
+    pub rounds: usize,
+    /// Restores timed one by one.
+    #[arg(long, default_value_t = 5)]
+    pub restores: usize,
+    /// Sandbox counts at which host memory is measured.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+    pub memory_at: Vec<usize>,
+    /// How long 10 idle sandboxes are watched for CPU use.
+    #[arg(long, default_value_t = 30)]
+    pub idle_seconds: u64,
+    /// Skip the cold boot (minutes on a software-nested KVM).
+    #[arg(long)]
+    pub skip_cold_boot: bool,
+    /// Skip the QEMU comparison.
+    #[arg(long)]
+    pub skip_qemu: bool,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
+const RUN_TIMEOUT_MS: u64 = 600_000;
+
+/// Runs `code` in the warm Python interpreter; returns its stdout.
+pub async fn run_python(client: &AgentClient, code: &str) -> Result<String> {
+    let message = Message::RunCode(RunCode {
+        language: Language::Python,
+        timeout_ms: Some(RUN_TIMEOUT_MS),
+        output: Default::default(),
+    });
+    let mut response = client.request(message, code.as_bytes().to_vec()).await?;
+    let mut stdout = Vec::new();
+    while let Some(frame) = response.next().await? {
+        match frame.message {
+            Message::Output(out) if out.stream == airlock_protocol::Stream::Stdout => {
+                stdout.extend(frame.payload)
+            }
+            Message::RunCodeResult(result) => {
+                if result.error.is_some() || result.process.exit_code != Some(0) {
+                    bail!("run_code failed: {result:?}");
+                }
+                return Ok(String::from_utf8_lossy(&stdout).into_owned());
+            }
+            Message::Error(e) => bail!("agent error: {}", e.message),
+            _ => {}
+        }
+    }
+    bail!("the agent closed the request without a result")
+}
+
+pub async fn run(opts: &BenchOptions) -> Result<()> {
+    let cache = crate::paths::ensure_cache_root()?;
+    let (image, _) = crate::image::ensure(&cache)?;
+    let exe = std::env::current_exe().context("cannot find the airlock executable")?;
+    let shape = TemplateShape::default();
+    let template = template::ensure(&cache, &image, shape, &exe).await?;
+    let flavor = KvmFlavor::detect();
+    println!(
+        "airlock bench — host KVM: {}",
+        crate::doctor::flavor_tag(flavor)
+    );
+    println!(
+        "image {} · template {} ({} vCPU, {} MiB)",
+        image.manifest.recipe_hash,
+        template.dir.display(),
+        shape.vcpus,
+        shape.memory_mib
+    );
+
+    // (d) first: the host baseline, while nothing else runs.
+    let host = host_python_baseline(opts.rounds.min(10))?;
+    println!("\n(d) host `python3 -c 'print(1)'`: {host}");
+
+    let cold = if opts.skip_cold_boot {
+        None
+    } else {
+        Some(cold_boot(&image, &exe, shape).await?)
+    };
+    if let Some(cold) = cold {
+        println!("\n(a) cold boot to first print(1): {}", ms(cold));
+    }
+
+    let (restore_total, vmm_part) = restores(&template, &exe, opts.restores).await?;
+    if let Some(cold) = cold {
+        println!(
+            "    ratio cold boot / restore-to-first-result: {:.1}x",
+            cold.as_secs_f64() / restore_total.median.as_secs_f64()
+        );
+    }
+
+    let warm = warm_round_trips(&template, &exe, opts.rounds).await?;
+    println!(
+        "    ratio warm round trip / host python3 start: {:.3}",
+        warm.median.as_secs_f64() / host.median.as_secs_f64()
+    );
+
+    memory_and_rate(&template, &exe, &opts.memory_at).await?;
+    idle_cpu(&template, &exe, opts.idle_seconds).await?;
+
+    if opts.skip_qemu {
+        println!("\n(h) QEMU: skipped");
+    } else if !qemu::available() {
+        println!(
+            "\n(h) QEMU: skipped ({} not found: apt-get install qemu-system-x86)",
+            qemu::QEMU
+        );
+    } else {
+        let q = qemu_restore(&image, shape.memory_mib, flavor)?;
+        println!("\n(h) QEMU restore (-incoming from a migrate file) to running: {q}");
+        println!(
+            "    ratio QEMU restore / airlock VMM part of restore: {:.1}x",
+            q.median.as_secs_f64() / vmm_part.median.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn host_python_baseline(rounds: usize) -> Result<stats::Summary> {
+    let mut samples = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let started = Instant::now();
+        let out = std::process::Command::new("python3")
+            .args(["-c", "print(1)"])
+            .output()
+            .context("python3 on the host")?;
+        if !out.status.success() {
+            bail!("python3 -c 'print(1)' failed on the host");
+        }
+        samples.push(started.elapsed());
+    }
+    summarize(&samples).context("no samples")
+}
+
+async fn cold_boot(
+    image: &crate::image::Image,
+    exe: &Path,
+    shape: TemplateShape,
+) -> Result<Duration> {
+    let run_dir = tempfile::Builder::new()
+        .prefix("airlock-bench-")
+        .tempdir()?;
+    let spec = VmSpec {
+        airlock_exe: exe.to_path_buf(),
+        kernel: image.vmlinux(),
+        rootfs: image.rootfs(),
+        vcpus: shape.vcpus,
+        memory_mib: shape.memory_mib,
+        extra_cmdline: String::new(),
+        init: None,
+        run_dir: run_dir.path().to_path_buf(),
+        restore: None,
+    };
+    eprintln!(
+        "bench: cold boot (minutes on kvm_pvm: boot plus importing numpy, pandas, matplotlib)"
+    );
+    let started = Instant::now();
+    let mut vm = Vm::spawn(&spec).await?;
+    vm.wait_agent_ready(BOOT_TIMEOUT).await?;
+    let client = AgentClient::connect(
+        vm.vsock_socket(),
+        airlock_protocol::AGENT_VSOCK_PORT,
+        CONNECT_TIMEOUT,
+    )
+    .await?;
+    let out = run_python(&client, "print(1)").await?;
+    let elapsed = started.elapsed();
+    if out.trim() != "1" {
+        bail!("cold boot print(1) printed {out:?}");
+    }
+    drop(client);
+    let _ = vm.stop(Duration::from_secs(10)).await;
+    Ok(elapsed)
+}
+
+async fn restores(
+    template: &Template,
+    exe: &Path,
+    count: usize,
+) -> Result<(stats::Summary, stats::Summary)> {
+    let mut totals = Vec::new();
+    let mut vmm_parts = Vec::new();
+    let mut spawn_parts = Vec::new();
+    let mut guest_parts = Vec::new();
+    for _ in 0..count.max(1) {
+        let started = Instant::now();
+        let sandbox = Sandbox::restore(template, exe).await?;
+        let out = run_python(sandbox.client(), "print(1)").await?;
+        let total = started.elapsed();
+        if out.trim() != "1" {
+            bail!("restored print(1) printed {out:?}");
+        }
+        let timing = sandbox.timing();
+        totals.push(total);
+        vmm_parts.push(timing.vm.vmm_setup);
+        spawn_parts.push(timing.vm.spawn_to_running);
+        guest_parts.push(total.saturating_sub(timing.vm.spawn_to_running));
+        sandbox.destroy().await;
+    }
+    let total = summarize(&totals).context("no samples")?;
+    let vmm = summarize(&vmm_parts).context("no samples")?;
+    println!("\n(b) restore to first print(1): {total}");
+    println!(
+        "    VMM part, process start to vCPUs running (host view): {}",
+        summarize(&spawn_parts).context("no samples")?
+    );
+    println!("    VMM part, VMM main() to vCPUs running: {vmm}");
+    println!(
+        "    guest part (agent connect, refresh, first run): {}",
+        summarize(&guest_parts).context("no samples")?
+    );
+    Ok((total, summarize(&spawn_parts).context("no samples")?))
+}
+
+async fn warm_round_trips(
+    template: &Template,
+    exe: &Path,
+    rounds: usize,
+) -> Result<stats::Summary> {
+    let mut sandbox = Sandbox::restore(template, exe).await?;
+    run_python(sandbox.client(), "print(1)").await?;
+    // The guest's own background (its timer) over as long as the runs take.
+    let before = sandbox.vm_mut().stats().await?;
+    let mut samples = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let started = Instant::now();
+        let out = run_python(sandbox.client(), "print(1)").await?;
+        samples.push(started.elapsed());
+        if out.trim() != "1" {
+            bail!("warm print(1) printed {out:?}");
+        }
+    }
+    let busy = samples.iter().sum::<Duration>();
+    let after = sandbox.vm_mut().stats().await?;
+    let idle_before = sandbox.vm_mut().stats().await?;
+    tokio::time::sleep(busy).await;
+    let idle_after = sandbox.vm_mut().stats().await?;
+    let n = samples.len() as f64;
+    let exits = (after.exits_total - before.exits_total) as f64 / n;
+    let irqs = (after.interrupts_injected - before.interrupts_injected) as f64 / n;
+    let idle_exits = (idle_after.exits_total - idle_before.exits_total) as f64 / n;
+    let summary = summarize(&samples).context("no samples")?;
+    println!("\n(c) warm print(1) round trip: {summary}");
+    println!(
+        "    per round trip: {exits:.1} KVM exits, {irqs:.1} interrupts injected; idle guest over the same time: {idle_exits:.1} exits per round-trip-length"
+    );
+    println!(
+        "    exits beyond the guest's own timer: {:.1} per round trip",
+        exits - idle_exits
+    );
+    let mut by_reason: Vec<String> = after
+        .exits
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{k} {:.1}",
+                (*v - before.exits.get(k).copied().unwrap_or(0)) as f64 / n
+            )
+        })
+        .collect();
+    by_reason.sort();
+    println!(
+        "    exits by reason per round trip: {}",
+        by_reason.join(", ")
+    );
+    sandbox.destroy().await;
+    Ok(summary)
+}
+
+async fn memory_and_rate(template: &Template, exe: &Path, levels: &[usize]) -> Result<()> {
+    let memory_file = crate::vmm::snapshot::memory_path(&template.dir);
+    let mut alive: Vec<Sandbox> = Vec::new();
+    let mut restore_times = Vec::new();
+    println!("\n(e) host memory per idle restored sandbox (PSS of its VMM process)");
+    let mut levels = levels.to_vec();
+    levels.sort_unstable();
+    for level in levels {
+        while alive.len() < level {
+            let started = Instant::now();
+            alive.push(Sandbox::restore(template, exe).await?);
+            restore_times.push(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let samples: Vec<procfs::Pss> = alive
+            .iter()
+            .filter_map(|s| procfs::pss(s.pid(), &memory_file))
+            .collect();
+        let avg = |f: fn(&procfs::Pss) -> u64| {
+            samples.iter().map(f).sum::<u64>() as f64
+                / samples.len().max(1) as f64
+                / (1 << 20) as f64
+        };
+        println!(
+            "    {level:>3} alive: PSS {:.1} MiB each = guest memory {:.1} MiB + VMM overhead {:.1} MiB",
+            avg(|p| p.total),
+            avg(|p| p.guest),
+            avg(|p| p.vmm_overhead())
+        );
+    }
+    let total: Duration = restore_times.iter().sum();
+    println!(
+        "\n(f) sandboxes restored one after another: {} in {:.2} s = {:.1} per second (each until its agent answered and was refreshed)",
+        restore_times.len(),
+        total.as_secs_f64(),
+        restore_times.len() as f64 / total.as_secs_f64().max(f64::EPSILON)
+    );
+    for sandbox in alive {
+        sandbox.destroy().await;
+    }
+    Ok(())
+}
+
+async fn idle_cpu(template: &Template, exe: &Path, seconds: u64) -> Result<()> {
+    let mut sandboxes = Vec::new();
+    for _ in 0..10 {
+        sandboxes.push(Sandbox::restore(template, exe).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before: Vec<Duration> = sandboxes
+        .iter()
+        .filter_map(|s| procfs::cpu_time(s.pid()))
+        .collect();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let wall = started.elapsed();
+    let after: Vec<Duration> = sandboxes
+        .iter()
+        .filter_map(|s| procfs::cpu_time(s.pid()))
+        .collect();
+    let used: Duration = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .sum();
+    println!(
+        "\n(g) 10 idle sandboxes over {:.0} s: {:.3} s of host CPU = {:.2}% of one core",
+        wall.as_secs_f64(),
+        used.as_secs_f64(),
+        100.0 * used.as_secs_f64() / wall.as_secs_f64()
+    );
+    for sandbox in sandboxes {
+        sandbox.destroy().await;
+    }
+    Ok(())
+}
+
+fn qemu_restore(
+    image: &crate::image::Image,
+    memory_mib: u32,
+    flavor: KvmFlavor,
+) -> Result<stats::Summary> {
+    let dir = tempfile::Builder::new().prefix("airlock-qemu-").tempdir()?;
+    eprintln!(
+        "bench: booting the image in QEMU to save a migration file (about a minute on kvm_pvm)"
+    );
+    let state: PathBuf = qemu::prepare_state(image, dir.path(), memory_mib, flavor)?;
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        samples.push(qemu::time_restore(
+            image,
+            dir.path(),
+            &state,
+            memory_mib,
+            flavor,
+        )?);
+    }
+    summarize(&samples).context("no samples")
+}

@@ -1,0 +1,182 @@
+//! A sandbox: one microVM restored from the warm template, with its agent
+//! connection, made fresh (entropy, clock) before anyone uses it.
+
+pub mod pool;
+pub mod registry;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+
+use crate::agent_client::AgentClient;
+use crate::template::Template;
+use crate::vm::{StartTiming, Vm, VmSpec};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+/// Fresh entropy handed to each restored guest.
+const ENTROPY_BYTES: usize = 64;
+
+/// How long a restore took, split as a benchmark wants it.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreTiming {
+    pub vm: StartTiming,
+    /// From vCPUs running to the agent answering the handshake.
+    pub agent_connect: Duration,
+    /// The refresh round trip (entropy, clock, interpreter reseed).
+    pub refresh: Duration,
+    pub total: Duration,
+}
+
+pub struct Sandbox {
+    id: String,
+    vm: Vm,
+    client: AgentClient,
+    // Holds the VM's sockets and console log until the sandbox goes.
+    _run_dir: tempfile::TempDir,
+    created: Instant,
+    timing: RestoreTiming,
+}
+
+impl Sandbox {
+    /// Restores a new sandbox from `template`.
+    pub async fn restore(template: &Template, airlock_exe: &std::path::Path) -> Result<Sandbox> {
+        let started = Instant::now();
+        // Short path: a Unix socket path must fit in 108 bytes.
+        let run_dir = tempfile::Builder::new()
+            .prefix("airlock-")
+            .tempdir()
+            .context("cannot create a sandbox run directory")?;
+        let spec = VmSpec {
+            airlock_exe: airlock_exe.to_path_buf(),
+            kernel: template.image.vmlinux(),
+            rootfs: template.image.rootfs(),
+            vcpus: template.info.shape.vcpus,
+            memory_mib: template.info.shape.memory_mib,
+            extra_cmdline: String::new(),
+            init: None,
+            run_dir: run_dir.path().to_path_buf(),
+            restore: Some(template.dir.clone()),
+        };
+        let mut vm = Vm::spawn(&spec)
+            .await
+            .context("cannot restore the template")?;
+        let running = Instant::now();
+        let client = match AgentClient::connect(
+            vm.vsock_socket(),
+            airlock_protocol::AGENT_VSOCK_PORT,
+            CONNECT_TIMEOUT,
+        )
+        .await
+        {
+            Ok(client) => client,
+            Err(err) => {
+                let _ = vm.stop(STOP_DEADLINE).await;
+                return Err(err).context("the restored agent does not answer");
+            }
+        };
+        let connected = Instant::now();
+        if let Err(err) = refresh(&client).await {
+            let _ = vm.stop(STOP_DEADLINE).await;
+            return Err(err);
+        }
+        let timing = RestoreTiming {
+            vm: vm.timing(),
+            agent_connect: connected - running,
+            refresh: connected.elapsed(),
+            total: started.elapsed(),
+        };
+        Ok(Sandbox {
+            id: new_id()?,
+            vm,
+            client,
+            _run_dir: run_dir,
+            created: Instant::now(),
+            timing,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn client(&self) -> &AgentClient {
+        &self.client
+    }
+
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    pub fn timing(&self) -> RestoreTiming {
+        self.timing
+    }
+
+    pub fn console_log(&self) -> PathBuf {
+        self.vm.console_log().to_path_buf()
+    }
+
+    /// Ends the VM; the sandbox is gone for good.
+    pub async fn destroy(mut self) {
+        if let Err(err) = self.vm.stop(STOP_DEADLINE).await {
+            tracing::warn!(id = %self.id, %err, "sandbox did not stop cleanly");
+        }
+    }
+}
+
+/// Two sandboxes restored from one template share the guest's RNG state and
+/// clock from the moment of the snapshot; this gives each its own.
+async fn refresh(client: &AgentClient) -> Result<()> {
+    let mut entropy = vec![0u8; ENTROPY_BYTES];
+    if !crate::vmm::devices::virtio::rng::fill_random(&mut entropy) {
+        anyhow::bail!("the host has no entropy to give the sandbox");
+    }
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .context("the host clock is before 1970")?;
+    let message = airlock_protocol::Message::Refresh(airlock_protocol::Refresh {
+        wall_clock_unix_ns: Some(now.as_nanos() as u64),
+    });
+    let reply = client
+        .request(message, entropy)
+        .await
+        .and_then_finish()
+        .await
+        .context("cannot refresh the restored sandbox")?;
+    match reply.message {
+        airlock_protocol::Message::RefreshReply(r) if r.crng_reseeded && r.clock_set => Ok(()),
+        airlock_protocol::Message::RefreshReply(r) => {
+            anyhow::bail!("the restored sandbox could not be made fresh: {r:?}")
+        }
+        other => anyhow::bail!("unexpected reply to refresh: {other:?}"),
+    }
+}
+
+/// `request(..).await` then `finish()`, as one step.
+trait FinishExt {
+    async fn and_then_finish(self) -> crate::agent_client::Result<airlock_protocol::Frame>;
+}
+
+impl FinishExt for crate::agent_client::Result<crate::agent_client::Response> {
+    async fn and_then_finish(self) -> crate::agent_client::Result<airlock_protocol::Frame> {
+        self?.finish().await
+    }
+}
+
+/// 128 random bits, hex.
+fn new_id() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    if !crate::vmm::devices::virtio::rng::fill_random(&mut bytes) {
+        anyhow::bail!("the host has no entropy for a sandbox id");
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

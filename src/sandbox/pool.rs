@@ -1,0 +1,93 @@
+//! A pool of restored, idle sandboxes: `take` hands one out at once, and a
+//! background task restores the next. A sandbox leaves the pool exactly once,
+//! so no two callers ever share one.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use tokio::sync::{Mutex, Notify};
+
+use super::Sandbox;
+use crate::template::Template;
+
+pub const DEFAULT_POOL_SIZE: usize = 2;
+
+pub struct WarmPool {
+    template: Template,
+    airlock_exe: PathBuf,
+    target: usize,
+    ready: Mutex<VecDeque<Sandbox>>,
+    wake: Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl WarmPool {
+    /// Starts a pool that keeps `target` sandboxes ready (0 disables it).
+    pub fn start(template: Template, airlock_exe: PathBuf, target: usize) -> Arc<WarmPool> {
+        let pool = Arc::new(WarmPool {
+            template,
+            airlock_exe,
+            target,
+            ready: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        if target > 0 {
+            tokio::spawn(refill(pool.clone()));
+        }
+        pool
+    }
+
+    /// A sandbox for one caller: from the pool if one is ready, else restored now.
+    pub async fn take(&self) -> Result<Sandbox> {
+        let ready = self.ready.lock().await.pop_front();
+        self.wake.notify_one();
+        match ready {
+            Some(sandbox) => Ok(sandbox),
+            None => Sandbox::restore(&self.template, &self.airlock_exe).await,
+        }
+    }
+
+    pub async fn ready_count(&self) -> usize {
+        self.ready.lock().await.len()
+    }
+
+    pub fn template(&self) -> &Template {
+        &self.template
+    }
+
+    /// Stops refilling and destroys the idle sandboxes.
+    pub async fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+        let idle: Vec<Sandbox> = self.ready.lock().await.drain(..).collect();
+        for sandbox in idle {
+            sandbox.destroy().await;
+        }
+    }
+}
+
+/// Runs until `close`; `notify_one` keeps a permit, so no wake-up is lost.
+async fn refill(p: Arc<WarmPool>) {
+    loop {
+        if p.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        if p.ready.lock().await.len() >= p.target {
+            p.wake.notified().await;
+            continue;
+        }
+        match Sandbox::restore(&p.template, &p.airlock_exe).await {
+            Ok(sandbox) if !p.closed.load(std::sync::atomic::Ordering::SeqCst) => {
+                p.ready.lock().await.push_back(sandbox);
+            }
+            Ok(sandbox) => sandbox.destroy().await,
+            Err(err) => {
+                tracing::warn!(err = %format!("{err:#}"), "warm pool could not restore a sandbox; retrying soon");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        }
+    }
+}

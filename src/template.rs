@@ -1,0 +1,222 @@
+//! The pre-warmed template: the image booted once, its agent's interpreters
+//! warmed (numpy, pandas, matplotlib imported; node started), then saved as a
+//! snapshot that every new sandbox restores from.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::agent_client::AgentClient;
+use crate::image::Image;
+use crate::image::lock::{BuildLock, Scratch};
+use crate::vm::{Vm, VmSpec};
+use crate::vmm::snapshot;
+
+/// A cold boot on kvm_pvm takes ~40 s; warming the interpreters takes longer.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const WARM_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long each warm-status request may wait in the agent before answering.
+const WARM_POLL: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Lets the guest finish tearing down the host's connection before the pause.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// The shape of the VMs made from a template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateShape {
+    pub vcpus: u8,
+    pub memory_mib: u32,
+}
+
+impl Default for TemplateShape {
+    fn default() -> Self {
+        TemplateShape {
+            vcpus: 1,
+            memory_mib: crate::vmm::config::DEFAULT_MEMORY_MIB,
+        }
+    }
+}
+
+/// template.json, beside the snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateInfo {
+    pub image_recipe_hash: String,
+    pub shape: TemplateShape,
+    pub snapshot_format: u32,
+    pub created: String,
+    pub boot_seconds: f64,
+    pub warm_seconds: f64,
+    pub memory_bytes_written: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub dir: PathBuf,
+    pub image: Image,
+    pub info: TemplateInfo,
+}
+
+fn template_dir(cache: &Path, image: &Image, shape: TemplateShape) -> PathBuf {
+    cache.join("templates").join(format!(
+        "{}-f{}-{}c-{}m",
+        image.manifest.recipe_hash,
+        snapshot::FORMAT_VERSION,
+        shape.vcpus,
+        shape.memory_mib
+    ))
+}
+
+fn read_template(dir: &Path, image: &Image) -> Option<Template> {
+    let text = std::fs::read_to_string(dir.join("template.json")).ok()?;
+    let info: TemplateInfo = serde_json::from_str(&text).ok()?;
+    snapshot::state_path(dir).is_file().then(|| Template {
+        dir: dir.to_path_buf(),
+        image: image.clone(),
+        info,
+    })
+}
+
+/// Returns the template for `image` and `shape`, creating it if needed.
+pub async fn ensure(
+    cache: &Path,
+    image: &Image,
+    shape: TemplateShape,
+    airlock_exe: &Path,
+) -> Result<Template> {
+    let dir = template_dir(cache, image, shape);
+    if let Some(template) = read_template(&dir, image) {
+        return Ok(template);
+    }
+    let lock_cache = cache.to_path_buf();
+    let _lock = tokio::task::spawn_blocking(move || BuildLock::acquire(&lock_cache))
+        .await
+        .context("the lock task failed")??;
+    if let Some(template) = read_template(&dir, image) {
+        return Ok(template);
+    }
+    create(cache, image, shape, airlock_exe, &dir).await
+}
+
+async fn create(
+    cache: &Path,
+    image: &Image,
+    shape: TemplateShape,
+    airlock_exe: &Path,
+    dest: &Path,
+) -> Result<Template> {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let scratch = Scratch::create(cache, &format!("template-{name}"))?;
+    let run_dir = tempfile::Builder::new()
+        .prefix("airlock-tpl-")
+        .tempdir()
+        .context("cannot create a run directory")?;
+    eprintln!(
+        "[template] booting image {} to make the warm template (a few minutes on kvm_pvm, once)",
+        image.manifest.recipe_hash
+    );
+    let started = Instant::now();
+    let spec = VmSpec {
+        airlock_exe: airlock_exe.to_path_buf(),
+        kernel: image.vmlinux(),
+        rootfs: image.rootfs(),
+        vcpus: shape.vcpus,
+        memory_mib: shape.memory_mib,
+        extra_cmdline: String::new(),
+        init: None,
+        run_dir: run_dir.path().to_path_buf(),
+        restore: None,
+    };
+    let mut vm = Vm::spawn(&spec).await?;
+    vm.wait_agent_ready(BOOT_TIMEOUT).await?;
+    let boot_seconds = started.elapsed().as_secs_f64();
+    eprintln!("[template] agent up after {boot_seconds:.1} s; warming interpreters");
+    {
+        let client = AgentClient::connect(
+            vm.vsock_socket(),
+            airlock_protocol::AGENT_VSOCK_PORT,
+            CONNECT_TIMEOUT,
+        )
+        .await
+        .context("cannot reach the agent of the template VM")?;
+        wait_warm(&client).await?;
+    }
+    let warm_seconds = started.elapsed().as_secs_f64() - boot_seconds;
+    eprintln!("[template] interpreters warm after {warm_seconds:.1} s more; saving the snapshot");
+    tokio::time::sleep(SETTLE).await;
+    let out = scratch.path().join("out");
+    let saved = vm.snapshot(&out).await?;
+    let info = TemplateInfo {
+        image_recipe_hash: image.manifest.recipe_hash.clone(),
+        shape,
+        snapshot_format: snapshot::FORMAT_VERSION,
+        created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        boot_seconds,
+        warm_seconds,
+        memory_bytes_written: saved.memory_bytes_written,
+    };
+    let text = serde_json::to_string_pretty(&info).context("cannot serialize template.json")?;
+    std::fs::write(out.join("template.json"), text + "\n").context("cannot write template.json")?;
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    std::fs::rename(&out, dest)
+        .with_context(|| format!("cannot move the template into {}", dest.display()))?;
+    eprintln!(
+        "[template] done: {} ({} MiB of guest memory in use)",
+        dest.display(),
+        saved.memory_bytes_written >> 20
+    );
+    Ok(Template {
+        dir: dest.to_path_buf(),
+        image: image.clone(),
+        info,
+    })
+}
+
+/// Asks the agent to answer once every interpreter is warm (or failed).
+async fn wait_warm(client: &AgentClient) -> Result<()> {
+    let deadline = Instant::now() + WARM_TIMEOUT;
+    loop {
+        let ask = airlock_protocol::Message::WarmStatus(airlock_protocol::WarmStatus {
+            wait_ms: Some(WARM_POLL.as_millis() as u64),
+        });
+        let frame = client
+            .request(ask, Vec::new())
+            .await
+            .context("cannot ask the agent whether it is warm")?
+            .finish()
+            .await
+            .context("cannot ask the agent whether it is warm")?;
+        let airlock_protocol::Message::WarmStatusReply(status) = frame.message else {
+            bail!(
+                "unexpected reply to a warm-status request: {:?}",
+                frame.message
+            );
+        };
+        if status.all_warm() {
+            return Ok(());
+        }
+        if let Some(failed) = status
+            .interpreters
+            .iter()
+            .find(|i| i.state == airlock_protocol::InterpreterState::Failed)
+        {
+            bail!(
+                "the template's {} interpreter failed to start: {:?}",
+                failed.language.name(),
+                failed.detail
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the template's interpreters did not warm up within {WARM_TIMEOUT:?}: {status:?}"
+            );
+        }
+    }
+}
