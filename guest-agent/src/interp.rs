@@ -172,8 +172,14 @@ impl Interpreters {
                 let argv = match lang {
                     Language::Python => vec![config.python.clone(), file("driver.py")],
                     // The REPL's top-level-await rewriter lives in node's internals.
+                    // --single-threaded: V8's background GC and compiler threads
+                    // crash node on a software-nested KVM (kvm_pvm; seen as a
+                    // segfault in GC marking, with our VMM and with QEMU alike), and
+                    // a REPL gains little from them; fewer threads also mean fewer
+                    // guest wake-ups.
                     Language::Javascript => vec![
                         config.node.clone(),
+                        "--single-threaded".into(),
                         "--expose-internals".into(),
                         file("driver.js"),
                     ],
