@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::sync::watch;
@@ -15,16 +16,28 @@ use crate::sandbox::pool::WarmPool;
 use crate::sandbox::registry::Provider;
 use crate::template::TemplateShape;
 
+/// After a failed preparation, the next call that needs a sandbox tries
+/// again once this long has passed.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+
 #[derive(Clone)]
 enum Readiness {
     Preparing,
     Ready(Arc<WarmPool>),
-    Failed(String),
+    Failed(String, Instant),
+}
+
+struct Recipe {
+    cache: PathBuf,
+    airlock_exe: PathBuf,
+    shape: TemplateShape,
+    pool_size: usize,
 }
 
 /// The warm pool, once the image and the template exist.
 pub struct LazyPool {
-    state: watch::Receiver<Readiness>,
+    state: watch::Sender<Readiness>,
+    recipe: Arc<Recipe>,
     closed: Arc<AtomicBool>,
 }
 
@@ -37,39 +50,64 @@ impl LazyPool {
         shape: TemplateShape,
         pool_size: usize,
     ) -> LazyPool {
-        let (tx, rx) = watch::channel(Readiness::Preparing);
-        let closed = Arc::new(AtomicBool::new(false));
-        let closed_in_task = closed.clone();
+        let (state, _) = watch::channel(Readiness::Preparing);
+        let lazy = LazyPool {
+            state,
+            recipe: Arc::new(Recipe {
+                cache,
+                airlock_exe,
+                shape,
+                pool_size,
+            }),
+            closed: Arc::new(AtomicBool::new(false)),
+        };
+        lazy.spawn_preparation();
+        lazy
+    }
+
+    fn spawn_preparation(&self) {
+        let tx = self.state.clone();
+        let recipe = self.recipe.clone();
+        let closed = self.closed.clone();
         tokio::spawn(async move {
-            let state = match prepare(cache, airlock_exe, shape, pool_size).await {
-                Ok(pool) => {
-                    if closed_in_task.load(Ordering::SeqCst) {
-                        pool.close().await;
-                        Readiness::Failed("the server is shutting down".into())
-                    } else {
-                        tracing::info!(pool_size, "sandboxes ready");
-                        let _ = tx.send(Readiness::Ready(pool.clone()));
-                        // A close that came while we sent saw no pool.
-                        if closed_in_task.load(Ordering::SeqCst) {
-                            pool.close().await;
-                        }
-                        return;
-                    }
-                }
+            let prepared = prepare(&recipe).await;
+            let pool = match prepared {
+                Ok(pool) => pool,
                 Err(err) => {
                     let message = format!("{err:#}");
                     tracing::error!(err = %message, "cannot prepare sandboxes");
-                    Readiness::Failed(message)
+                    tx.send_replace(Readiness::Failed(message, Instant::now()));
+                    return;
                 }
             };
-            let _ = tx.send(state);
+            if !closed.load(Ordering::SeqCst) {
+                tracing::info!(pool_size = recipe.pool_size, "sandboxes ready");
+                tx.send_replace(Readiness::Ready(pool.clone()));
+            }
+            // A close that came before or while we sent saw no pool.
+            if closed.load(Ordering::SeqCst) {
+                pool.close().await;
+            }
         });
-        LazyPool { state: rx, closed }
     }
 
-    /// The pool, waiting for it if it is still being prepared.
+    /// The pool, waiting for it if it is still being prepared, and
+    /// preparing it again if the last attempt failed a while ago.
     async fn pool(&self) -> Result<Arc<WarmPool>> {
-        let mut rx = self.state.clone();
+        let retry = self.state.send_if_modified(|state| match state {
+            Readiness::Failed(_, at)
+                if at.elapsed() >= RETRY_AFTER && !self.closed.load(Ordering::SeqCst) =>
+            {
+                *state = Readiness::Preparing;
+                true
+            }
+            _ => false,
+        });
+        if retry {
+            tracing::info!("preparing sandboxes again after the last attempt failed");
+            self.spawn_preparation();
+        }
+        let mut rx = self.state.subscribe();
         let state = rx
             .wait_for(|s| !matches!(s, Readiness::Preparing))
             .await
@@ -77,7 +115,14 @@ impl LazyPool {
             .clone();
         match state {
             Readiness::Ready(pool) => Ok(pool),
-            Readiness::Failed(message) => Err(anyhow::anyhow!("{message}")),
+            Readiness::Failed(message, at) => Err(anyhow::anyhow!(
+                "{message} (the server tries again {} after a failure)",
+                if at.elapsed() >= RETRY_AFTER {
+                    "now".to_string()
+                } else {
+                    format!("{} s", (RETRY_AFTER - at.elapsed()).as_secs())
+                }
+            )),
             Readiness::Preparing => unreachable!("waited for another state"),
         }
     }
@@ -87,28 +132,28 @@ impl LazyPool {
         match &*self.state.borrow() {
             Readiness::Preparing => ("preparing", None),
             Readiness::Ready(_) => ("ready", None),
-            Readiness::Failed(message) => ("failed", Some(message.clone())),
+            Readiness::Failed(message, _) => ("failed", Some(message.clone())),
         }
     }
 }
 
-async fn prepare(
-    cache: PathBuf,
-    airlock_exe: PathBuf,
-    shape: TemplateShape,
-    pool_size: usize,
-) -> Result<Arc<WarmPool>> {
-    let image_cache = cache.clone();
+async fn prepare(recipe: &Recipe) -> Result<Arc<WarmPool>> {
+    let image_cache = recipe.cache.clone();
     // Builds the image if missing (minutes, once), with progress on stderr.
     let (image, _) = tokio::task::spawn_blocking(move || crate::image::ensure(&image_cache))
         .await
         .context("the image task failed")?
         .context("cannot prepare the guest image")?;
-    let template = crate::template::ensure(&cache, &image, shape, &airlock_exe)
-        .await
-        .context("cannot prepare the warm template")?;
+    let template =
+        crate::template::ensure(&recipe.cache, &image, recipe.shape, &recipe.airlock_exe)
+            .await
+            .context("cannot prepare the warm template")?;
     tracing::info!(template = %template.dir.display(), "warm template ready");
-    Ok(WarmPool::start(template, airlock_exe, pool_size))
+    Ok(WarmPool::start(
+        template,
+        recipe.airlock_exe.clone(),
+        recipe.pool_size,
+    ))
 }
 
 impl Provider for LazyPool {

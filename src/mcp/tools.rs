@@ -281,7 +281,7 @@ fn agent_fail(err: AgentError) -> Fail {
                 ErrorCode::NotReady => " Try again in a moment.",
                 _ => "",
             };
-            Fail(format!("{message}.{hint}").replace("..", "."))
+            Fail(format!("{}.{hint}", message.trim_end_matches('.')))
         }
         AgentError::Closed(_) | AgentError::Io(_) | AgentError::Protocol(_) => Fail(format!(
             "the sandbox stopped responding ({err}). Call reset_sandbox to get a fresh one (files and variables will be lost)."
@@ -1070,6 +1070,10 @@ impl AirlockServer {
                 mime,
             ));
             return Ok(CallToolResult::success(content));
+        }
+        if whole && bytes.is_empty() {
+            note.push_str(&format!("{} is empty (0 bytes).", args.path));
+            return Ok(CallToolResult::success(vec![ContentBlock::text(note)]));
         }
         // A range may end inside a character: that is still text.
         let text_part = match std::str::from_utf8(&bytes) {
