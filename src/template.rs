@@ -49,6 +49,10 @@ pub struct TemplateInfo {
     pub boot_seconds: f64,
     pub warm_seconds: f64,
     pub memory_bytes_written: u64,
+    /// Interpreters that could not be warmed (they start on first use in
+    /// each sandbox instead), with the reason.
+    #[serde(default)]
+    pub not_warm: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -135,7 +139,7 @@ async fn create(
     vm.wait_agent_ready(BOOT_TIMEOUT).await?;
     let boot_seconds = started.elapsed().as_secs_f64();
     eprintln!("[template] agent up after {boot_seconds:.1} s; warming interpreters");
-    {
+    let not_warm = {
         let client = AgentClient::connect(
             vm.vsock_socket(),
             airlock_protocol::AGENT_VSOCK_PORT,
@@ -143,7 +147,10 @@ async fn create(
         )
         .await
         .context("cannot reach the agent of the template VM")?;
-        wait_warm(&client).await?;
+        wait_warm(&client).await?
+    };
+    for note in &not_warm {
+        eprintln!("[template] warning: {note}; it will start on first use in each sandbox");
     }
     let warm_seconds = started.elapsed().as_secs_f64() - boot_seconds;
     eprintln!("[template] interpreters warm after {warm_seconds:.1} s more; saving the snapshot");
@@ -158,6 +165,7 @@ async fn create(
         boot_seconds,
         warm_seconds,
         memory_bytes_written: saved.memory_bytes_written,
+        not_warm,
     };
     let text = serde_json::to_string_pretty(&info).context("cannot serialize template.json")?;
     std::fs::write(out.join("template.json"), text + "\n").context("cannot write template.json")?;
@@ -179,8 +187,19 @@ async fn create(
     })
 }
 
-/// Asks the agent to answer once every interpreter is warm (or failed).
-async fn wait_warm(client: &AgentClient) -> Result<()> {
+/// Interpreters the template must have warm; the others are best effort.
+/// (On kvm_pvm, node sometimes dies with SIGSEGV in V8 while starting: the
+/// hypervisor's emulation, not airlock; python and bash are what most
+/// sandboxes use first.)
+const REQUIRED_WARM: [airlock_protocol::Language; 2] = [
+    airlock_protocol::Language::Python,
+    airlock_protocol::Language::Bash,
+];
+
+/// Waits until every interpreter is warm or has failed; fails if a required
+/// one failed, and returns notes about the optional ones that did.
+async fn wait_warm(client: &AgentClient) -> Result<Vec<String>> {
+    use airlock_protocol::InterpreterState;
     let deadline = Instant::now() + WARM_TIMEOUT;
     loop {
         let ask = airlock_protocol::Message::WarmStatus(airlock_protocol::WarmStatus {
@@ -199,19 +218,29 @@ async fn wait_warm(client: &AgentClient) -> Result<()> {
                 frame.message
             );
         };
-        if status.all_warm() {
-            return Ok(());
-        }
-        if let Some(failed) = status
-            .interpreters
-            .iter()
-            .find(|i| i.state == airlock_protocol::InterpreterState::Failed)
-        {
-            bail!(
-                "the template's {} interpreter failed to start: {:?}",
-                failed.language.name(),
-                failed.detail
-            );
+        let settled = !status.interpreters.is_empty()
+            && status
+                .interpreters
+                .iter()
+                .all(|i| matches!(i.state, InterpreterState::Warm | InterpreterState::Failed));
+        if settled {
+            let mut notes = Vec::new();
+            for i in status
+                .interpreters
+                .iter()
+                .filter(|i| i.state == InterpreterState::Failed)
+            {
+                let why = format!(
+                    "the {} interpreter failed to start: {}",
+                    i.language.name(),
+                    i.detail.as_deref().unwrap_or("no detail")
+                );
+                if REQUIRED_WARM.contains(&i.language) {
+                    bail!("the template needs it warm: {why}");
+                }
+                notes.push(why);
+            }
+            return Ok(notes);
         }
         if Instant::now() > deadline {
             bail!(
