@@ -281,6 +281,11 @@ fn agent_fail(err: AgentError) -> Fail {
                 ErrorCode::NotReady => " Try again in a moment.",
                 _ => "",
             };
+            let hint = if message.to_ascii_lowercase().contains("again") {
+                ""
+            } else {
+                hint
+            };
             Fail(format!("{}.{hint}", message.trim_end_matches('.')))
         }
         AgentError::Closed(_) | AgentError::Io(_) | AgentError::Protocol(_) => Fail(format!(
@@ -1000,10 +1005,12 @@ impl AirlockServer {
         };
         let size = bytes.len();
         let client = lease.sandbox().client();
+        let agent_started = Instant::now();
         let stat = tokio::select! {
             r = client.write_file(write, bytes) => r.map_err(agent_fail)?,
             _ = lease.cancelled() => return Err(Fail("the sandbox was reset or destroyed during the write".into())),
         };
+        tracing::debug!(sandbox = lease.id(), size, agent = ?agent_started.elapsed(), "write_file");
         let mut text = format!("Wrote {size} bytes to {}", stat.path);
         if created {
             text.insert_str(0, &created_note(lease.id()));
@@ -1040,10 +1047,12 @@ impl AirlockServer {
         };
         let (lease, created) = self.lease(ctx, args.sandbox_id).await?;
         let client = lease.sandbox().client();
+        let agent_started = Instant::now();
         let (data, bytes) = tokio::select! {
             r = client.read_file_range(&args.path, offset, Some(length)) => r.map_err(agent_fail)?,
             _ = lease.cancelled() => return Err(Fail("the sandbox was reset or destroyed during the read".into())),
         };
+        tracing::debug!(sandbox = lease.id(), size = bytes.len(), agent = ?agent_started.elapsed(), "read_file");
         let end = data.offset + bytes.len() as u64;
         let whole = data.offset == 0 && data.eof;
         let range = if whole {

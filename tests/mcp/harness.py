@@ -188,7 +188,11 @@ class HttpServer:
             timeout=httpx2.Timeout(30.0, read=FIRST_CALL_TIMEOUT),
         )
         async with client:
-            async with streamable_http_client(f"{self.url}/mcp", http_client=client) as (read, write):
+            # Results carrying a 10 MiB file are bigger than the SDK's default
+            # 1 MiB limit on one server-sent event.
+            async with streamable_http_client(
+                f"{self.url}/mcp", http_client=client, max_sse_event_size=64 << 20
+            ) as (read, write):
                 async with ClientSession(read, write) as session:
                     if modern:
                         await session.discover()

@@ -27,9 +27,9 @@ def raw_post(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as r:
-            return r.status, dict(r.headers)
+            return r.status, {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers)
+        return e.code, {k.lower(): v for k, v in e.headers.items()}
 
 
 async def main() -> None:
@@ -39,9 +39,9 @@ async def main() -> None:
 
         # Auth.
         status, headers = raw_post(mcp_url, {})
-        check(status == 401 and headers.get("WWW-Authenticate", "").startswith("Bearer"), f"no token: 401 with WWW-Authenticate ({status})")
+        check(status == 401 and headers.get("www-authenticate", "").startswith("Bearer"), f"no token: 401 with WWW-Authenticate ({status})")
         status, headers = raw_post(mcp_url, {"Authorization": "Bearer not-the-right-token-at-all"})
-        check(status == 401 and "invalid_token" in headers.get("WWW-Authenticate", ""), f"wrong token: 401 invalid_token ({status})")
+        check(status == 401 and "invalid_token" in headers.get("www-authenticate", ""), f"wrong token: 401 invalid_token ({status})")
         refused = False
         try:
             async with server.session(token="wrong-token-0123456789"):

@@ -6,6 +6,7 @@ sandbox_info, and no VMM left behind when stdin closes."""
 from __future__ import annotations
 
 import base64
+import os
 import time
 
 import anyio
@@ -28,7 +29,9 @@ EXPECTED_TOOLS = {"run_code", "run_command", "write_file", "read_file", "list_fi
 
 
 async def main() -> None:
-    params = StdioServerParameters(command=AIRLOCK, args=["serve"])
+    # The SDK passes the server only a few variables of ours: add airlock's own.
+    env = {k: v for k, v in os.environ.items() if k.startswith("AIRLOCK_")}
+    params = StdioServerParameters(command=AIRLOCK, args=["serve"], env=env)
     vmms: list[int] = []
     async with stdio_client(params) as (read, write):
         async with ClientSession(read, write) as s:
@@ -125,7 +128,7 @@ async def main() -> None:
             check(n1 == n2, f"the cancelled code stopped running ({n1} then {n2} ticks)")
             started = time.monotonic()
             r = await run(s, "x + 1")
-            check("42" in text_of(r), f"the sandbox is usable after a cancellation ({time.monotonic() - started:.2f} s)")
+            check("42" in text_of(r), f"the sandbox is usable after a cancellation ({time.monotonic() - started:.2f} s): {text_of(r)!r}")
 
             # Progress notifications during a long run.
             progress: list[tuple[float, str | None]] = []
