@@ -107,11 +107,13 @@ pub struct RunCodeArgs {
     /// Stop the code after this many seconds (default 60; at most the
     /// server's maximum, 600 unless configured otherwise).
     #[serde(default)]
+    #[schemars(with = "f64", transform = optional)]
     pub timeout_seconds: Option<f64>,
     /// Only for clients without MCP sessions: the sandbox_id returned by an
     /// earlier call, to keep working in that sandbox. Omit it to use this
     /// conversation's sandbox (or, without a session, to create a new one).
     #[serde(default)]
+    #[schemars(with = "String", transform = optional)]
     pub sandbox_id: Option<String>,
 }
 
@@ -123,13 +125,16 @@ pub struct RunCommandArgs {
     /// Working directory (default /home/sandbox); relative paths are inside
     /// /home/sandbox.
     #[serde(default)]
+    #[schemars(with = "String", transform = optional)]
     pub cwd: Option<String>,
     /// Stop the command (and every process it started) after this many
     /// seconds (default 60; at most the server's maximum, 600 unless configured otherwise).
     #[serde(default)]
+    #[schemars(with = "f64", transform = optional)]
     pub timeout_seconds: Option<f64>,
     /// Only for clients without MCP sessions: see run_code.
     #[serde(default)]
+    #[schemars(with = "String", transform = optional)]
     pub sandbox_id: Option<String>,
 }
 
@@ -156,6 +161,7 @@ pub struct WriteFileArgs {
     pub encoding: EncodingArg,
     /// Only for clients without MCP sessions: see run_code.
     #[serde(default)]
+    #[schemars(with = "String", transform = optional)]
     pub sandbox_id: Option<String>,
 }
 
@@ -165,12 +171,15 @@ pub struct ReadFileArgs {
     pub path: String,
     /// First byte to read (default 0).
     #[serde(default)]
+    #[schemars(with = "u64", transform = optional)]
     pub offset: Option<u64>,
     /// Bytes to read (default: to the end, at most 10 MiB per call).
     #[serde(default)]
+    #[schemars(with = "u64", transform = optional)]
     pub length: Option<u64>,
     /// Only for clients without MCP sessions: see run_code.
     #[serde(default)]
+    #[schemars(with = "String", transform = optional)]
     pub sandbox_id: Option<String>,
 }
 
@@ -178,12 +187,15 @@ pub struct ReadFileArgs {
 pub struct ListFilesArgs {
     /// The directory (default /home/sandbox); relative paths are inside /home/sandbox.
     #[serde(default)]
+    #[schemars(with = "String", transform = optional)]
     pub path: Option<String>,
     /// Also list subdirectories' contents (at most 1000 entries in all).
     #[serde(default)]
+    #[schemars(with = "bool", transform = optional)]
     pub recursive: Option<bool>,
     /// Only for clients without MCP sessions: see run_code.
     #[serde(default)]
+    #[schemars(with = "String", transform = optional)]
     pub sandbox_id: Option<String>,
 }
 
@@ -192,7 +204,14 @@ pub struct SandboxArgs {
     /// Only for clients without MCP sessions: the sandbox_id returned by an
     /// earlier call. Omit it to mean this conversation's sandbox.
     #[serde(default)]
+    #[schemars(with = "String", transform = optional)]
     pub sandbox_id: Option<String>,
+}
+
+/// An optional argument's schema: its type, without the `"default": null`
+/// that a `null` default would add (absent is what "optional" means here).
+fn optional(schema: &mut schemars::Schema) {
+    schema.remove("default");
 }
 
 /// The result of run_code and run_command.
@@ -1290,5 +1309,67 @@ impl ServerHandler for AirlockServer {
                 fmt_duration(limits.idle_timeout),
                 fmt_duration(limits.max_lifetime)
             ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tools_have_portable_inputs_and_truthful_annotations() {
+        let tools = AirlockServer::tool_router().list_all();
+        assert_eq!(tools.len(), 7);
+        for tool in &tools {
+            let schema = serde_json::to_string(&tool.input_schema).unwrap();
+            assert!(!schema.contains("null"), "{}: {schema}", tool.name);
+            assert!(schema.contains("sandbox_id"), "{}: {schema}", tool.name);
+            let a = tool.annotations.as_ref().expect("annotations");
+            let read_only = matches!(
+                tool.name.as_ref(),
+                "read_file" | "list_files" | "sandbox_info"
+            );
+            assert_eq!(a.read_only_hint, Some(read_only), "{}", tool.name);
+            assert_eq!(a.open_world_hint, Some(false), "{}", tool.name);
+            assert!(
+                tool.description.as_ref().is_some_and(|d| d.len() > 80),
+                "{}",
+                tool.name
+            );
+        }
+        let run_code = tools.iter().find(|t| t.name == "run_code").unwrap();
+        let a = run_code.annotations.as_ref().unwrap();
+        assert_eq!(
+            (a.idempotent_hint, a.destructive_hint),
+            (Some(false), Some(true))
+        );
+        assert!(run_code.output_schema.is_some());
+        let reset = tools.iter().find(|t| t.name == "reset_sandbox").unwrap();
+        assert_eq!(
+            reset.annotations.as_ref().unwrap().destructive_hint,
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn argument_checks_explain_the_fix() {
+        assert!(check_sandbox_id("0123456789abcdef0123456789ABCDEF").is_ok());
+        let Fail(m) = check_sandbox_id("xyz").unwrap_err();
+        assert!(m.contains("32-hex-digit"), "{m}");
+        assert!(check_path("path", "data.csv").is_ok());
+        let Fail(m) = check_path("path", &"a".repeat(MAX_PATH_BYTES + 1)).unwrap_err();
+        assert!(m.contains("4096"), "{m}");
+        assert!(check_path("path", "a\0b").is_err());
+        assert!(check_path("path", "").is_err());
+        assert_eq!(is_image(b"\x89PNG\r\n\x1a\nrest"), Some("image/png"));
+        assert_eq!(is_image(b"hello"), None);
+        let Fail(m) = agent_fail(AgentError::Remote {
+            code: ErrorCode::NotFound,
+            message: "/x: No such file or directory.".into(),
+        });
+        assert_eq!(
+            m,
+            "/x: No such file or directory. Check the path (list_files shows what exists)."
+        );
     }
 }
