@@ -6,21 +6,29 @@
 //! this one also forgets it after a short read (the socket is drained; with
 //! edge-triggered epoll any later data raises a new event). At ~1 ms per guest
 //! system call that is a real share of a request.
+//!
+//! The socket is registered for reading only. Registered for writing too,
+//! it would wake the agent after every reply, when the host has read it and
+//! buffer space frees up (an EPOLLOUT edge) though nothing waits to write.
+//! A write that finds the buffer full registers a duplicate of the socket
+//! for writability, and drops it once the write went through.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 /// Both halves of a connection: clones share the socket, which closes when
 /// the last clone is dropped.
 #[derive(Clone)]
 pub struct Conn {
     fd: Arc<AsyncFd<OwnedFd>>,
+    /// A duplicate registered for writability while a write waits for room.
+    write_wait: Arc<Mutex<Option<AsyncFd<OwnedFd>>>>,
 }
 
 impl Conn {
@@ -33,8 +41,37 @@ impl Conn {
         }
         // SAFETY: the AsyncFd owns the OwnedFd, which stays open and keeps
         // its number until the AsyncFd is dropped.
-        let fd = unsafe { AsyncFd::register(fd) }?;
-        Ok(Conn { fd: Arc::new(fd) })
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?;
+        Ok(Conn {
+            fd: Arc::new(fd),
+            write_wait: Arc::default(),
+        })
+    }
+
+    /// Waits until the socket has room: registers a duplicate of it for
+    /// writability (the original is registered for reading only).
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut wait = self
+            .write_wait
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if wait.is_none() {
+            // SAFETY: F_DUPFD_CLOEXEC on an fd we hold.
+            let dup = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Poll::Ready(Err(io::Error::last_os_error()));
+            }
+            // SAFETY: a fresh fd we own; the AsyncFd owns it from here on and
+            // it keeps its number until the AsyncFd is dropped.
+            let dup = unsafe { OwnedFd::from_raw_fd(dup) };
+            *wait = Some(unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }?);
+        }
+        let Some(waiter) = wait.as_ref() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut guard = ready!(waiter.poll_write_ready(cx))?;
+        guard.clear_ready();
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -84,35 +121,32 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         loop {
-            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            let result = guard.try_io(|fd| {
-                // SAFETY: pointer and length describe `buf`. MSG_NOSIGNAL: a
-                // closed peer is an error, not a SIGPIPE.
-                let n = unsafe {
-                    libc::send(
-                        fd.as_raw_fd(),
-                        buf.as_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_NOSIGNAL,
-                    )
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
+            // SAFETY: pointer and length describe `buf`. MSG_NOSIGNAL: a
+            // closed peer is an error, not a SIGPIPE.
+            let n = unsafe {
+                libc::send(
+                    self.fd.as_raw_fd(),
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                // Done waiting for room: stop watching for it.
+                let mut wait = self
+                    .write_wait
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if wait.is_some() {
+                    *wait = None;
                 }
-            });
-            match result {
-                Ok(Ok(n)) => {
-                    if n > 0 && n < buf.len() {
-                        // The socket buffer is full; wait for the next edge.
-                        guard.clear_ready();
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => {}
+                return Poll::Ready(Ok(n as usize));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => ready!(self.poll_room(cx))?,
+                _ => return Poll::Ready(Err(e)),
             }
         }
     }

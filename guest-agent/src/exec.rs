@@ -103,7 +103,9 @@ pub async fn exec(
     let mut err_cap = Capture::new(stderr_max);
     let mut out_buf = vec![0u8; READ_CHUNK];
     let mut err_buf = vec![0u8; READ_CHUNK];
-    let deadline = tokio::time::Instant::from_std(started + timeout);
+    // One timer for the whole call (see interp.rs).
+    let deadline = tokio::time::sleep_until(tokio::time::Instant::from_std(started + timeout));
+    tokio::pin!(deadline);
     let mut exit = child.exit;
     let mut status: Option<ExitStatus> = None;
     let (mut timed_out, mut cancelled) = (false, false);
@@ -138,7 +140,7 @@ pub async fn exec(
                 // cannot happen while we own it): report no status.
                 status = Some(s.unwrap_or(ExitStatus::from_raw(0xff00)));
             }
-            _ = tokio::time::sleep_until(deadline), if killed_at.is_none() => {
+            _ = &mut deadline, if killed_at.is_none() => {
                 timed_out = true;
                 kill(&group);
                 killed_at = Some(tokio::time::Instant::now());
@@ -150,6 +152,12 @@ pub async fn exec(
             }
             _ = sleep_until_opt(killed_at.map(|t| t + REAP_GRACE)) => break,
         }
+    }
+    // The call is over: what the command left running in the background
+    // ends with it (a backgrounded fork bomb, a forgotten server). Long-lived
+    // background jobs belong in the bash session of run_code.
+    if killed_at.is_none() {
+        kill(&group);
     }
     // Whatever the process wrote before it exited is in the pipes: take it
     // without waiting for writers it left behind (their output is dropped).
@@ -232,7 +240,7 @@ fn start(
             stdout: out_w,
             stderr: err_w,
             extra_fds: Vec::new(),
-            reset_oom_score: ops.config.reset_oom_score,
+            oom_score_adj: ops.config.reset_oom_score.then_some(&b"0"[..]),
         },
     )?;
     Ok((spawned, stdout, stderr, stdin_ours))

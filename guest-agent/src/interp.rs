@@ -209,15 +209,35 @@ impl Interpreters {
         Interpreters { sessions }
     }
 
-    /// Starts every interpreter in the background.
-    pub fn start_all(&self, ops: &Arc<Ops>) {
+    /// Starts the interpreters of `eager` in the background, one after the
+    /// other in that order (on one vCPU, starting them at once only makes
+    /// each of them late). The others start on their first call.
+    pub fn start_all(&self, ops: &Arc<Ops>, eager: &[Language]) {
+        let mut queue = Vec::new();
         for session in &self.sessions {
-            let (session, ops) = (session.clone(), ops.clone());
-            tokio::spawn(async move {
-                let guard = session.inner.clone().lock_owned().await;
-                session.start(ops, guard).await;
-            });
+            if eager.contains(&session.lang) {
+                // Taken now, so that calls queue behind the start.
+                let guard = session.inner.clone().try_lock_owned().ok();
+                queue.push((
+                    eager.iter().position(|l| *l == session.lang),
+                    session.clone(),
+                    guard,
+                ));
+            } else {
+                session.set_status(|s| s.state = InterpreterState::Stopped);
+            }
         }
+        queue.sort_by_key(|(order, _, _)| *order);
+        let ops = ops.clone();
+        tokio::spawn(async move {
+            for (_, session, guard) in queue {
+                let guard = match guard {
+                    Some(g) => g,
+                    None => session.inner.clone().lock_owned().await,
+                };
+                session.clone().start(ops.clone(), guard).await;
+            }
+        });
     }
 
     fn get(&self, lang: Language) -> Option<&Arc<Session>> {
@@ -297,7 +317,10 @@ impl Interpreters {
         let mut err_cap = Capture::new(stderr_max);
         let mut out_buf = vec![0u8; READ_CHUNK];
         let mut err_buf = vec![0u8; READ_CHUNK];
-        let deadline = tokio::time::Instant::from_std(deadline);
+        // One timer for the whole call (a timer registered anew on every
+        // turn of the loop would wake the runtime each time).
+        let deadline = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+        tokio::pin!(deadline);
         let (mut timed_out, mut cancelled) = (false, false);
         let mut interrupted_at: Option<tokio::time::Instant> = None;
         let mut connected = true;
@@ -366,7 +389,7 @@ impl Interpreters {
                         }
                     }
                     _ = proc.exited.changed() => break Ending::Died,
-                    _ = tokio::time::sleep_until(deadline), if interrupted_at.is_none() => {
+                    _ = &mut deadline, if interrupted_at.is_none() => {
                         timed_out = true;
                         sys::kill_group(proc.pid, libc::SIGINT);
                         interrupted_at = Some(tokio::time::Instant::now());
@@ -601,7 +624,12 @@ impl Session {
     ) -> Result<OwnedMutexGuard<Option<Proc>>, Message> {
         let mut restarted = false;
         loop {
-            let guard = tokio::select! {
+            // An idle interpreter is taken at once, without arming a timer.
+            let ready = self.inner.clone().try_lock_owned().ok();
+            let guard = if let Some(guard) = ready {
+                guard
+            } else {
+                tokio::select! {
                 g = self.inner.clone().lock_owned() => g,
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let st = self.status.borrow().clone();
@@ -623,6 +651,7 @@ impl Session {
                 }
                 _ = cancel.wait() => {
                     return Err(Message::error(ErrorCode::Cancelled, "cancelled while waiting for the interpreter"));
+                }
                 }
             };
             if guard.as_ref().is_some_and(|p| !p.is_dead()) {
@@ -764,7 +793,10 @@ impl Session {
                 stdout: out_w,
                 stderr: err_w,
                 extra_fds: vec![in_r, ev_w],
-                reset_oom_score: ops.config.reset_oom_score,
+                // Below exec'd commands: when the sandbox runs out of
+                // memory, a runaway command dies before the warm state
+                // (an interpreter that is itself the hog still goes).
+                oom_score_adj: ops.config.reset_oom_score.then_some(&b"-500"[..]),
             },
         )?;
         let (tx, exited) = watch::channel(None);

@@ -136,8 +136,15 @@ fn serve_unix(path: PathBuf, home: Option<PathBuf>) -> io::Result<()> {
         log!("{VERSION} serving on {}", path.display());
         loop {
             let (stream, _) = listener.accept().await?;
-            let (read, write) = stream.into_split();
-            tokio::spawn(server::serve_connection(agent.clone(), read, write, "unix"));
+            // The same stream type as for vsock, so that measurements here
+            // tell what the guest does.
+            let conn = conn::Conn::new(std::os::fd::OwnedFd::from(stream.into_std()?))?;
+            tokio::spawn(server::serve_connection(
+                agent.clone(),
+                conn.clone(),
+                conn,
+                "unix",
+            ));
         }
     })
 }

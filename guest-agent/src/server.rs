@@ -298,17 +298,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let running = running.clone();
                 let payload = frame.payload;
                 tokio::spawn(async move {
-                    // In a task of its own, so that a panic still gets an answer.
-                    let worker = reply.clone();
-                    let work = tokio::spawn(async move {
-                        ops.handle(message, payload, &worker, Cancel::new(cancel))
-                            .await
-                    });
-                    let (message, payload) = work.await.unwrap_or_else(|e| {
-                        log!("request {id} failed: {e}");
-                        let msg = "the agent failed while handling this request";
-                        (Message::error(ErrorCode::Internal, msg), Vec::new())
-                    });
+                    // A panic still gets an answer. In this same task (not a
+                    // task of its own), so that the final frame is usually
+                    // queued before the writer runs: one write for the last
+                    // output and the result.
+                    let work = ops.handle(message, payload, &reply, Cancel::new(cancel));
+                    let (message, payload) =
+                        CatchUnwind(Box::pin(work)).await.unwrap_or_else(|()| {
+                            log!("request {id} panicked");
+                            let msg = "the agent failed while handling this request";
+                            (Message::error(ErrorCode::Internal, msg), Vec::new())
+                        });
                     running.finish(id);
                     reply.event(message, payload).await;
                 });
@@ -350,6 +350,25 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, mut rx: mpsc::Receiver
         if writer.write_all(&batch).await.is_err() {
             // The peer went away; the reader sees it too.
             return;
+        }
+    }
+}
+
+/// A future that turns a panic while polling into `Err`.
+struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
         }
     }
 }

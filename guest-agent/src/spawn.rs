@@ -34,8 +34,9 @@ pub struct SpawnSpec {
     pub stderr: OwnedFd,
     /// Become fds 3, 4, ... in the child.
     pub extra_fds: Vec<OwnedFd>,
-    /// Set the child's oom_score_adj back to 0 (the agent runs at -1000).
-    pub reset_oom_score: bool,
+    /// The child's oom_score_adj (the agent runs at -1000, which children
+    /// would inherit); `None` leaves it.
+    pub oom_score_adj: Option<&'static [u8]>,
 }
 
 /// A started process. Its exit status arrives on `exit` (the reaper owns waitpid).
@@ -87,11 +88,11 @@ pub fn spawn(reaper: &Reaper, spec: SpawnSpec) -> io::Result<Spawned> {
     let cgroup_fd: RawFd = spec.cgroup_procs.as_ref().map_or(-1, |fd| fd.as_raw_fd());
     let extra: Vec<RawFd> = spec.extra_fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let creds = spec.creds;
-    let reset_oom = spec.reset_oom_score;
+    let oom_score = spec.oom_score_adj;
     // SAFETY: the closure runs in the forked child and only makes raw,
     // async-signal-safe system calls on data prepared before the fork.
     unsafe {
-        cmd.pre_exec(move || child_setup(cgroup_fd, reset_oom, &oom_path, &extra, creds, &cwd));
+        cmd.pre_exec(move || child_setup(cgroup_fd, oom_score, &oom_path, &extra, creds, &cwd));
     }
     let (pid, exit) = reaper.spawn(|| {
         let child = cmd.spawn()?;
@@ -110,7 +111,7 @@ pub fn spawn(reaper: &Reaper, spec: SpawnSpec) -> io::Result<Spawned> {
 /// Runs in the child between fork and exec.
 fn child_setup(
     cgroup_fd: RawFd,
-    reset_oom: bool,
+    oom_score: Option<&[u8]>,
     oom_path: &CString,
     extra: &[RawFd],
     creds: Option<Creds>,
@@ -121,10 +122,10 @@ fn child_setup(
         if cgroup_fd >= 0 && libc::write(cgroup_fd, b"0".as_ptr().cast(), 1) != 1 {
             return Err(io::Error::last_os_error());
         }
-        if reset_oom {
+        if let Some(value) = oom_score {
             let fd = libc::open(oom_path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
             if fd >= 0 {
-                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::write(fd, value.as_ptr().cast(), value.len());
                 libc::close(fd);
             }
         }

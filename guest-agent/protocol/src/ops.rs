@@ -58,6 +58,10 @@ pub struct OutputLimits {
 /// Client → agent: run a command as the sandbox user, in its own process
 /// group and cgroup. The payload is its stdin (empty: stdin is /dev/null).
 /// Events: [`crate::Output`]; final: [`ExecResult`].
+///
+/// The call ends when the command exits; anything it left running in the
+/// background is killed then (long-lived background jobs belong in the bash
+/// session of [`RunCode`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exec {
     pub command: Command,
@@ -228,6 +232,8 @@ pub struct WarmStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InterpreterState {
+    /// Not started at agent start-up; the first call starts it.
+    Stopped,
     /// Started, not ready yet (importing).
     Starting,
     /// Ready for code.

@@ -52,31 +52,36 @@ def _send(event):
 
 
 _inbuf = b""
+# Read into one buffer allocated once: os.read would map and unmap a fresh
+# megabyte for every command.
+_readbuf = bytearray(1 << 20)
 
 
 def _recv():
     global _inbuf
     while b"\n" not in _inbuf:
-        chunk = os.read(CTL_IN, 1 << 20)
-        if not chunk:
+        n = os.readv(CTL_IN, [_readbuf])
+        if not n:
             # The agent closed the pipe: nothing more to do.
             os._exit(0)
-        _inbuf += chunk
+        _inbuf += _readbuf[:n]
     line, _, _inbuf = _inbuf.partition(b"\n")
     return json.loads(line)
 
 
 class _Stream(io.TextIOWrapper):
-    """A buffered text stream on a pipe that flushes at most every 50 ms
-    (and at the end of each cell): few write system calls for bursts of
-    prints, while the first print after a quiet spell goes out at once."""
+    """A buffered text stream on a pipe that flushes at a line end when
+    50 ms have passed since the last flush (and at the end of each cell, and
+    when 64 KiB are pending): few write system calls for bursts of prints,
+    while the first line after a quiet spell goes out at once."""
 
     def write(self, s):
         n = super().write(s)
-        now = time.monotonic()
-        if now - self._airlock_last >= 0.05:
-            self.flush()
-            self._airlock_last = now
+        if s.endswith("\n"):
+            now = time.monotonic()
+            if now - self._airlock_last >= 0.05:
+                self.flush()
+                self._airlock_last = now
         return n
 
 
@@ -98,7 +103,33 @@ sys.stdout, sys.stderr = _stdout, _stderr
 
 
 def _warm():
-    """Import the heavy libraries and run each once."""
+    """Import the heavy libraries and run each once.
+
+    Two imports would start a program (each a fork and exec, seconds on a
+    software-nested guest): pandas asks platform for the processor, which
+    runs `uname -p` (it says "unknown" on Linux, reported as ""), and
+    matplotlib looks for fontconfig's fc-list, which the image lacks. Both
+    answers are known, so they are given without the programs."""
+    import platform
+    import subprocess
+    platform._Processor.get = classmethod(lambda cls: "")
+    real_check_output = subprocess.check_output
+
+    def check_output(args, *a, **kw):
+        if isinstance(args, (list, tuple)) and args and args[0] == "fc-list":
+            import shutil
+            if shutil.which("fc-list") is None:
+                raise FileNotFoundError(2, "No such file or directory", "fc-list")
+        return real_check_output(args, *a, **kw)
+
+    subprocess.check_output = check_output
+    try:
+        _warm_imports()
+    finally:
+        subprocess.check_output = real_check_output
+
+
+def _warm_imports():
     for mod in ("json", "re", "math", "collections", "datetime", "itertools",
                 "functools", "statistics", "csv", "pathlib", "subprocess",
                 "asyncio", "decimal", "fractions", "textwrap", "string"):

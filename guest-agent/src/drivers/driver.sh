@@ -7,7 +7,9 @@
 # events out, one JSON object per line; user output goes to fds 1 and 2.
 #
 # Interrupting a cell (SIGINT to the process group) makes the trap below
-# return from the sourced cell; `exit` ends the session, and the agent
+# return from the sourced cell (the trap is set once: changing it per cell
+# costs system calls; a cell that sets its own INT trap makes later
+# timeouts restart the shell). `exit` ends the session, and the agent
 # starts a new one.
 
 exec 62>&4 63<&3 3<&- 4>&-
@@ -21,22 +23,27 @@ __airlock_done() {
 }
 trap '__airlock_st=$?; ((__airlock_pending)) && printf "{\"ev\":\"done\",\"status\":%d,\"exited\":true}\n" "$__airlock_st" >&62' EXIT
 
-trap ':' INT
+# Outside a cell `return` fails harmlessly (a late signal).
+trap 'return 130 2>/dev/null' INT
 printf '{"ev":"ready"}\n' >&62
 # Two loops: a `break` in a cell leaves only the inner one.
 while :; do
     while :; do
         # A `continue` in a cell lands here, before its "done".
-        if ((__airlock_pending)); then trap ':' INT; __airlock_done 0; fi
-        IFS= read -r -n 1 -u 63 __airlock_op || exit 0
+        if ((__airlock_pending)); then __airlock_done 0; fi
+        IFS= read -r -n 1 -u 63 __airlock_op
+        __airlock_rs=$?
+        if ((__airlock_rs)); then
+            # Interrupted by a late signal: read again. End of input: the
+            # agent is gone.
+            ((__airlock_rs > 128)) && continue
+            exit 0
+        fi
         case $__airlock_op in
             r)
                 __airlock_pending=1
-                trap 'return 130' INT
                 source "$__airlock_cell"
-                __airlock_st=$?
-                trap ':' INT
-                __airlock_done "$__airlock_st"
+                __airlock_done "$?"
                 ;;
             z)
                 RANDOM=$SRANDOM
@@ -44,5 +51,5 @@ while :; do
                 ;;
         esac
     done
-    if ((__airlock_pending)); then trap ':' INT; __airlock_done 0; fi
+    if ((__airlock_pending)); then __airlock_done 0; fi
 done
