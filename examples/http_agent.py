@@ -58,7 +58,12 @@ async def main() -> int:
     headers = {"Authorization": f"Bearer {TOKEN}"} if TOKEN else {}
     # The first call of a fresh install waits for the warm template: allow minutes.
     http = create_mcp_http_client(headers=headers, timeout=httpx2.Timeout(30.0, read=1800.0))
-    async with http, streamable_http_client(URL, http_client=http) as (read, write):
+    # A result holding a big file arrives as one server-sent event: allow
+    # more than the SDK's default of 1 MiB.
+    async with http, streamable_http_client(URL, http_client=http, max_sse_event_size=32 << 20) as (
+        read,
+        write,
+    ):
         async with ClientSession(read, write) as session:
             init = await session.initialize()
             print(f"connected to {init.server_info.name} {init.server_info.version}")
@@ -66,7 +71,8 @@ async def main() -> int:
             print("tools:", ", ".join(tools))
             for name, arguments in STEPS:
                 result = await session.call_tool(name, arguments, read_timeout_seconds=1800)
-                print(f"\n>>> {name} {arguments.get('code', arguments.get('path', ''))!s:.60}")
+                what = str(arguments.get("code", arguments.get("path", ""))).splitlines()
+                print(f"\n>>> {name} {what[0] if what else ''}")
                 for block in result.content:
                     if block.type == "text":
                         print(block.text)

@@ -98,6 +98,7 @@ pub async fn serve(addr: SocketAddr, app: App, options: &ServeOptions) -> Result
         .route("/metrics", get(metrics))
         .with_state(app.clone())
         .nest_service("/mcp", service)
+        .layer(axum::middleware::from_fn(delete_answers_no_content))
         .layer(axum::middleware::from_fn_with_state(
             app.tokens.clone(),
             require_token,
@@ -137,6 +138,20 @@ pub async fn serve(addr: SocketAddr, app: App, options: &ServeOptions) -> Result
         tracing::warn!("some HTTP connections were still open after {DRAIN:?}; closing them");
     }
     Ok(())
+}
+
+/// A session DELETE succeeds with 204 No Content: rmcp answers 202, which
+/// clients such as the Python SDK log as a failed termination.
+async fn delete_answers_no_content(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let is_delete = request.method() == http::Method::DELETE;
+    let mut response = next.run(request).await;
+    if is_delete && response.status() == http::StatusCode::ACCEPTED {
+        *response.status_mut() = http::StatusCode::NO_CONTENT;
+    }
+    response
 }
 
 async fn healthz(State(app): State<App>) -> Response {
