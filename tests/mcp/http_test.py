@@ -106,8 +106,8 @@ async def main() -> None:
             started = time.monotonic()
             r = await call(a, "write_file", timeout=300, path="big.bin", content=base64.b64encode(data).decode(), encoding="base64")
             check(not r.is_error and r.structured_content["size"] == len(data), f"a 10 MiB file is written ({time.monotonic() - started:.1f} s)")
-            r = await call(a, "run_command", command="sha256sum big.bin")
-            check(hashlib.sha256(data).hexdigest() in text_of(r), "its hash in the sandbox matches")
+            r = await call(a, "run_command", timeout=400, command="sha256sum big.bin", timeout_seconds=300)
+            check(hashlib.sha256(data).hexdigest() in text_of(r), f"its hash in the sandbox matches: {text_of(r)[:300]!r}")
             started = time.monotonic()
             r = await call(a, "read_file", timeout=300, path="big.bin")
             blocks = [c.text for c in r.content if c.type == "text"]
