@@ -6,9 +6,10 @@
 //!   the current user, without cgroups or mounts: fast checks of the
 //!   protocol and the interpreters' behaviour (numpy and friends may be
 //!   missing here; the drivers cope).
-//! - `guest`: real microVMs. Boots are slow on a software-nested host, so
-//!   one VM is shared by every guest test (they take turns), and a second
-//!   one shows that abuse in the first does not reach it.
+//! - `guest`: real microVMs restored from the warm template (created once
+//!   and cached). One sandbox is shared by every guest test (they take
+//!   turns; the guest kernel is emulated here, so each call is slow), and a
+//!   second one shows that abuse in the first does not reach it.
 
 mod common;
 
@@ -804,17 +805,11 @@ mod local {
 
 mod guest {
     use super::*;
-    use airlock::vm::{Vm, VmSpec};
+    use airlock::vm::Vm;
     use tokio::sync::{Mutex, OnceCell};
 
-    /// Boots take ~35-45 s on kvm_pvm; leave room for a loaded machine.
-    const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-    /// Python's and node's first start on kvm_pvm take minutes (every page
-    /// fault and system call is emulated).
-    const WARM_TIMEOUT: Duration = Duration::from_secs(900);
     /// Calls in the guest: generous, the host is slow (and shared).
     const CALL: Duration = Duration::from_secs(300);
-    pub const MEMORY_MIB: u32 = 512;
 
     pub struct Guest {
         pub client: AgentClient,
@@ -823,72 +818,29 @@ mod guest {
         _dir: tempfile::TempDir,
     }
 
-    async fn boot(name: &'static str) -> Guest {
-        boot_with(name, "", true).await
-    }
-
-    async fn boot_with(name: &'static str, cmdline: &str, wait_warm: bool) -> Guest {
-        let dir = tempfile::tempdir().unwrap();
-        let image = common::image_dir();
-        let spec = VmSpec {
-            airlock_exe: env!("CARGO_BIN_EXE_airlock").into(),
-            kernel: image.join("vmlinux"),
-            rootfs: image.join("rootfs.ext4"),
-            // One vCPU: with two, kvm_pvm guests oops under load on the
-            // paravirtual IPI hypercall (vmmcall, KVM_HC_SEND_IPI).
-            vcpus: 1,
-            memory_mib: MEMORY_MIB,
-            extra_cmdline: cmdline.to_string(),
-            init: None,
-            run_dir: dir.path().to_path_buf(),
-            restore: None,
-        };
-        let started = Instant::now();
-        let mut vm = Vm::spawn(&spec).await.expect("VMM starts");
-        let console = vm.console_log().to_path_buf();
-        let tail = move || {
-            let text = std::fs::read_to_string(&console).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        };
-        if let Err(e) = vm.wait_agent_ready(BOOT_TIMEOUT).await {
-            panic!("[{name}] agent does not come up: {e}\n{}", tail());
-        }
-        let ready = started.elapsed();
-        let client =
-            AgentClient::connect(vm.vsock_socket(), airlock_protocol::AGENT_VSOCK_PORT, CALL)
-                .await
-                .unwrap_or_else(|e| panic!("[{name}] connect: {e}\n{}", tail()));
-        let wait = if wait_warm {
-            WARM_TIMEOUT
-        } else {
-            Duration::ZERO
-        };
-        let status = client
-            .warm_status(Some(wait))
+    /// A sandbox restored from the warm template, as the product makes them.
+    async fn restore(name: &'static str) -> Guest {
+        let template = common::template().await;
+        let exe = Path::new(env!("CARGO_BIN_EXE_airlock"));
+        let sandbox = airlock::sandbox::Sandbox::restore(&template, exe)
             .await
-            .unwrap_or_else(|e| panic!("[{name}] warm status: {e}\n{}", tail()));
+            .unwrap_or_else(|e| panic!("[{name}] restore: {e:#}"));
+        let timing = sandbox.timing();
+        let (vm, client, dir) = sandbox.into_parts();
+        let status = client
+            .warm_status(Some(Duration::ZERO))
+            .await
+            .unwrap_or_else(|e| panic!("[{name}] warm status: {e}"));
         eprintln!(
-            "[{name}] agent ready {:.1} s after spawn; all warm {:.1} s after spawn; {}",
-            ready.as_secs_f64(),
-            started.elapsed().as_secs_f64(),
+            "[{name}] restored in {:.0} ms; {}",
+            timing.total.as_secs_f64() * 1000.0,
             status
                 .interpreters
                 .iter()
-                .map(|i| format!(
-                    "{} {:?} in {:.1} s{}",
-                    i.language.name(),
-                    i.state,
-                    i.warm_after_ms.unwrap_or(0) as f64 / 1000.0,
-                    i.detail
-                        .as_deref()
-                        .map(|d| format!(" ({d})"))
-                        .unwrap_or_default()
-                ))
+                .map(|i| format!("{} {:?}", i.language.name(), i.state))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        assert!(!wait_warm || status.all_warm(), "{status:?}");
         Guest {
             client,
             vm: Mutex::new(vm),
@@ -902,18 +854,14 @@ mod guest {
     /// Guest tests take turns on the shared VM.
     static TURN: Mutex<()> = Mutex::const_new(());
 
-    /// The shared VM, with every interpreter warm. The other VM boots
-    /// alongside, with only bash warm (it shows that abuse here does not
-    /// reach it, and python's warm-up costs many minutes on kvm_pvm).
+    /// The sandbox the guest tests share, in turns.
     pub async fn main_vm() -> &'static Guest {
-        tokio::spawn(other_vm());
-        MAIN.get_or_init(|| boot("main")).await
+        MAIN.get_or_init(|| restore("main")).await
     }
 
+    /// A second sandbox: abuse in the first must not reach it.
     pub async fn other_vm() -> &'static Guest {
-        OTHER
-            .get_or_init(|| boot_with("other", "AIRLOCK_INTERPRETERS=bash", false))
-            .await
+        OTHER.get_or_init(|| restore("other")).await
     }
 
     fn lang_code(lang: Language) -> &'static str {
@@ -925,7 +873,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "real-VM run not yet green on kvm_pvm (python warm-up takes minutes; node crashes in the emulator): run with --ignored"]
     fn guest_round_trips_per_language() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -976,7 +923,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "real-VM run not yet green on kvm_pvm (python warm-up takes minutes; node crashes in the emulator): run with --ignored"]
     fn guest_python_keeps_state() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -986,7 +932,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "real-VM run not yet green on kvm_pvm (python warm-up takes minutes; node crashes in the emulator): run with --ignored"]
     fn guest_javascript_keeps_state() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -996,7 +941,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "real-VM run not yet green on kvm_pvm (python warm-up takes minutes; node crashes in the emulator): run with --ignored"]
     fn guest_bash_session_keeps_cwd_and_exports() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1006,7 +950,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "real-VM run not yet green on kvm_pvm (python warm-up takes minutes; node crashes in the emulator): run with --ignored"]
     fn guest_python_timeout_interrupts_in_time() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1020,7 +963,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "real-VM run not yet green on kvm_pvm (python warm-up takes minutes; node crashes in the emulator): run with --ignored"]
     fn guest_matplotlib_figure_is_a_png() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1047,7 +989,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "real-VM run not yet green on kvm_pvm (python warm-up takes minutes; node crashes in the emulator): run with --ignored"]
     fn guest_code_runs_as_the_sandbox_user() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1074,7 +1015,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "real-VM run not yet green on kvm_pvm (python warm-up takes minutes; node crashes in the emulator): run with --ignored"]
     fn guest_ten_mib_file_round_trips() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1127,7 +1067,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "real-VM run not yet green on kvm_pvm (python warm-up takes minutes; node crashes in the emulator): run with --ignored"]
     fn guest_two_requests_in_flight_and_one_cancelled() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1180,7 +1119,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "real-VM run not yet green on kvm_pvm (python warm-up takes minutes; node crashes in the emulator): run with --ignored"]
     fn guest_refresh_sets_the_clock_and_reseeds() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1206,6 +1144,7 @@ mod guest {
             eprintln!("[{}] refresh: {reply:?}", g.name);
             assert_eq!(reply.entropy_bytes, 64);
             assert!(reply.crng_reseeded && reply.clock_set, "{reply:?}");
+            assert!(reply.warnings.is_empty(), "{reply:?}");
             let mut langs = reply.reseeded.clone();
             langs.sort();
             assert_eq!(
@@ -1242,7 +1181,6 @@ mod guest {
     /// disk: each ends with a clear result, the VM stays usable, and
     /// another VM answers all along.
     #[test]
-    #[ignore = "real-VM run not yet green on kvm_pvm (python warm-up takes minutes; node crashes in the emulator): run with --ignored"]
     fn guest_abuse_ends_cleanly_and_spares_another_vm() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1313,11 +1251,16 @@ mod guest {
                 Some(0),
                 "the shell itself returns at once"
             );
-            assert_eq!(
-                c.limits().await.unwrap().pids_current,
-                Some(base),
-                "every bomb process is gone"
-            );
+            // Killed processes take a moment to exit under emulation.
+            let mut left = None;
+            for _ in 0..60 {
+                left = c.limits().await.unwrap().pids_current;
+                if left == Some(base) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            assert_eq!(left, Some(base), "every bomb process is gone");
 
             // Endless output: cut at the limit, ended by the timeout.
             let yes = c.sh("yes", Duration::from_secs(5)).await.unwrap();
@@ -1446,73 +1389,6 @@ mod guest {
                 g.name
             );
             assert!(!rounds.is_empty());
-        });
-    }
-
-    #[test]
-    #[ignore = "exploration"]
-    fn explore() {
-        RT.block_on(async {
-            let g = boot_with("explore", "AIRLOCK_INTERPRETERS=none", false).await;
-            let c = &g.client;
-            for script in [
-                "true",
-                "node -e 'console.log(1)'",
-                "node --expose-internals -e 'console.log(2)'",
-                "python3 -c pass",
-                "python3 -X importtime -c 'import numpy' 2>&1 | sort -t'|' -k2 -n | tail -5",
-                "time python3 -c 'import numpy'",
-                "time python3 -c 'import pandas'",
-                "time python3 -c 'import matplotlib.pyplot'",
-                "id; free -m; df -h /tmp /home/sandbox /dev/shm; cat /proc/self/oom_score_adj /proc/self/cgroup; cat /sys/fs/cgroup/sandbox/memory.max /sys/fs/cgroup/sandbox/pids.max; cat /sys/devices/system/clocksource/clocksource0/current_clocksource; cat /proc/cmdline",
-            ] {
-                let t = Instant::now();
-                let out = c.sh(script, Duration::from_secs(900)).await.unwrap();
-                eprintln!("exec {script:?}: {:.1} s {:?}\n{}{}", t.elapsed().as_secs_f64(), out.result.exit_code, text(&out), String::from_utf8_lossy(&out.stderr));
-            }
-            for lang in [Language::Bash, Language::Python, Language::Javascript] {
-                let t = Instant::now();
-                let out = run(c, lang, "1", Duration::from_secs(1800)).await;
-                eprintln!("first {lang:?} call (starts it): {:.1} s {:?}", t.elapsed().as_secs_f64(), out.result);
-                for i in 0..3 {
-                    let code = match lang { Language::Bash => "echo hi", Language::Python => "print('hi')", _ => "console.log('hi')" };
-                    let t = Instant::now();
-                    let out = run(c, lang, code, CALL).await;
-                    eprintln!("{lang:?} #{i}: {:?} {:?} {:?}", t.elapsed(), run_text(&out), out.result.process.duration_ms);
-                }
-            }
-        });
-    }
-    #[test]
-    #[ignore = "exploration"]
-    fn explore_node() {
-        RT.block_on(async {
-            let g = boot_with("node", "AIRLOCK_INTERPRETERS=none", false).await;
-            let c = &g.client;
-            let variants: Vec<String> = std::env::var("AIRLOCK_NODE_VARIANTS")
-                .unwrap_or_else(|_| "-e 1".into())
-                .split(';')
-                .map(|v| format!("node {v}"))
-                .collect();
-            for script in variants.iter().flat_map(|v| [v.as_str(), v.as_str()]) {
-                let t = Instant::now();
-                let out = c.sh(script, Duration::from_secs(900)).await.unwrap();
-                eprintln!(
-                    "exec {script:?}: {:.1} s {:?}\n{}{}",
-                    t.elapsed().as_secs_f64(),
-                    out.result,
-                    text(&out),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            let out = c
-                .sh(
-                    "dmesg | tail -30; grep -i -E 'flags|model name' /proc/cpuinfo | head -3",
-                    Duration::from_secs(300),
-                )
-                .await
-                .unwrap();
-            eprintln!("{}{}", text(&out), String::from_utf8_lossy(&out.stderr));
         });
     }
 }

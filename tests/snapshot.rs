@@ -69,31 +69,10 @@ async fn a_saved_guest_restores_and_answers() {
     assert_eq!(report.reason, ExitReason::Stopped);
 }
 
-/// The warm template, created on first use (minutes on kvm_pvm) and cached.
-async fn template() -> airlock::template::Template {
-    let image_dir = common::image_dir();
-    let cache = image_dir
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("cache root")
-        .to_path_buf();
-    let manifest =
-        serde_json::from_str(&std::fs::read_to_string(image_dir.join("manifest.json")).unwrap())
-            .unwrap();
-    let image = airlock::image::Image {
-        dir: image_dir,
-        manifest,
-    };
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_airlock"));
-    airlock::template::ensure(&cache, &image, Default::default(), exe)
-        .await
-        .expect("template")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restored_sandboxes_are_warm_isolated_fresh_and_on_time() {
     use airlock::bench::run_python;
-    let template = template().await;
+    let template = common::template().await;
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_airlock"));
     let mut sandboxes = Vec::new();
     for _ in 0..10 {
@@ -169,7 +148,7 @@ async fn restored_sandboxes_are_warm_isolated_fresh_and_on_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_refuses_another_image() {
-    let template = template().await;
+    let template = common::template().await;
     let dir = tempfile::tempdir().unwrap();
     let other_rootfs = dir.path().join("rootfs.ext4");
     std::fs::write(&other_rootfs, vec![0x5a; 4 << 20]).unwrap();

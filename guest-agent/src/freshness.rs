@@ -63,8 +63,9 @@ pub async fn refresh(ops: &Arc<Ops>, req: Refresh, entropy: Vec<u8>) -> Message 
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
     });
-    // One second after the epoch: behind every DRBG's last seeding.
-    let warped = privileged && set_clock(1_000_000_000).is_ok();
+    // Back to the 1970s: behind every DRBG's last seeding. (The wall clock
+    // may not go below the monotonic clock, i.e. the uptime.)
+    let warped = privileged && set_clock(monotonic_ns() + 1_000_000_000).is_ok();
     if !warped {
         reply
             .warnings
@@ -134,6 +135,16 @@ fn add_entropy(bytes: &[u8], privileged: bool) -> io::Result<u32> {
     }
     sys::write_fd(fd.as_raw_fd(), bytes)?;
     Ok(0)
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn set_clock(unix_ns: u64) -> io::Result<()> {

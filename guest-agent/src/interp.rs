@@ -951,3 +951,92 @@ impl LineReader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipe_pair() -> (LineReader, std::os::fd::OwnedFd) {
+        let (r, w) = sys::pipe().unwrap();
+        (LineReader::new(PipeReader::new(r).unwrap()), w)
+    }
+
+    #[tokio::test]
+    async fn lines_split_across_writes_and_several_per_write() {
+        let (mut reader, w) = pipe_pair();
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&w);
+        sys::write_fd(raw, b"{\"ev\":\"ready\"}\n{\"ev\":").unwrap();
+        assert_eq!(
+            reader.next_line().await.unwrap().unwrap(),
+            b"{\"ev\":\"ready\"}"
+        );
+        // The second line is incomplete: a read that is dropped midway
+        // keeps what it had.
+        let pending = tokio::time::timeout(Duration::from_millis(50), reader.next_line()).await;
+        assert!(pending.is_err());
+        sys::write_fd(raw, b"\"done\",\"status\":3}\n\n").unwrap();
+        let line = reader.next_line().await.unwrap().unwrap();
+        let event: Event = serde_json::from_slice(&line).unwrap();
+        assert_eq!((event.ev.as_str(), event.status), ("done", Some(3)));
+        assert_eq!(reader.next_line().await.unwrap().unwrap(), b"");
+        drop(w);
+        assert!(reader.next_line().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn overlong_lines_are_refused() {
+        let (mut reader, w) = pipe_pair();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 1 << 20];
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&w);
+            for _ in 0..(MAX_LINE >> 20) + 2 {
+                if sys::write_fd(raw, &chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let err = reader.next_line().await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        drop(reader);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn every_driver_event_parses() {
+        let lines: [&[u8]; 6] = [
+            // Python and node.
+            br#"{"ev":"ready","ms":812,"detail":"numpy: No module named 'numpy'"}"#,
+            br#"{"ev":"done","status":1,"error":{"name":"ZeroDivisionError","value":"division by zero","traceback":"Traceback..."}}"#,
+            br#"{"ev":"image","format":"png","width":640,"height":480,"data":"iVBORw0KGgo="}"#,
+            br#"{"ev":"ok"}"#,
+            // bash.
+            br#"{"ev":"done","status":0}"#,
+            br#"{"ev":"done","status":5,"exited":true}"#,
+        ];
+        let events: Vec<Event> = lines
+            .iter()
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(
+            events[0].detail.as_deref(),
+            Some("numpy: No module named 'numpy'")
+        );
+        assert_eq!(events[1].error.as_ref().unwrap().name, "ZeroDivisionError");
+        assert_eq!((events[2].width, events[2].height), (Some(640), Some(480)));
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(events[2].data.as_deref().unwrap())
+            .unwrap();
+        assert_eq!(png, b"\x89PNG\r\n\x1a\n");
+        assert!(events[5].exited && !events[4].exited);
+    }
+
+    #[test]
+    fn control_lines_are_single_json_lines() {
+        let code = "print('a\\nb')\n\"quoted\" \u{1F600}";
+        let line = control_line(&serde_json::json!({"op": "run", "code": code}));
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert_eq!(line.last(), Some(&b'\n'));
+        let back: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(back["code"], code);
+    }
+}

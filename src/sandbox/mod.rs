@@ -125,6 +125,12 @@ impl Sandbox {
         self.vm.console_log().to_path_buf()
     }
 
+    /// Splits the sandbox into its VM, its agent connection and the run
+    /// directory that holds the VM's sockets (keep it while the VM lives).
+    pub fn into_parts(self) -> (Vm, AgentClient, tempfile::TempDir) {
+        (self.vm, self.client, self._run_dir)
+    }
+
     /// Ends the VM; the sandbox is gone for good.
     pub async fn destroy(mut self) {
         if let Err(err) = self.vm.stop(STOP_DEADLINE).await {

@@ -46,3 +46,24 @@ pub fn debugfs(image: &std::path::Path, request: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The warm template, created on first use (minutes on kvm_pvm) and cached.
+pub async fn template() -> airlock::template::Template {
+    let image_dir = image_dir();
+    let cache = image_dir
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("cache root")
+        .to_path_buf();
+    let manifest =
+        serde_json::from_str(&std::fs::read_to_string(image_dir.join("manifest.json")).unwrap())
+            .unwrap();
+    let image = airlock::image::Image {
+        dir: image_dir,
+        manifest,
+    };
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_airlock"));
+    airlock::template::ensure(&cache, &image, Default::default(), exe)
+        .await
+        .expect("template")
+}

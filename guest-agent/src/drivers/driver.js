@@ -55,12 +55,13 @@ function send(event) {
 // have passed since the last flush, when 64 KiB are pending, and at the end
 // of every cell.
 class Out extends EventEmitter {
-  constructor(fd) { super(); this.fd = fd; this.parts = []; this.size = 0; this.last = 0; }
+  constructor(fd) { super(); this.fd = fd; this.parts = []; this.size = 0; this.last = -Infinity; }
   write(chunk) {
     const buf = Buffer.isBuffer(chunk) ? chunk : Buffer.from(String(chunk));
     this.parts.push(buf);
     this.size += buf.length;
-    const now = Date.now();
+    // Monotonic: the wall clock may jump (Refresh sets it).
+    const now = performance.now();
     if (this.size >= 65536 || now - this.last >= 50) { this.flush(); this.last = now; }
     return true;
   }
