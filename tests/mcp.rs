@@ -4,7 +4,8 @@
 //!
 //! The SDK lives in a virtualenv at target/pyenv (made by .ci/run, or here on
 //! first use with `python3 -m venv` and `pip install mcp`); AIRLOCK_TEST_PYTHON
-//! names another interpreter that has it.
+//! names another interpreter that has it. The MCP Inspector CLI, a second
+//! independent client, is installed with npm into target/inspector.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -53,6 +54,54 @@ fn python() -> PathBuf {
         .clone()
 }
 
+/// The MCP Inspector's command-line client, installed once with npm.
+fn inspector() -> PathBuf {
+    static INSPECTOR: OnceLock<PathBuf> = OnceLock::new();
+    INSPECTOR
+        .get_or_init(|| {
+            let prefix = manifest_dir().join("target").join("inspector");
+            let bin = prefix
+                .join("node_modules")
+                .join(".bin")
+                .join("mcp-inspector");
+            if !bin.exists() {
+                eprintln!("installing the MCP Inspector into {}", prefix.display());
+                let npm = Command::new("npm")
+                    .args(["install", "--no-audit", "--no-fund", "--prefix"])
+                    .arg(&prefix)
+                    .arg(format!(
+                        "@modelcontextprotocol/inspector@{INSPECTOR_VERSION}"
+                    ))
+                    .status()
+                    .expect("npm runs (install Node.js and npm)");
+                assert!(npm.success(), "npm install of the MCP Inspector failed");
+            }
+            bin
+        })
+        .clone()
+}
+
+/// The version .ci/run installs too.
+const INSPECTOR_VERSION: &str = "0.15.0";
+
+/// `mcp-inspector --cli airlock serve <args>`: its JSON output.
+fn inspector_call(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(inspector())
+        .args(["--cli", env!("CARGO_BIN_EXE_airlock"), "serve"])
+        .args(args)
+        .output()
+        .expect("the inspector runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "inspector {args:?} failed ({:?})\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("inspector output is not JSON ({e}): {stdout}"))
+}
+
 /// Runs tests/mcp/<script> against the built binary; its output shows with
 /// `--nocapture`, and in the failure message.
 fn run_script(script: &str) {
@@ -97,4 +146,44 @@ fn http_auth_isolation_big_files_sessions_and_sessionless_ids() {
 #[ignore = "end-to-end MCP run not yet green in this session: run with --ignored"]
 fn http_limits_and_idle_expiry() {
     run_script("expiry_test.py");
+}
+
+#[test]
+fn the_mcp_inspector_cli_lists_and_calls_tools() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let listed = inspector_call(&["--method", "tools/list"]);
+    let mut names: Vec<&str> = listed["tools"]
+        .as_array()
+        .expect("a tools array")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "list_files",
+            "read_file",
+            "reset_sandbox",
+            "run_code",
+            "run_command",
+            "sandbox_info",
+            "write_file"
+        ]
+    );
+    // One call restores a sandbox (or builds the template on a fresh
+    // machine) and runs code in it.
+    let called = inspector_call(&[
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "run_code",
+        "--tool-arg",
+        "language=python",
+        "--tool-arg",
+        "code=import numpy; print(int(numpy.arange(7).sum() * 2))",
+    ]);
+    assert_eq!(called["isError"], serde_json::json!(false), "{called}");
+    assert_eq!(called["structuredContent"]["exit_code"], 0, "{called}");
+    assert_eq!(called["structuredContent"]["stdout"], "42\n", "{called}");
 }

@@ -208,6 +208,34 @@ pub struct SandboxArgs {
     pub sandbox_id: Option<String>,
 }
 
+/// An output schema without schemars' integer formats (`uint64`, `uint8`,
+/// ...): they are not JSON Schema formats, and validating clients (the MCP
+/// Inspector's ajv, among others) warn about every one.
+fn portable_output_schema<T: JsonSchema + std::any::Any>()
+-> std::sync::Arc<serde_json::Map<String, serde_json::Value>> {
+    fn strip(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if map
+                    .get("format")
+                    .and_then(|f| f.as_str())
+                    .is_some_and(|f| f.starts_with("int") || f.starts_with("uint"))
+                {
+                    map.remove("format");
+                }
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut schema = rmcp::handler::server::tool::schema_for_output::<T>()
+        .as_ref()
+        .clone();
+    schema.values_mut().for_each(strip);
+    std::sync::Arc::new(schema)
+}
+
 /// An optional argument's schema: its type, without the `"default": null`
 /// that a `null` default would add (absent is what "optional" means here).
 fn optional(schema: &mut schemars::Schema) {
@@ -667,7 +695,7 @@ impl AirlockServer {
         images. The sandbox lives as long as the conversation, but is destroyed after a period without tool \
         calls (15 minutes by default) or at its maximum lifetime (8 hours by default); sandbox_info shows the \
         exact limits. A timeout or a cancellation stops the code and leaves the sandbox usable.",
-        output_schema = rmcp::handler::server::tool::schema_for_output::<RunResult>(),
+        output_schema = portable_output_schema::<RunResult>(),
         annotations(
             title = "Run code",
             read_only_hint = false,
@@ -693,7 +721,7 @@ impl AirlockServer {
         variables persist); files persist for the life of the sandbox (destroyed after 15 minutes without \
         tool calls or 8 hours in all, by default; see sandbox_info). A timeout or a cancellation kills the \
         command and everything it started.",
-        output_schema = rmcp::handler::server::tool::schema_for_output::<RunResult>(),
+        output_schema = portable_output_schema::<RunResult>(),
         annotations(
             title = "Run a shell command",
             read_only_hint = false,
@@ -804,7 +832,7 @@ impl AirlockServer {
         description = "Describe this conversation's sandbox: its id, age, how long until it expires if left idle, \
         its limits (idle timeout, maximum lifetime, longest timeout, largest file, vCPUs, memory) and its usage \
         so far (vCPU-seconds, memory GB-seconds, runs). Does not create a sandbox.",
-        output_schema = rmcp::handler::server::tool::schema_for_output::<InfoResult>(),
+        output_schema = portable_output_schema::<InfoResult>(),
         annotations(
             title = "Sandbox info",
             read_only_hint = true,
@@ -1344,6 +1372,13 @@ mod tests {
             (Some(false), Some(true))
         );
         assert!(run_code.output_schema.is_some());
+        for tool in &tools {
+            if let Some(schema) = &tool.output_schema {
+                let text = serde_json::to_string(schema).unwrap();
+                assert!(!text.contains("\"format\":\"uint"), "{}: {text}", tool.name);
+                assert!(text.contains("\"minimum\":0"), "{}: {text}", tool.name);
+            }
+        }
         let reset = tools.iter().find(|t| t.name == "reset_sandbox").unwrap();
         assert_eq!(
             reset.annotations.as_ref().unwrap().destructive_hint,
