@@ -91,3 +91,17 @@ fn unreadable_kvm_is_a_one_line_error() {
     assert!(!out.status.success());
     assert_one_line_error(&String::from_utf8_lossy(&out.stderr), "permission denied");
 }
+
+#[test]
+fn serving_beyond_loopback_without_tokens_is_refused() {
+    let mut cmd = airlock();
+    cmd.args(["serve", "--http", "0.0.0.0:0"])
+        .env_remove("AIRLOCK_TOKENS")
+        .stdin(std::process::Stdio::null());
+    let out = run(cmd);
+    assert!(!out.status.success());
+    assert_one_line_error(
+        &String::from_utf8_lossy(&out.stderr),
+        "without authentication",
+    );
+}
