@@ -64,9 +64,10 @@ pub struct Template {
 
 fn template_dir(cache: &Path, image: &Image, shape: TemplateShape) -> PathBuf {
     cache.join("templates").join(format!(
-        "{}-f{}-{}c-{}m",
+        "{}-f{}-k{}-{}c-{}m",
         image.manifest.recipe_hash,
         snapshot::FORMAT_VERSION,
+        crate::vmm::cmdline::profile_fingerprint(),
         shape.vcpus,
         shape.memory_mib
     ))

@@ -28,7 +28,23 @@ pub struct Config {
     pub python: String,
     pub node: String,
     pub bash: String,
+    /// Keep user code off AVX (set by the VMM on kvm_pvm, where the guest
+    /// kernel cannot save AVX state; see the VMM's `PVM_USER_ENV`).
+    pub no_avx: bool,
 }
+
+/// Variables from the agent's own environment (the kernel command line)
+/// that steer libraries' CPU dispatch; passed on to user code unchanged.
+const CPU_POLICY_VARS: [&str; 4] = [
+    "GLIBC_TUNABLES",
+    "OPENSSL_ia32cap",
+    "NPY_DISABLE_CPU_FEATURES",
+    "OPENBLAS_CORETYPE",
+];
+
+/// V8's switches for the same policy.
+pub const NODE_NO_AVX_FLAGS: [&str; 3] =
+    ["--no-enable-avx", "--no-enable-avx2", "--no-enable-fma3"];
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -50,6 +66,7 @@ impl Config {
             python: "/usr/bin/python3".into(),
             node: "/usr/bin/node".into(),
             bash: "/bin/bash".into(),
+            no_avx: std::env::var("AIRLOCK_NO_AVX").is_ok_and(|v| v == "1"),
         }
     }
 
@@ -68,6 +85,7 @@ impl Config {
             python: "python3".into(),
             node: "node".into(),
             bash: "bash".into(),
+            no_avx: false,
         }
     }
 
@@ -79,7 +97,7 @@ impl Config {
         } else {
             std::env::var("PATH").unwrap_or_else(|_| PATH.into())
         };
-        vec![
+        let mut env = vec![
             ("PATH".into(), path),
             ("HOME".into(), home.clone()),
             ("USER".into(), self.user.clone()),
@@ -91,7 +109,15 @@ impl Config {
             ("PAGER".into(), "cat".into()),
             ("MPLBACKEND".into(), "Agg".into()),
             ("MPLCONFIGDIR".into(), format!("{home}/.config/matplotlib")),
-        ]
+        ];
+        if self.no_avx {
+            env.extend(CPU_POLICY_VARS.iter().filter_map(|name| {
+                std::env::var(name)
+                    .ok()
+                    .map(|value| (name.to_string(), value))
+            }));
+        }
+        env
     }
 }
 

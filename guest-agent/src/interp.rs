@@ -33,7 +33,7 @@ use serde::Deserialize;
 use tokio::sync::{Mutex, OwnedMutexGuard, watch};
 
 use crate::cgroup::Cgroup;
-use crate::config::{Config, merge_env};
+use crate::config::{Config, NODE_NO_AVX_FLAGS, merge_env};
 use crate::exec::{PIPE_SIZE, READ_CHUNK};
 use crate::log::log;
 use crate::ops::Ops;
@@ -177,12 +177,14 @@ impl Interpreters {
                     // segfault in GC marking, with our VMM and with QEMU alike), and
                     // a REPL gains little from them; fewer threads also mean fewer
                     // guest wake-ups.
-                    Language::Javascript => vec![
-                        config.node.clone(),
-                        "--single-threaded".into(),
-                        "--expose-internals".into(),
-                        file("driver.js"),
-                    ],
+                    Language::Javascript => {
+                        let mut argv = vec![config.node.clone(), "--single-threaded".into()];
+                        if config.no_avx {
+                            argv.extend(NODE_NO_AVX_FLAGS.iter().map(|f| f.to_string()));
+                        }
+                        argv.extend(["--expose-internals".into(), file("driver.js")]);
+                        argv
+                    }
                     _ => vec![
                         config.bash.clone(),
                         "--noprofile".into(),

@@ -2,13 +2,22 @@
 
 use crate::host_kvm::KvmFlavor;
 use crate::vmm::layout::MMIO_DEVICE_SIZE;
-use crate::vmm::x86_64::cpuid::PVM_CMDLINE;
+use crate::vmm::x86_64::cpuid::{PVM_CMDLINE, PVM_USER_ENV};
 
 /// Options for every airlock guest. `reboot=k` makes the kernel reset through
 /// the i8042, which the VMM takes as the guest's orderly exit; `panic=-1`
 /// resets at once on a panic, which the VMM reports as one.
 const BASE: &str = "console=ttyS0 8250.nr_uarts=1 quiet reboot=k panic=-1 root=/dev/vda ro rootfstype=ext4 \
                     random.trust_cpu=off random.trust_bootloader=off";
+
+/// A short fingerprint of the command-line options a guest is booted with.
+/// A template bakes in the command line of its boot, so templates are kept
+/// apart by it: changing the options makes new ones.
+pub fn profile_fingerprint() -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{BASE}\n{PVM_CMDLINE}\n{PVM_USER_ENV}"));
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// A virtio-mmio device as the kernel's `virtio_mmio.device=` parameter wants it.
 pub struct MmioDeviceArg {
@@ -20,6 +29,12 @@ pub fn build(flavor: KvmFlavor, init: &str, devices: &[MmioDeviceArg], extra: &s
     let mut parts = vec![BASE.to_string()];
     if flavor == KvmFlavor::SoftwareNestedPvm {
         parts.push(PVM_CMDLINE.to_string());
+        parts.push(
+            PVM_USER_ENV
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
     }
     parts.push(format!("init={init}"));
     for dev in devices {
@@ -48,10 +63,12 @@ mod tests {
         }];
         let pvm = build(KvmFlavor::SoftwareNestedPvm, "/init", &dev, "quiet");
         assert!(pvm.contains("clearcpuid=") && pvm.contains("noxsave"));
+        assert!(pvm.contains(" AIRLOCK_NO_AVX=1 GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,"));
+        assert!(!pvm.contains("  "), "{pvm}");
         assert!(pvm.contains("virtio_mmio.device=4K@0xd0000000:5"));
         assert!(pvm.ends_with("quiet"));
         let hw = build(KvmFlavor::Hardware, "/init", &dev, "");
-        assert!(!hw.contains("clearcpuid"));
+        assert!(!hw.contains("clearcpuid") && !hw.contains("AIRLOCK_NO_AVX"));
         assert!(hw.contains("init=/init"));
     }
 }
