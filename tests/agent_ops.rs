@@ -819,7 +819,7 @@ mod guest {
     }
 
     /// A sandbox restored from the warm template, as the product makes them.
-    async fn restore(name: &'static str) -> Guest {
+    pub async fn restore(name: &'static str) -> Guest {
         let template = common::template().await;
         let exe = Path::new(env!("CARGO_BIN_EXE_airlock"));
         let sandbox = airlock::sandbox::Sandbox::restore(&template, exe)
@@ -849,7 +849,7 @@ mod guest {
         }
     }
 
-    static MAIN: OnceCell<Guest> = OnceCell::const_new();
+    pub static MAIN: OnceCell<Guest> = OnceCell::const_new();
     static OTHER: OnceCell<Guest> = OnceCell::const_new();
     /// Guest tests take turns on the shared VM.
     static TURN: Mutex<()> = Mutex::const_new(());
@@ -1174,6 +1174,47 @@ mod guest {
                 guest.abs_diff(host) < 60,
                 "guest clock {guest}, host {host}"
             );
+        });
+    }
+
+    /// Big copies in user code while another process competes for the vCPU:
+    /// every copy is intact. (On kvm_pvm the guest kernel cannot save AVX
+    /// state; user code that used AVX lost its registers on preemption.)
+    #[test]
+    fn guest_user_code_keeps_its_registers_when_preempted() {
+        RT.block_on(async {
+            let g = main_vm().await;
+            let _turn = TURN.lock().await;
+            let script = r#"(yes > /dev/null & trap "kill $!" EXIT
+python3 - <<'PY'
+import os, time
+data = os.urandom(1 << 20)
+copies = bad = 0
+started = time.time()
+while time.time() - started < 10:
+    copies += 1
+    if bytes(bytearray(data)) != data:
+        bad += 1
+print(copies, bad)
+PY
+)"#;
+            let out = g.client.sh(script, CALL).await.unwrap();
+            assert!(
+                out.success(),
+                "{:?} {}",
+                out.result,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let counts: Vec<u64> = text(&out)
+                .split_whitespace()
+                .map(|n| n.parse().unwrap())
+                .collect();
+            eprintln!(
+                "[{}] 1 MiB copies under preemption: {counts:?} (copies, corrupted)",
+                g.name
+            );
+            assert!(counts[0] > 100, "{counts:?}");
+            assert_eq!(counts[1], 0, "corrupted copies");
         });
     }
 

@@ -131,19 +131,16 @@ fn run_script(script: &str) {
 }
 
 #[test]
-#[ignore = "end-to-end MCP run not yet green in this session: run with --ignored"]
 fn stdio_one_sandbox_state_timeout_cancel_and_clean_exit() {
     run_script("stdio_test.py");
 }
 
 #[test]
-#[ignore = "end-to-end MCP run not yet green in this session: run with --ignored"]
 fn http_auth_isolation_big_files_sessions_and_sessionless_ids() {
     run_script("http_test.py");
 }
 
 #[test]
-#[ignore = "end-to-end MCP run not yet green in this session: run with --ignored"]
 fn http_limits_and_idle_expiry() {
     run_script("expiry_test.py");
 }

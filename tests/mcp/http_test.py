@@ -92,6 +92,15 @@ async def main() -> None:
             r = await run(a, "secret")
             check("from A" in text_of(r), "A still has its variable")
 
+            # A timeout and a client's cancellation over HTTP: the sandbox stays usable.
+            r = await run(a, "while True:\n    pass", timeout_seconds=2)
+            check(not r.is_error and r.structured_content["timed_out"], "an endless loop times out over HTTP")
+            with anyio.move_on_after(4) as scope:
+                await run(a, "import time\nwhile True:\n    time.sleep(0.2)", timeout_seconds=120)
+            check(scope.cancelled_caught, "the client cancelled a long run over HTTP")
+            r = await run(a, "secret")
+            check("from A" in text_of(r), f"the sandbox answers after a timeout and a cancellation: {text_of(r)!r}")
+
             # Latency through MCP, in a session whose sandbox exists.
             warm = []
             for _ in range(5):
