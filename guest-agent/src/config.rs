@@ -35,11 +35,12 @@ pub struct Config {
 
 /// Variables from the agent's own environment (the kernel command line)
 /// that steer libraries' CPU dispatch; passed on to user code unchanged.
-const CPU_POLICY_VARS: [&str; 4] = [
+const CPU_POLICY_VARS: [&str; 5] = [
     "GLIBC_TUNABLES",
     "OPENSSL_ia32cap",
     "NPY_DISABLE_CPU_FEATURES",
     "OPENBLAS_CORETYPE",
+    "SIMDUTF_FORCE_IMPLEMENTATION",
 ];
 
 /// V8's switches for the same policy.
