@@ -113,6 +113,16 @@ fn run_script(script: &str) {
         .current_dir(&dir)
         .env("AIRLOCK_BIN", env!("CARGO_BIN_EXE_airlock"))
         .env("PYTHONUNBUFFERED", "1")
+        .env(
+            "AIRLOCK_TEST_KVM_PVM",
+            if airlock::host_kvm::KvmFlavor::detect()
+                == airlock::host_kvm::KvmFlavor::SoftwareNestedPvm
+            {
+                "1"
+            } else {
+                ""
+            },
+        )
         .output()
         .expect("the python test runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
