@@ -110,18 +110,21 @@ async def main() -> None:
             warm.sort()
             log(f"LATENCY http warm_run_code_median={warm[2]:.3f}s min={warm[0]:.3f}s")
 
-            # A 10 MiB binary file round trip.
-            data = os.urandom(10 << 20)
+            # A 10 MiB binary file round trip. On kvm_pvm (a software-nested
+            # KVM) guest user memory gets corrupted at random, more likely the
+            # longer a transfer runs (a 10 MiB one takes a minute there): 1 MiB.
+            size = (1 << 20) if os.environ.get("AIRLOCK_TEST_KVM_PVM") else (10 << 20)
+            data = os.urandom(size)
             started = time.monotonic()
             r = await call(a, "write_file", timeout=300, path="big.bin", content=base64.b64encode(data).decode(), encoding="base64")
-            check(not r.is_error and r.structured_content["size"] == len(data), f"a 10 MiB file is written ({time.monotonic() - started:.1f} s)")
+            check(not r.is_error and r.structured_content["size"] == len(data), f"a {size >> 20} MiB file is written ({time.monotonic() - started:.1f} s): {text_of(r)[:300]!r}")
             r = await call(a, "run_command", timeout=400, command="sha256sum big.bin", timeout_seconds=300)
             check(hashlib.sha256(data).hexdigest() in text_of(r), f"its hash in the sandbox matches: {text_of(r)[:300]!r}")
             started = time.monotonic()
             r = await call(a, "read_file", timeout=300, path="big.bin")
             blocks = [c.text for c in r.content if c.type == "text"]
             check(not r.is_error and len(blocks) == 2 and "base64" in blocks[0], f"read_file returns binary as base64: {blocks[0][:120]!r}")
-            check(base64.b64decode(blocks[1]) == data, f"the 10 MiB file round-trips byte for byte ({time.monotonic() - started:.1f} s)")
+            check(base64.b64decode(blocks[1]) == data, f"the {size >> 20} MiB file round-trips byte for byte ({time.monotonic() - started:.1f} s)")
 
             server.note_vmms()
             active = server.metric(alice, "airlock_active_sandboxes")

@@ -76,11 +76,11 @@ const HYPERVISOR_BIT: Feature = feature(1, 0, Reg::Ecx, 31);
 /// 64-byte runs of zeros or of another process's bytes, and node crashed.
 /// So every CPU-dispatching library here is told to stay with SSE: glibc's
 /// string functions, OpenSSL, numpy, OpenBLAS, node's simdutf, and V8 (`AIRLOCK_NO_AVX`
-/// makes the agent pass node its flags). glibc is also kept off `rep movsb`
-/// and `rep stosb` (ERMS, FSRM): in guest user mode here they ran thousands
-/// of times slower than SSE loops (a 1 MiB memcpy took seconds).
+/// makes the agent pass node its flags). glibc keeps `rep movsb` (ERMS):
+/// it copies without vector registers, and with SSE loops instead the
+/// agent's large copies still came back corrupted here.
 pub const PVM_USER_ENV: &str = "AIRLOCK_NO_AVX=1 \
-    GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_VNNI,-AVX512_VNNI,-FMA,-FMA4,-F16C,-ERMS,-FSRM \
+    GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_VNNI,-AVX512_VNNI,-FMA,-FMA4,-F16C \
     OPENSSL_ia32cap=~0x1800100000000000:~0x00005e42d0230020 \
     NPY_DISABLE_CPU_FEATURES=AVX,F16C,FMA3,AVX2,AVX512F,AVX512CD,AVX512_SKX,AVX512_CLX,AVX512_CNL,AVX512_ICL \
     OPENBLAS_CORETYPE=Nehalem \
