@@ -89,6 +89,13 @@ pub fn run(cache: &Path, boot: bool) -> Report {
             status: Status::Ok,
             detail: format!("{}: {}", flavor_tag(flavor), flavor.describe()),
         });
+        if flavor == KvmFlavor::SoftwareNestedPvm {
+            checks.push(Check {
+                name: "kvm trust",
+                status: Status::Warn,
+                detail: PVM_TRUST.into(),
+            });
+        }
     }
     let (image_check, newest) = image_check(cache);
     checks.push(image_check);
@@ -105,6 +112,12 @@ pub fn run(cache: &Path, boot: bool) -> Report {
     }
     Report { checks, flavor }
 }
+
+/// What kvm_pvm means for a user, in plain words.
+const PVM_TRUST: &str = "kvm_pvm does not reliably preserve guest user-space register state \
+    (FPU/SSE state has been measured lost at random: corrupted copies, crashing interpreters), \
+    so use this host for trying airlock, not for trusting its results. airlock's own tests run \
+    on a correct KVM here through the nested test host: `cargo xtask test` (see README, Testing)";
 
 fn boot_check(image: &image::Image, flavor: Option<KvmFlavor>) -> Check {
     eprintln!(

@@ -39,6 +39,14 @@ impl KvmFlavor {
         }
     }
 
+    /// A short name for cache keys and reports.
+    pub fn key(self) -> &'static str {
+        match self {
+            KvmFlavor::Hardware => "hw",
+            KvmFlavor::SoftwareNestedPvm => "pvm",
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             KvmFlavor::Hardware => "hardware virtualization (VMX/SVM)",

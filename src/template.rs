@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::agent_client::AgentClient;
+use crate::host_kvm::KvmFlavor;
 use crate::image::Image;
 use crate::image::lock::{BuildLock, Scratch};
 use crate::vm::{Vm, VmSpec};
@@ -62,12 +63,16 @@ pub struct Template {
     pub info: TemplateInfo,
 }
 
-fn template_dir(cache: &Path, image: &Image, shape: TemplateShape) -> PathBuf {
+/// Templates of one image are kept apart by everything a snapshot bakes in:
+/// the snapshot format, the kind of KVM with its command line and CPUID
+/// profile, and the shape.
+fn template_dir(cache: &Path, image: &Image, shape: TemplateShape, flavor: KvmFlavor) -> PathBuf {
     cache.join("templates").join(format!(
-        "{}-f{}-k{}-{}c-{}m",
+        "{}-f{}-{}-k{}-{}c-{}m",
         image.manifest.recipe_hash,
         snapshot::FORMAT_VERSION,
-        crate::vmm::cmdline::profile_fingerprint(),
+        flavor.key(),
+        crate::vmm::cmdline::profile_fingerprint(flavor),
         shape.vcpus,
         shape.memory_mib
     ))
@@ -90,7 +95,7 @@ pub async fn ensure(
     shape: TemplateShape,
     airlock_exe: &Path,
 ) -> Result<Template> {
-    let dir = template_dir(cache, image, shape);
+    let dir = template_dir(cache, image, shape, KvmFlavor::detect());
     if let Some(template) = read_template(&dir, image) {
         return Ok(template);
     }
@@ -248,5 +253,35 @@ async fn wait_warm(client: &AgentClient) -> Result<Vec<String>> {
                 "the template's interpreters did not warm up within {WARM_TIMEOUT:?}: {status:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> Image {
+        let manifest = serde_json::json!({
+            "recipe_hash": "e9ff", "airlock_version": "0", "build_date": "",
+            "kernel": {"recipe_hash": "", "version": "", "source_package_version": "", "patches": [], "vmlinux_bytes": 0},
+            "rootfs": {"recipe_hash": "", "suite": "", "ext4_bytes": 0, "packages": []},
+            "agent": {"path_in_guest": "", "sha256": "", "bytes": 0}
+        });
+        Image {
+            dir: PathBuf::from("/cache/images/e9ff"),
+            manifest: serde_json::from_value(manifest).unwrap(),
+        }
+    }
+
+    #[test]
+    fn templates_for_each_kind_of_kvm_live_apart() {
+        let cache = Path::new("/cache");
+        let shape = TemplateShape::default();
+        let hw = template_dir(cache, &image(), shape, KvmFlavor::Hardware);
+        let pvm = template_dir(cache, &image(), shape, KvmFlavor::SoftwareNestedPvm);
+        assert_ne!(hw, pvm);
+        let hw_name = hw.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(hw_name.starts_with("e9ff-f") && hw_name.contains("-hw-k"), "{hw_name}");
+        assert!(pvm.to_string_lossy().contains("-pvm-k"));
     }
 }

@@ -892,8 +892,37 @@ mod guest {
         }
     }
 
+    /// On hardware KVM (the nested host's kvm_amd included) a guest gets no
+    /// kvm_pvm profile: no clearcpuid, no noxsave, no user-space CPU policy,
+    /// and its template is keyed as a hardware one.
     #[test]
-    #[ignore = "kvm_pvm corrupts guest user memory at random (a malformed frame, a segfaulting agent, about once per run of this suite): run with --ignored"]
+    fn guest_runs_with_the_profile_of_this_kvm() {
+        RT.block_on(async {
+            use airlock::host_kvm::KvmFlavor;
+            let pvm_host = Path::new("/sys/module/kvm_pvm").exists();
+            let flavor = KvmFlavor::detect();
+            assert_eq!(flavor == KvmFlavor::SoftwareNestedPvm, pvm_host);
+            if std::env::var_os("AIRLOCK_NESTED").is_some() {
+                assert_eq!(flavor, KvmFlavor::Hardware, "the nested host's KVM is kvm_amd");
+                assert!(Path::new("/sys/module/kvm_amd").exists());
+            }
+            let template = common::template().await;
+            let name = template.dir.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(name.contains(&format!("-{}-k", flavor.key())), "{name}");
+            let g = main_vm().await;
+            let _turn = TURN.lock().await;
+            let out = run(&g.client, Language::Bash, "cat /proc/cmdline", CALL).await;
+            assert_ok(&out, "cmdline");
+            let cmdline = run_text(&out);
+            eprintln!("[{}] guest kernel command line: {cmdline}", g.name);
+            let pvm_options = ["clearcpuid=", "noxsave", "AIRLOCK_NO_AVX"];
+            for option in pvm_options {
+                assert_eq!(cmdline.contains(option), pvm_host, "{option} in {cmdline}");
+            }
+        });
+    }
+
+    #[test]
     fn guest_round_trips_per_language() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -944,7 +973,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "kvm_pvm corrupts guest user memory at random (a malformed frame, a segfaulting agent, about once per run of this suite): run with --ignored"]
     fn guest_python_keeps_state() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -954,7 +982,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "kvm_pvm corrupts guest user memory at random (a malformed frame, a segfaulting agent, about once per run of this suite): run with --ignored"]
     fn guest_javascript_keeps_state() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -966,7 +993,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "kvm_pvm corrupts guest user memory at random (a malformed frame, a segfaulting agent, about once per run of this suite): run with --ignored"]
     fn guest_bash_session_keeps_cwd_and_exports() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -976,7 +1002,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "kvm_pvm corrupts guest user memory at random (a malformed frame, a segfaulting agent, about once per run of this suite): run with --ignored"]
     fn guest_python_timeout_interrupts_in_time() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -990,7 +1015,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "kvm_pvm corrupts guest user memory at random (a malformed frame, a segfaulting agent, about once per run of this suite): run with --ignored"]
     fn guest_matplotlib_figure_is_a_png() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1017,7 +1041,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "kvm_pvm corrupts guest user memory at random (a malformed frame, a segfaulting agent, about once per run of this suite): run with --ignored"]
     fn guest_code_runs_as_the_sandbox_user() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1046,7 +1069,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "kvm_pvm corrupts guest user memory at random (a malformed frame, a segfaulting agent, about once per run of this suite): run with --ignored"]
     fn guest_ten_mib_file_round_trips() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1099,7 +1121,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "kvm_pvm corrupts guest user memory at random (a malformed frame, a segfaulting agent, about once per run of this suite): run with --ignored"]
     fn guest_two_requests_in_flight_and_one_cancelled() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1152,7 +1173,6 @@ mod guest {
     }
 
     #[test]
-    #[ignore = "kvm_pvm corrupts guest user memory at random (a malformed frame, a segfaulting agent, about once per run of this suite): run with --ignored"]
     fn guest_refresh_sets_the_clock_and_reseeds() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1217,7 +1237,6 @@ mod guest {
     /// to fault in here.) (On kvm_pvm the guest kernel cannot save AVX
     /// state; user code that used AVX lost its registers on preemption.)
     #[test]
-    #[ignore = "kvm_pvm corrupts guest user memory at random (a malformed frame, a segfaulting agent, about once per run of this suite): run with --ignored"]
     fn guest_user_code_keeps_its_registers_when_preempted() {
         RT.block_on(async {
             let g = main_vm().await;
@@ -1262,7 +1281,6 @@ PY
     /// disk: each ends with a clear result, the VM stays usable, and
     /// another VM answers all along.
     #[test]
-    #[ignore = "kvm_pvm corrupts guest user memory at random (a malformed frame, a segfaulting agent, about once per run of this suite): run with --ignored"]
     fn guest_abuse_ends_cleanly_and_spares_another_vm() {
         RT.block_on(async {
             let g = main_vm().await;

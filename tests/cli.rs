@@ -32,6 +32,16 @@ fn doctor_reports_this_hosts_kvm() {
         .find(|l| l.contains("kvm flavor:"))
         .expect("a flavor line");
     assert!(flavor.contains(expected), "expected {expected}: {flavor}");
+    // On kvm_pvm, doctor says plainly that results there cannot be trusted,
+    // and where the tests run instead.
+    let trust = stdout.lines().find(|l| l.contains("kvm trust:"));
+    if expected == "kvm_pvm" {
+        let trust = trust.expect("a kvm trust line on kvm_pvm");
+        assert!(trust.contains("not for trusting"), "{trust}");
+        assert!(trust.contains("cargo xtask test"), "{trust}");
+    } else {
+        assert!(trust.is_none(), "{stdout}");
+    }
     assert!(stdout.contains("verdict: ready"), "{stdout}");
 }
 

@@ -10,12 +10,15 @@ use crate::vmm::x86_64::cpuid::{PVM_CMDLINE, PVM_USER_ENV};
 const BASE: &str = "console=ttyS0 8250.nr_uarts=1 quiet reboot=k panic=-1 root=/dev/vda ro rootfstype=ext4 \
                     random.trust_cpu=off random.trust_bootloader=off";
 
-/// A short fingerprint of the command-line options a guest is booted with.
-/// A template bakes in the command line of its boot, so templates are kept
-/// apart by it: changing the options makes new ones.
-pub fn profile_fingerprint() -> String {
+/// A short fingerprint of what a guest booted on `flavor` bakes into a
+/// template: its command line (the PVM options only on kvm_pvm) and its
+/// CPUID profile. Templates are kept apart by it, so changing either, or
+/// moving the cache to the other kind of KVM, makes new ones.
+pub fn profile_fingerprint(flavor: KvmFlavor) -> String {
     use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(format!("{BASE}\n{PVM_CMDLINE}\n{PVM_USER_ENV}"));
+    let cmdline = build(flavor, "", &[], "");
+    let profile = crate::vmm::x86_64::cpuid::CpuidProfile::for_flavor(flavor);
+    let digest = Sha256::digest(format!("{}\n{profile:?}\n{cmdline}", flavor.key()));
     digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -70,5 +73,13 @@ mod tests {
         let hw = build(KvmFlavor::Hardware, "/init", &dev, "");
         assert!(!hw.contains("clearcpuid") && !hw.contains("AIRLOCK_NO_AVX"));
         assert!(hw.contains("init=/init"));
+    }
+
+    #[test]
+    fn each_kind_of_kvm_has_its_own_fingerprint() {
+        let hw = profile_fingerprint(KvmFlavor::Hardware);
+        let pvm = profile_fingerprint(KvmFlavor::SoftwareNestedPvm);
+        assert_ne!(hw, pvm);
+        assert_eq!(hw, profile_fingerprint(KvmFlavor::Hardware));
     }
 }

@@ -158,10 +158,7 @@ pub fn build(
     mptable::write(&mem, config.vcpus)?;
     regs::write_boot_tables(&mem)?;
 
-    let profile = match flavor {
-        KvmFlavor::Hardware => CpuidProfile::Hardware,
-        KvmFlavor::SoftwareNestedPvm => CpuidProfile::SoftwareNestedPvm,
-    };
+    let profile = CpuidProfile::for_flavor(flavor);
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;

@@ -107,7 +107,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
                 count_exit(ExitKind::Shutdown);
                 break VmEvent::Fatal(format!(
                     "vCPU {index} triple-faulted (KVM_EXIT_SHUTDOWN){}",
-                    where_(&vcpu)
+                    where_shutdown(&vcpu)
                 ));
             }
             Ok(VcpuExit::InternalError) => {
@@ -170,6 +170,22 @@ fn where_(vcpu: &VcpuFd) -> String {
     match vcpu.get_regs() {
         Ok(regs) => format!(" at rip={:#x}", regs.rip),
         Err(_) => String::new(),
+    }
+}
+
+/// On SVM, KVM resets a vCPU after a shutdown (the VMCB is undefined then),
+/// so its registers show the reset vector rather than where it faulted; on
+/// VMX and kvm_pvm they still hold the faulting state.
+fn where_shutdown(vcpu: &VcpuFd) -> String {
+    let at_reset_vector = match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(regs), Ok(sregs)) => regs.rip == 0xfff0 && sregs.cs.base == 0xffff_0000,
+        _ => false,
+    };
+    if at_reset_vector {
+        " (this KVM reset the vCPU on the shutdown, as AMD SVM does, so where it faulted is not known)"
+            .to_string()
+    } else {
+        where_(vcpu)
     }
 }
 

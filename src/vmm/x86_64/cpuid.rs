@@ -13,6 +13,15 @@ pub enum CpuidProfile {
     SoftwareNestedPvm,
 }
 
+impl CpuidProfile {
+    pub fn for_flavor(flavor: crate::host_kvm::KvmFlavor) -> CpuidProfile {
+        match flavor {
+            crate::host_kvm::KvmFlavor::Hardware => CpuidProfile::Hardware,
+            crate::host_kvm::KvmFlavor::SoftwareNestedPvm => CpuidProfile::SoftwareNestedPvm,
+        }
+    }
+}
+
 /// A feature bit in one CPUID register of one leaf.
 #[derive(Debug, Clone, Copy)]
 struct Feature {
