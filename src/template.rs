@@ -281,7 +281,10 @@ mod tests {
         let pvm = template_dir(cache, &image(), shape, KvmFlavor::SoftwareNestedPvm);
         assert_ne!(hw, pvm);
         let hw_name = hw.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(hw_name.starts_with("e9ff-f") && hw_name.contains("-hw-k"), "{hw_name}");
+        assert!(
+            hw_name.starts_with("e9ff-f") && hw_name.contains("-hw-k"),
+            "{hw_name}"
+        );
         assert!(pvm.to_string_lossy().contains("-pvm-k"));
     }
 }

@@ -903,11 +903,20 @@ mod guest {
             let flavor = KvmFlavor::detect();
             assert_eq!(flavor == KvmFlavor::SoftwareNestedPvm, pvm_host);
             if std::env::var_os("AIRLOCK_NESTED").is_some() {
-                assert_eq!(flavor, KvmFlavor::Hardware, "the nested host's KVM is kvm_amd");
+                assert_eq!(
+                    flavor,
+                    KvmFlavor::Hardware,
+                    "the nested host's KVM is kvm_amd"
+                );
                 assert!(Path::new("/sys/module/kvm_amd").exists());
             }
             let template = common::template().await;
-            let name = template.dir.file_name().unwrap().to_string_lossy().into_owned();
+            let name = template
+                .dir
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             assert!(name.contains(&format!("-{}-k", flavor.key())), "{name}");
             let g = main_vm().await;
             let _turn = TURN.lock().await;

@@ -161,7 +161,11 @@ async fn a_guest_that_faults_fatally_ends_with_a_clear_error() {
     let svm = std::path::Path::new("/sys/module/kvm_amd").exists()
         && !std::path::Path::new("/sys/module/kvm_pvm").exists();
     if svm {
-        assert!(report.detail.contains("reset the vCPU"), "{}", report.detail);
+        assert!(
+            report.detail.contains("reset the vCPU"),
+            "{}",
+            report.detail
+        );
         assert!(!report.detail.contains("rip=0xfff0"), "{}", report.detail);
     } else {
         assert!(report.detail.contains("rip=0x10000"), "{}", report.detail);

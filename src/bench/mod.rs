@@ -35,6 +35,13 @@ pub struct BenchOptions {
     /// How long 10 idle sandboxes are watched for CPU use.
     #[arg(long, default_value_t = 30)]
     pub idle_seconds: u64,
+    /// Concurrency levels at which restores per second are measured (1, the
+    /// baseline, is always measured).
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    pub concurrent_restores: Vec<usize>,
+    /// Restores per concurrent task at each level.
+    #[arg(long, default_value_t = 4)]
+    pub restores_per_task: usize,
     /// Skip the cold boot (minutes on a software-nested KVM).
     #[arg(long)]
     pub skip_cold_boot: bool,
@@ -81,10 +88,7 @@ pub async fn run(opts: &BenchOptions) -> Result<()> {
     let shape = TemplateShape::default();
     let template = template::ensure(&cache, &image, shape, &exe).await?;
     let flavor = KvmFlavor::detect();
-    println!(
-        "airlock bench — host KVM: {}",
-        crate::doctor::flavor_tag(flavor)
-    );
+    println!("airlock bench — host KVM: {}", describe_kvm(flavor));
     println!(
         "image {} · template {} ({} vCPU, {} MiB)",
         image.manifest.recipe_hash,
@@ -120,6 +124,13 @@ pub async fn run(opts: &BenchOptions) -> Result<()> {
         warm.median.as_secs_f64() / host.median.as_secs_f64()
     );
 
+    concurrent_restores(
+        &template,
+        &exe,
+        &opts.concurrent_restores,
+        opts.restores_per_task,
+    )
+    .await?;
     memory_and_rate(&template, &exe, &opts.memory_at).await?;
     idle_cpu(&template, &exe, opts.idle_seconds).await?;
 
@@ -290,6 +301,69 @@ async fn warm_round_trips(
     );
     sandbox.destroy().await;
     Ok(summary)
+}
+
+/// The KVM this run measures, named so that reports from different hosts
+/// can be told apart.
+fn describe_kvm(flavor: KvmFlavor) -> String {
+    let module = ["kvm_amd", "kvm_intel", "kvm_pvm"]
+        .into_iter()
+        .find(|m| Path::new("/sys/module").join(m).exists())
+        .unwrap_or("kvm");
+    let nested = if std::env::var_os("AIRLOCK_NESTED").is_some() {
+        ", inside the nested test host (QEMU TCG with emulated SVM)"
+    } else {
+        ""
+    };
+    format!("{} ({module}{nested})", crate::doctor::flavor_tag(flavor))
+}
+
+/// Restores per second with `level` restores in flight at once, against one
+/// at a time in the same run. Each restore counts until its first print(1).
+async fn concurrent_restores(
+    template: &Template,
+    exe: &Path,
+    levels: &[usize],
+    per_task: usize,
+) -> Result<()> {
+    println!("\n(f2) concurrent restores per second, each until its first print(1)");
+    let per_task = per_task.max(1);
+    let mut all_levels = vec![1];
+    all_levels.extend(levels.iter().copied().filter(|&l| l > 1));
+    let mut baseline = None;
+    for level in all_levels {
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..level)
+            .map(|_| {
+                let template = template.clone();
+                let exe = exe.to_path_buf();
+                tokio::spawn(async move {
+                    for _ in 0..per_task {
+                        let sandbox = Sandbox::restore(&template, &exe).await?;
+                        let out = run_python(sandbox.client(), "print(1)").await?;
+                        sandbox.destroy().await;
+                        if out.trim() != "1" {
+                            bail!("restored print(1) printed {out:?}");
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.context("a restore task panicked")??;
+        }
+        let rate = (level * per_task) as f64 / started.elapsed().as_secs_f64().max(f64::EPSILON);
+        let ratio = baseline.map(|b: f64| format!(" = {:.2}x one at a time", rate / b));
+        baseline.get_or_insert(rate);
+        println!(
+            "    {level} at once: {} restores in {:.2} s = {rate:.2} per second{}",
+            level * per_task,
+            started.elapsed().as_secs_f64(),
+            ratio.unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
 async fn memory_and_rate(template: &Template, exe: &Path, levels: &[usize]) -> Result<()> {
