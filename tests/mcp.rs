@@ -2,8 +2,8 @@
 //! `airlock serve` with the official `mcp` SDK, over stdio and Streamable
 //! HTTP, against real microVMs.
 //!
-//! The SDK lives in a virtualenv at target/pyenv (made by .ci/run, or here on
-//! first use with `python3 -m venv` and `pip install mcp`); AIRLOCK_TEST_PYTHON
+//! The SDK lives in a virtualenv at target/pyenv (made by `cargo xtask test`,
+//! or here on first use with `python3 -m venv` and tests/mcp/requirements.txt); AIRLOCK_TEST_PYTHON
 //! names another interpreter that has it. The MCP Inspector CLI, a second
 //! independent client, is installed with npm into target/inspector.
 
@@ -43,7 +43,8 @@ fn python() -> PathBuf {
                     .expect("python3 runs (apt-get install python3-venv)");
                 assert!(made.success(), "python3 -m venv failed");
                 let pip = Command::new(venv.join("bin").join("pip"))
-                    .args(["install", "-q", "mcp==2.3.0"])
+                    .args(["install", "-q", "-r"])
+                    .arg(manifest_dir().join("tests/mcp/requirements.txt"))
                     .status()
                     .expect("pip runs");
                 assert!(pip.success(), "pip install mcp failed");
@@ -70,7 +71,8 @@ fn inspector() -> PathBuf {
                     .args(["install", "--no-audit", "--no-fund", "--prefix"])
                     .arg(&prefix)
                     .arg(format!(
-                        "@modelcontextprotocol/inspector@{INSPECTOR_VERSION}"
+                        "@modelcontextprotocol/inspector@{}",
+                        INSPECTOR_VERSION.trim()
                     ))
                     .status()
                     .expect("npm runs (install Node.js and npm)");
@@ -81,8 +83,9 @@ fn inspector() -> PathBuf {
         .clone()
 }
 
-/// The version .ci/run installs too.
-const INSPECTOR_VERSION: &str = "0.15.0";
+/// The version `cargo xtask test` installs too (0.15.0 is the last release
+/// that runs on Node.js 20).
+const INSPECTOR_VERSION: &str = include_str!("mcp/inspector-version");
 
 /// `mcp-inspector --cli airlock serve <args>`: its JSON output.
 fn inspector_call(args: &[&str]) -> serde_json::Value {

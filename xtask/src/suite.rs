@@ -18,7 +18,7 @@ use crate::nested::{self, HostShape, Invocation, Output};
 use crate::shard;
 
 /// Integration tests that need no KVM: they run on this machine directly.
-const HOST_ONLY_TESTS: &[&str] = &["image"];
+const HOST_ONLY_TESTS: &[&str] = &["image", "agent_local"];
 
 pub struct SuiteOptions {
     pub kvm: Option<TestKvm>,
@@ -89,6 +89,12 @@ fn run_nested(options: &SuiteOptions) -> Result<i32> {
         kvm::describe_host()
     );
     nested::host::check()?;
+    // The build below may rebuild xtask itself (the workspace's features
+    // differ from `cargo run -p xtask`'s): the hosts run a copy.
+    let runner = std::env::current_dir()?.join("target/nested/xtask-runner");
+    std::fs::create_dir_all(runner.parent().context("no target directory")?)?;
+    let _ = std::fs::remove_file(&runner);
+    std::fs::copy(std::env::current_exe()?, &runner).context("cannot copy the xtask executable")?;
     let binaries = build_test_binaries()?;
     let workspace = std::env::current_dir()?;
     let airlock = workspace.join("target/debug/airlock");
@@ -116,6 +122,11 @@ fn run_nested(options: &SuiteOptions) -> Result<i32> {
             options.test_threads.to_string().into(),
         ));
     }
+
+    phase(
+        "test clients: the Python mcp SDK and the MCP Inspector (the nested hosts have no network)",
+    );
+    install_test_clients(&workspace)?;
 
     let timings_path = workspace.join("target/nested/timings.json");
     let mut timings = shard::Timings::load(&timings_path);
@@ -171,44 +182,35 @@ fn run_nested(options: &SuiteOptions) -> Result<i32> {
         shape.memory
     ));
     let shared_tally = Arc::new(Mutex::new(tally));
-    let results: Vec<Result<(Vec<String>, Vec<(String, Duration)>)>> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = shards
-                .iter()
-                .enumerate()
-                .map(|(index, shard)| {
-                    let shape = shape.clone();
-                    let env = env.clone();
-                    let workspace = workspace.clone();
-                    let shared_tally = Arc::clone(&shared_tally);
-                    let timeout = options.timeout;
-                    let test_args = options.test_args.clone();
-                    scope.spawn(move || {
-                        run_shard(
-                            index,
-                            shard,
-                            &shape,
-                            env,
-                            &workspace,
-                            timeout,
-                            &test_args,
-                            &shared_tally,
-                        )
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a shard thread panicked")))
-                })
-                .collect()
-        });
-    for result in results {
-        let (shard_failed, shard_timings) = result?;
-        failed.extend(shard_failed);
-        for (name, elapsed) in shard_timings {
+    let context = ShardContext {
+        shape: &shape,
+        env: &env,
+        workspace: &workspace,
+        timeout: options.timeout,
+        test_args: &options.test_args,
+        tally: &shared_tally,
+    };
+    let reports: Vec<Result<shard::Report>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = shards
+            .iter()
+            .enumerate()
+            .map(|(index, binaries)| {
+                let context = &context;
+                scope.spawn(move || context.run(index, binaries))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a shard thread panicked")))
+            })
+            .collect()
+    });
+    for report in reports {
+        let report = report?;
+        failed.extend(report.failed);
+        for (name, elapsed) in report.timings {
             timings.record(&name, elapsed);
         }
     }
@@ -233,6 +235,53 @@ fn run_nested(options: &SuiteOptions) -> Result<i32> {
     } else {
         1
     })
+}
+
+/// What tests/mcp.rs would install on first use, installed here where the
+/// package registries can be reached.
+fn install_test_clients(workspace: &Path) -> Result<()> {
+    let venv = workspace.join("target/pyenv");
+    if !venv.join("bin/python").is_file() {
+        run_checked(
+            Command::new("python3").args(["-m", "venv"]).arg(&venv),
+            "python3 -m venv (apt-get install python3-venv)",
+        )?;
+    }
+    run_checked(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check", "-r"])
+            .arg(workspace.join("tests/mcp/requirements.txt")),
+        "pip install -r tests/mcp/requirements.txt",
+    )?;
+    let version = std::fs::read_to_string(workspace.join("tests/mcp/inspector-version"))
+        .context("cannot read tests/mcp/inspector-version")?;
+    let prefix = workspace.join("target/inspector");
+    let installed = prefix.join("node_modules/@modelcontextprotocol/inspector/package.json");
+    let current = std::fs::read_to_string(&installed)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .is_some_and(|pkg| pkg["version"] == version.trim());
+    if !current {
+        run_checked(
+            Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&prefix)
+                .arg(format!(
+                    "@modelcontextprotocol/inspector@{}",
+                    version.trim()
+                )),
+            "npm install of the MCP Inspector (apt-get install nodejs npm)",
+        )?;
+    }
+    Ok(())
+}
+
+fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot run {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
 }
 
 fn default_hosts() -> usize {
@@ -343,51 +392,54 @@ fn run_on_host(binary: &TestBinary, test_args: &[OsString], tally: &mut Tally) -
     Ok(child.wait()?.success())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_shard(
-    index: usize,
-    shard: &[TestBinary],
-    shape: &HostShape,
-    env: Vec<(OsString, OsString)>,
-    workspace: &Path,
+/// What every nested host of one suite run shares.
+struct ShardContext<'a> {
+    shape: &'a HostShape,
+    env: &'a [(OsString, OsString)],
+    workspace: &'a Path,
     timeout: Duration,
-    test_args: &[OsString],
-    tally: &Arc<Mutex<Tally>>,
-) -> Result<(Vec<String>, Vec<(String, Duration)>)> {
-    let names: Vec<&str> = shard.iter().map(|b| b.name.as_str()).collect();
-    println!("[host {}] runs {}", index + 1, names.join(", "));
-    let plan = shard::Plan {
-        binaries: shard.to_vec(),
-        test_args: test_args.to_vec(),
-    };
-    let plan_path = workspace.join(format!("target/nested/shard-{index}.json"));
-    plan.save(&plan_path)?;
-    let xtask = std::env::current_exe().context("cannot find the xtask executable")?;
-    let prefix = format!("[host {}] ", index + 1);
-    let outcome = nested::run(
-        shape,
-        &Invocation {
-            argv: vec![
-                xtask.into_os_string(),
-                "run-shard".into(),
-                plan_path.clone().into_os_string(),
-            ],
-            cwd: workspace.to_path_buf(),
-            env,
-            timeout,
-        },
-        Output::Tallied(prefix, Arc::clone(tally)),
-    )?;
-    let report = shard::Report::load(&plan_path);
-    let mut failed = report.failed.clone();
-    if !outcome.success() && failed.is_empty() {
-        failed.push(format!(
-            "host {} (status {})",
-            index + 1,
-            outcome.exit_code()
-        ));
+    test_args: &'a [OsString],
+    tally: &'a Arc<Mutex<Tally>>,
+}
+
+impl ShardContext<'_> {
+    /// Runs one host's share of the test binaries in a fresh nested host.
+    fn run(&self, index: usize, binaries: &[TestBinary]) -> Result<shard::Report> {
+        let names: Vec<&str> = binaries.iter().map(|b| b.name.as_str()).collect();
+        println!("[host {}] runs {}", index + 1, names.join(", "));
+        let plan = shard::Plan {
+            binaries: binaries.to_vec(),
+            test_args: self.test_args.to_vec(),
+        };
+        let plan_path = self
+            .workspace
+            .join(format!("target/nested/shard-{index}.json"));
+        plan.save(&plan_path)?;
+        let runner = self.workspace.join("target/nested/xtask-runner");
+        let outcome = nested::run(
+            self.shape,
+            &Invocation {
+                argv: vec![
+                    runner.into_os_string(),
+                    "run-shard".into(),
+                    plan_path.clone().into_os_string(),
+                ],
+                cwd: self.workspace.to_path_buf(),
+                env: self.env.to_vec(),
+                timeout: self.timeout,
+            },
+            Output::Tallied(format!("[host {}] ", index + 1), Arc::clone(self.tally)),
+        )?;
+        let mut report = shard::Report::load(&plan_path);
+        if !outcome.success() && report.failed.is_empty() {
+            report.failed.push(format!(
+                "host {} (status {})",
+                index + 1,
+                outcome.exit_code()
+            ));
+        }
+        Ok(report)
     }
-    Ok((failed, report.timings))
 }
 
 /// Counts from the test harness's `test result:` lines.

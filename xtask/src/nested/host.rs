@@ -56,7 +56,7 @@ fn newest_kernel(boot: &Path, modules: &Path) -> Result<HostKernel> {
                 })
         })
         .collect();
-    found.sort_by(|a, b| version_key(&a.release).cmp(&version_key(&b.release)));
+    found.sort_by_key(|kernel| version_key(&kernel.release));
     match found.pop() {
         Some(kernel) => Ok(kernel),
         None => bail!(
