@@ -79,7 +79,7 @@ mod tests {
         assert!(script.contains(r"export AIRLOCK_TOKENS='a'\''b c'"));
         assert!(!script.contains("TMPDIR") && !script.contains("BAD-NAME"));
         assert!(script.contains("export AIRLOCK_NESTED=1\n"));
-        assert!(script.contains("cd '/work/my dir' || exit 126\n"));
+        assert!(script.contains("cd '/work/my dir' 2>/dev/null || {"));
         assert!(script.ends_with(
             "exec 'cargo' 'it'\\''s' '$HOME' >/dev/airlock-stdout 2>/dev/airlock-stderr\n"
         ));
