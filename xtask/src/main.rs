@@ -41,6 +41,9 @@ enum Task {
         /// Wall-clock limit; past it the host is killed and the status is 124.
         #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Options for the nested host's kernel.
+        #[arg(long, default_value = nested::DEFAULT_KERNEL_ARGS)]
+        kernel_args: String,
         /// The command and its arguments.
         #[arg(required = true, last = true)]
         command: Vec<OsString>,
@@ -90,12 +93,14 @@ fn run(cli: Cli) -> Result<i32> {
             memory,
             tcg_thread,
             timeout,
+            kernel_args,
             command,
         } => {
             let shape = nested::HostShape {
                 vcpus: vcpus.max(1),
                 memory,
                 tcg_thread,
+                kernel_args,
             };
             let invocation = nested::Invocation {
                 argv: command,

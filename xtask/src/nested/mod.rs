@@ -30,7 +30,12 @@ pub struct HostShape {
     pub memory: String,
     /// QEMU's TCG threading: `multi` (one host thread per vCPU) or `single`.
     pub tcg_thread: String,
+    /// Extra options for the nested host's kernel.
+    pub kernel_args: String,
 }
+
+/// Speculation mitigations cost much under TCG and guard nothing here.
+pub const DEFAULT_KERNEL_ARGS: &str = "mitigations=off";
 
 impl Default for HostShape {
     fn default() -> Self {
@@ -38,6 +43,7 @@ impl Default for HostShape {
             vcpus: 1,
             memory: "8G".into(),
             tcg_thread: "multi".into(),
+            kernel_args: DEFAULT_KERNEL_ARGS.into(),
         }
     }
 }
@@ -129,7 +135,8 @@ pub fn run(shape: &HostShape, invocation: &Invocation, output: Output) -> Result
         .arg(&initramfs)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 mitigations=off airlock.run={}",
+            "console=ttyS0 quiet panic=-1 {} airlock.run={}",
+            shape.kernel_args,
             run_script.display()
         ))
         .args([
