@@ -9,9 +9,9 @@ fn xtask() -> Command {
 
 #[test]
 fn a_command_runs_inside_with_its_directory_environment_output_and_status() {
-    // The working directory must be on the shared filesystem (not /tmp,
-    // which is the nested host's own).
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nested it's here");
+    // Any directory of this machine's, /tmp included (a CI checkout may live
+    // there), is seen inside.
+    let dir = std::env::temp_dir().join(format!("xtask nested it's here {}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("marker"), "from the host").unwrap();
     let out = xtask()
@@ -19,7 +19,10 @@ fn a_command_runs_inside_with_its_directory_environment_output_and_status() {
         .arg(
             "cat marker; echo; echo \"var=$XTASK_TEST_VAR nested=$AIRLOCK_NESTED\"; \
              echo to-stderr >&2; test -c /dev/kvm && echo kvm; \
-             test -e /sys/module/kvm_amd && echo kvm_amd; exit 7",
+             test -e /sys/module/kvm_amd && echo kvm_amd; \
+             python3 -c 'import os, socket, tempfile; \
+             socket.socket(socket.AF_UNIX).bind(os.path.join(tempfile.gettempdir(), \"s\")); \
+             print(\"unix socket in\", tempfile.gettempdir())'; exit 7",
         )
         .current_dir(&dir)
         .env("XTASK_TEST_VAR", "a b'c $HOME")
@@ -33,11 +36,12 @@ fn a_command_runs_inside_with_its_directory_environment_output_and_status() {
         "stdout:\n{stdout}\nstderr:\n{stderr}"
     );
     assert_eq!(
-        stdout, "from the host\nvar=a b'c $HOME nested=1\nkvm\nkvm_amd\n",
+        stdout, "from the host\nvar=a b'c $HOME nested=1\nkvm\nkvm_amd\nunix socket in /dev/shm\n",
         "stderr:\n{stderr}"
     );
     assert!(stderr.contains("to-stderr\n"), "{stderr}");
     assert!(!stdout.contains("to-stderr"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

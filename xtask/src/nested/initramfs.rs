@@ -42,10 +42,10 @@ mount -t sysfs sysfs /root/sys
 mount -t devtmpfs devtmpfs /root/dev
 mkdir -p /root/dev/pts /root/dev/shm
 mount -t devpts devpts /root/dev/pts
-mount -t tmpfs tmpfs /root/dev/shm
-# Unix sockets do not work on 9p: every runtime directory is the guest's own.
-mount -t tmpfs -o mode=1777 tmpfs /root/tmp
-mount -t tmpfs tmpfs /root/run
+mount -t tmpfs -o mode=1777 tmpfs /root/dev/shm
+# Unix sockets do not work on 9p: TMPDIR (set by the run script) is this
+# tmpfs. /tmp stays this machine's, so a checkout under /tmp can be seen.
+chmod 1777 /root/dev/shm
 ip link set lo up || fail "cannot bring up loopback"
 [ -c /dev/kvm ] || fail "kvm_amd loaded but /dev/kvm is missing: this QEMU's CPU has no SVM"
 script=$(sed -n 's/.*airlock\.run=\([^ ]*\).*/\1/p' /proc/cmdline)

@@ -22,6 +22,9 @@ const NOT_PASSED: &[&str] = &[
     "_",
 ];
 
+/// The temporary directory inside: a tmpfs of the nested host's own.
+const NESTED_TMPDIR: &str = "/dev/shm";
+
 /// Set inside, so that a program can tell it runs in the nested host.
 const MARKER: &str = "AIRLOCK_NESTED";
 
@@ -37,9 +40,11 @@ pub fn render(cwd: &Path, env: &[(OsString, OsString)], argv: &[OsString]) -> St
         script.push_str(&format!("export {name}={}\n", quote(value.as_bytes())));
     }
     script.push_str(&format!("export {MARKER}=1\n"));
+    // The nested host's own tmpfs: Unix sockets do not work on 9p.
+    script.push_str(&format!("export TMPDIR={NESTED_TMPDIR}\n"));
+    let dir = quote(cwd.as_os_str().as_bytes());
     script.push_str(&format!(
-        "cd {} || exit 126\n",
-        quote(cwd.as_os_str().as_bytes())
+        "cd {dir} 2>/dev/null || {{ echo \"nested host: cannot enter {dir} (/dev/shm is the nested host's own)\" >/dev/airlock-stderr; exit 126; }}\n"
     ));
     let words: Vec<String> = argv.iter().map(|a| quote(a.as_bytes())).collect();
     script.push_str(&format!(
@@ -77,8 +82,8 @@ mod tests {
         let script = render(Path::new("/work/my dir"), &env, &argv);
         assert!(script.contains("export PATH='/usr/bin:/bin'\n"));
         assert!(script.contains(r"export AIRLOCK_TOKENS='a'\''b c'"));
-        assert!(!script.contains("TMPDIR") && !script.contains("BAD-NAME"));
-        assert!(script.contains("export AIRLOCK_NESTED=1\n"));
+        assert!(!script.contains("/host/tmp") && !script.contains("BAD-NAME"));
+        assert!(script.contains("export AIRLOCK_NESTED=1\nexport TMPDIR=/dev/shm\n"));
         assert!(script.contains("cd '/work/my dir' 2>/dev/null || {"));
         assert!(script.ends_with(
             "exec 'cargo' 'it'\\''s' '$HOME' >/dev/airlock-stdout 2>/dev/airlock-stderr\n"
