@@ -29,8 +29,9 @@ EXPECTED_TOOLS = {"run_code", "run_command", "write_file", "read_file", "list_fi
 
 
 async def main() -> None:
-    # The SDK passes the server only a few variables of ours: add airlock's own.
-    env = {k: v for k, v in os.environ.items() if k.startswith("AIRLOCK_")}
+    # The SDK gives a server only a minimal environment; airlock's settings and
+    # the temporary directory (its VMM sockets live there) go along.
+    env = {k: v for k, v in os.environ.items() if k.startswith("AIRLOCK_") or k == "TMPDIR"}
     params = StdioServerParameters(command=AIRLOCK, args=["serve"], env=env)
     vmms: list[int] = []
     async with stdio_client(params) as (read, write):

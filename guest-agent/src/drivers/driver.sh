@@ -16,21 +16,28 @@ exec 62>&4 63<&3 3<&- 4>&-
 __airlock_cell=$1
 shopt -s expand_aliases
 __airlock_pending=0
+__airlock_in_cell=0
+__airlock_intr=0
 
 __airlock_done() {
+    __airlock_in_cell=0
     printf '{"ev":"done","status":%d}\n' "$1" >&62
     __airlock_pending=0
 }
 trap '__airlock_st=$?; ((__airlock_pending)) && printf "{\"ev\":\"done\",\"status\":%d,\"exited\":true}\n" "$__airlock_st" >&62' EXIT
 
-# Outside a cell `return` fails harmlessly (a late signal).
-trap 'return 130 2>/dev/null' INT
+# In a cell, SIGINT returns from it. One that lands after "r" was read but
+# before the cell is sourced (a loaded machine) is remembered, and the cell
+# is not started; outside a cell it is harmless, and forgotten before the
+# next read.
+trap '__airlock_intr=1; ((__airlock_in_cell)) && return 130 2>/dev/null' INT
 printf '{"ev":"ready"}\n' >&62
 # Two loops: a `break` in a cell leaves only the inner one.
 while :; do
     while :; do
         # A `continue` in a cell lands here, before its "done".
         if ((__airlock_pending)); then __airlock_done 0; fi
+        __airlock_intr=0
         IFS= read -r -n 1 -u 63 __airlock_op
         __airlock_rs=$?
         if ((__airlock_rs)); then
@@ -42,8 +49,13 @@ while :; do
         case $__airlock_op in
             r)
                 __airlock_pending=1
-                source "$__airlock_cell"
-                __airlock_done "$?"
+                __airlock_in_cell=1
+                if ((__airlock_intr)); then
+                    __airlock_done 130
+                else
+                    source "$__airlock_cell"
+                    __airlock_done "$?"
+                fi
                 ;;
             z)
                 RANDOM=$SRANDOM
