@@ -42,14 +42,23 @@ mod local {
         let home = dir.path().join("home");
         std::fs::create_dir(&home).unwrap();
         let sock = dir.path().join("agent.sock");
-        let mut child = std::process::Command::new(agent_binary())
-            .arg("--serve-unix")
+        let mut cmd = std::process::Command::new(agent_binary());
+        cmd.arg("--serve-unix")
             .arg(&sock)
             .arg("--home")
             .arg(&home)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the agent starts");
+            .stderr(Stdio::piped());
+        // Started as `nohup` or a shell's `&` would start it: with SIGINT and
+        // SIGQUIT ignored. Its interpreters must still be interruptible.
+        // SAFETY: signal() is async-signal-safe; nothing else runs here.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
+                libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("the agent starts");
         // Wait for its "serving on" line, then echo the rest to our stderr.
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();

@@ -132,6 +132,14 @@ fn child_setup(
         if libc::setsid() < 0 {
             return Err(io::Error::last_os_error());
         }
+        // Dispositions set to "ignore" survive exec, and a shell started with
+        // SIGINT ignored cannot trap it: interrupting a cell would fail. (The
+        // agent may itself have been started that way, e.g. under nohup.)
+        for signal in [libc::SIGINT, libc::SIGQUIT] {
+            if libc::signal(signal, libc::SIG_DFL) == libc::SIG_ERR {
+                return Err(io::Error::last_os_error());
+            }
+        }
         // Move the sources out of the way first: one may already sit on a
         // target number.
         let mut high = [0 as RawFd; 8];
