@@ -3,6 +3,7 @@
 
 pub mod agent_client;
 pub mod bench;
+pub mod confinement;
 pub mod doctor;
 pub mod host_kvm;
 pub mod image;

@@ -130,6 +130,8 @@ async fn create(
         image.manifest.recipe_hash
     );
     let started = Instant::now();
+    let out = scratch.path().join("out");
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let spec = VmSpec {
         airlock_exe: airlock_exe.to_path_buf(),
         kernel: image.vmlinux(),
@@ -140,6 +142,9 @@ async fn create(
         init: None,
         run_dir: run_dir.path().to_path_buf(),
         restore: None,
+        snapshot_dir: Some(out.clone()),
+        label: "template".into(),
+        confinement: crate::confinement::Confinement::current(),
     };
     let mut vm = Vm::spawn(&spec).await?;
     vm.wait_agent_ready(BOOT_TIMEOUT).await?;
@@ -161,7 +166,6 @@ async fn create(
     let warm_seconds = started.elapsed().as_secs_f64() - boot_seconds;
     eprintln!("[template] interpreters warm after {warm_seconds:.1} s more; saving the snapshot");
     tokio::time::sleep(SETTLE).await;
-    let out = scratch.path().join("out");
     let saved = vm.snapshot(&out).await?;
     let info = TemplateInfo {
         image_recipe_hash: image.manifest.recipe_hash.clone(),

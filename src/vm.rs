@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
+use crate::confinement::Confinement;
 use crate::vmm::control::{CMD_SNAPSHOT, CMD_STATS, CMD_STOP, ExitReason, ExitReport, VmmMessage};
 use crate::vmm::stats::Stats;
 
@@ -28,6 +29,12 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// Restore from this snapshot directory instead of booting.
     pub restore: Option<PathBuf>,
+    /// Where a snapshot of this VM will be saved, if one will (it must
+    /// exist; the jail binds it).
+    pub snapshot_dir: Option<PathBuf>,
+    /// Names the VM in logs: its sandbox id, or what it is for.
+    pub label: String,
+    pub confinement: Confinement,
 }
 
 impl VmSpec {
@@ -43,9 +50,16 @@ impl VmSpec {
             init: None,
             run_dir: run_dir.to_path_buf(),
             restore: None,
+            snapshot_dir: None,
+            label: "vm".into(),
+            confinement: Confinement::current(),
         })
     }
 }
+
+/// Variables a VMM may see; everything else (AIRLOCK_TOKENS above all) is
+/// cleared from its environment.
+const VMM_ENVIRONMENT: [&str; 4] = ["RUST_LOG", "AIRLOCK_LOG", "RUST_BACKTRACE", "AIRLOCK_KVM_DEVICE"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -87,10 +101,72 @@ impl From<ExitReport> for VmError {
     }
 }
 
+/// VMM messages not yet taken by the Vm's owner. The VMM sends few (one
+/// per command, and hints), so a full queue means nobody is listening: the
+/// reader then waits, and the VMM's own writes block, which only stops a VMM
+/// that nobody controls.
+const MESSAGE_QUEUE: usize = 64;
+/// A control-channel line longer than this is not from a healthy VMM.
+const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// Reads the VMM's JSON lines into `tx`. A seccomp violation becomes the
+/// VM's exit report, and is logged with the VM's label.
+async fn read_messages(
+    stdout: tokio::process::ChildStdout,
+    tx: mpsc::Sender<VmmMessage>,
+    label: String,
+) {
+    let mut reader = BufReader::new(stdout);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut reader)
+            .take(MAX_MESSAGE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) if line.len() > MAX_MESSAGE_BYTES => {
+                tracing::warn!(vm = %label, "a control line from the VMM is too long; ignoring the VMM's output");
+                return;
+            }
+            Ok(_) => {}
+        }
+        let message = match serde_json::from_slice::<VmmMessage>(&line) {
+            Ok(VmmMessage::SeccompViolation { syscall, thread }) => {
+                let detail = seccomp_detail(syscall, &thread);
+                tracing::error!(vm = %label, syscall, thread, "{detail}");
+                VmmMessage::Exit(ExitReport {
+                    reason: ExitReason::SeccompViolation,
+                    detail,
+                    stats: Default::default(),
+                    console_tail: Vec::new(),
+                })
+            }
+            Ok(message) => message,
+            Err(err) => {
+                tracing::warn!(vm = %label, %err, line = %String::from_utf8_lossy(&line), "unreadable line from the VMM");
+                continue;
+            }
+        };
+        if tx.send(message).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn seccomp_detail(syscall: i64, thread: &str) -> String {
+    if syscall < 0 {
+        "VMM killed by seccomp (the kernel ended it for a forbidden syscall)".to_string()
+    } else {
+        format!("VMM killed by seccomp: syscall {syscall} on its {thread} thread")
+    }
+}
+
 pub struct Vm {
     child: Child,
     control: Option<ChildStdin>,
-    messages: mpsc::UnboundedReceiver<VmmMessage>,
+    messages: mpsc::Receiver<VmmMessage>,
     exit: Option<ExitReport>,
     vsock_socket: PathBuf,
     console_log: PathBuf,
@@ -145,6 +221,16 @@ impl Vm {
         if let Some(dir) = &spec.restore {
             cmd.arg("--restore").arg(dir);
         }
+        if let Some(dir) = &spec.snapshot_dir {
+            cmd.arg("--snapshot-dir").arg(dir);
+        }
+        cmd.args(spec.confinement.vmm_args(spec.vcpus, spec.memory_mib));
+        cmd.env_clear();
+        for name in VMM_ENVIRONMENT {
+            if let Some(value) = std::env::var_os(name) {
+                cmd.env(name, value);
+            }
+        }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -159,20 +245,9 @@ impl Vm {
             .stdout
             .take()
             .ok_or_else(|| VmError::NoReport("no stdout pipe".into()))?;
-        let (tx, messages) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                match serde_json::from_str::<VmmMessage>(&line) {
-                    Ok(message) => {
-                        if tx.send(message).is_err() {
-                            return;
-                        }
-                    }
-                    Err(err) => tracing::warn!(%err, line, "unreadable line from the VMM"),
-                }
-            }
-        });
+        let (tx, messages) = mpsc::channel(MESSAGE_QUEUE);
+        let label = spec.label.clone();
+        tokio::spawn(read_messages(stdout, tx, label));
         let mut vm = Vm {
             child,
             control,
@@ -186,10 +261,12 @@ impl Vm {
         };
         match vm.next_message().await {
             Some(VmmMessage::Started {
+                pid,
                 vmm_setup_micros,
                 restored,
-                ..
             }) => {
+                // Jailed, the VM runs in a child of the process we spawned.
+                vm.pid = pid;
                 vm.timing = StartTiming {
                     spawn_to_running: spawned_at.elapsed(),
                     vmm_setup: Duration::from_micros(vmm_setup_micros),

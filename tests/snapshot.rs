@@ -24,6 +24,9 @@ fn spec(run_dir: &std::path::Path) -> VmSpec {
         init: None,
         run_dir: run_dir.to_path_buf(),
         restore: None,
+        snapshot_dir: None,
+        label: "test".into(),
+        confinement: airlock::confinement::Confinement::current(),
     }
 }
 
@@ -31,7 +34,9 @@ fn spec(run_dir: &std::path::Path) -> VmSpec {
 async fn a_saved_guest_restores_and_answers() {
     let boot_dir = tempfile::tempdir().unwrap();
     let snap_dir = tempfile::tempdir().unwrap();
-    let mut vm = Vm::spawn(&spec(boot_dir.path())).await.expect("VMM starts");
+    let mut boot = spec(boot_dir.path());
+    boot.snapshot_dir = Some(snap_dir.path().to_path_buf());
+    let mut vm = Vm::spawn(&boot).await.expect("VMM starts");
     vm.wait_agent_ready(BOOT_TIMEOUT).await.expect("agent up");
     {
         let client = AgentClient::connect(

@@ -26,6 +26,9 @@ fn spec(run_dir: &std::path::Path) -> VmSpec {
         init: None,
         run_dir: run_dir.to_path_buf(),
         restore: None,
+        snapshot_dir: None,
+        label: "test".into(),
+        confinement: airlock::confinement::Confinement::current(),
     }
 }
 
@@ -137,7 +140,14 @@ fn tiny_kernel(code: &[u8]) -> tempfile::NamedTempFile {
     elf.extend_from_slice(code);
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), elf).unwrap();
+    readable_by_all(file.path());
     file
+}
+
+/// The jailed VMM runs as an unprivileged user: it reads only what all may.
+fn readable_by_all(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,6 +188,7 @@ async fn a_kernel_that_is_not_elf_is_refused_before_boot() {
     let dir = tempfile::tempdir().unwrap();
     let bogus = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(bogus.path(), b"not a kernel").unwrap();
+    readable_by_all(bogus.path());
     let mut spec = spec(dir.path());
     spec.kernel = bogus.path().to_path_buf();
     match Vm::spawn(&spec).await {

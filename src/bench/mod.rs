@@ -186,6 +186,9 @@ async fn cold_boot(
         init: None,
         run_dir: run_dir.path().to_path_buf(),
         restore: None,
+        snapshot_dir: None,
+        label: "bench-cold-boot".into(),
+        confinement: crate::confinement::Confinement::current(),
     };
     eprintln!(
         "bench: cold boot (minutes on kvm_pvm: boot plus importing numpy, pandas, matplotlib)"

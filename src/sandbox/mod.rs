@@ -43,6 +43,7 @@ impl Sandbox {
     /// Restores a new sandbox from `template`.
     pub async fn restore(template: &Template, airlock_exe: &std::path::Path) -> Result<Sandbox> {
         let started = Instant::now();
+        let id = new_id()?;
         // Short path: a Unix socket path must fit in 108 bytes.
         let run_dir = tempfile::Builder::new()
             .prefix("airlock-")
@@ -58,6 +59,9 @@ impl Sandbox {
             init: None,
             run_dir: run_dir.path().to_path_buf(),
             restore: Some(template.dir.clone()),
+            snapshot_dir: None,
+            label: id.clone(),
+            confinement: crate::confinement::Confinement::current(),
         };
         let mut vm = Vm::spawn(&spec)
             .await
@@ -88,7 +92,7 @@ impl Sandbox {
             total: started.elapsed(),
         };
         Ok(Sandbox {
-            id: new_id()?,
+            id,
             vm,
             client,
             _run_dir: run_dir,

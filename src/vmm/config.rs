@@ -7,6 +7,9 @@ use crate::vmm::layout::MAX_MEMORY_BYTES;
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
 pub const MIN_MEMORY_MIB: u32 = 64;
 pub const MAX_VCPUS: u8 = 4;
+/// The console log's cap: past it the log starts over (the last lines are
+/// also kept in memory for error reports).
+pub const DEFAULT_CONSOLE_MAX_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct VmmConfig {
@@ -39,6 +42,22 @@ pub struct VmmConfig {
     /// be the image it was made from).
     #[arg(long)]
     pub restore: Option<PathBuf>,
+    /// Confine each thread with its seccomp allow-list (on unless debugging
+    /// the VMM itself).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub seccomp: bool,
+    /// Let syscalls outside the filters through, logged by the kernel's
+    /// audit (developers: finding out what a changed VMM needs).
+    #[arg(long, hide = true)]
+    pub seccomp_audit_only: bool,
+    /// The directory `snapshot` commands save into (bound into the jail).
+    #[arg(long)]
+    pub snapshot_dir: Option<PathBuf>,
+    /// The most bytes the console log holds.
+    #[arg(long, default_value_t = DEFAULT_CONSOLE_MAX_BYTES)]
+    pub console_max_bytes: u64,
+    #[command(flatten)]
+    pub jail: crate::vmm::jail::JailArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +67,11 @@ pub enum ConfigError {
 }
 
 impl VmmConfig {
+    /// Guest memory in bytes, unchecked (for limits sized by it).
+    pub fn memory_mib_bytes(&self) -> u64 {
+        u64::from(self.memory_mib) << 20
+    }
+
     pub fn memory_bytes(&self) -> Result<u64, ConfigError> {
         let bytes = u64::from(self.memory_mib) << 20;
         if self.memory_mib < MIN_MEMORY_MIB || bytes > MAX_MEMORY_BYTES {

@@ -13,6 +13,10 @@ pub const CMD_STOP: &str = "stop";
 pub const CMD_STATS: &str = "stats";
 /// `snapshot <dir>`: pause, save the VM into <dir> (which must exist), exit.
 pub const CMD_SNAPSHOT: &str = "snapshot";
+/// Debug builds only: `debug-forbidden-syscall [main|control]` makes that
+/// thread call a syscall outside its filter, for the seccomp tests.
+#[cfg(debug_assertions)]
+pub const CMD_DEBUG_FORBIDDEN_SYSCALL: &str = "debug-forbidden-syscall";
 
 /// Events, one JSON object per line on stdout.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -39,6 +43,9 @@ pub enum VmmMessage {
     },
     /// The VM ended; the process exits right after this line.
     Exit(ExitReport),
+    /// A thread made a syscall outside its seccomp filter; the process has
+    /// ended (written by the SIGSYS handler, so there is no Exit line).
+    SeccompViolation { syscall: i64, thread: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -63,10 +70,15 @@ pub enum ExitReason {
     GuestPanic,
     /// KVM or the VMM could not go on (emulation failure, triple fault, ...).
     Fatal,
+    /// A VMM thread made a syscall outside its seccomp filter.
+    SeccompViolation,
 }
 
 impl ExitReason {
     pub fn is_error(self) -> bool {
-        matches!(self, ExitReason::GuestPanic | ExitReason::Fatal)
+        matches!(
+            self,
+            ExitReason::GuestPanic | ExitReason::Fatal | ExitReason::SeccompViolation
+        )
     }
 }

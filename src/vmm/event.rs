@@ -19,6 +19,9 @@ pub enum VmEvent {
     StatsRequested,
     /// The host asked for a snapshot into this directory (the VM ends after it).
     SnapshotRequested(std::path::PathBuf),
+    /// Debug builds: make a syscall no filter allows, on the main thread.
+    #[cfg(debug_assertions)]
+    DebugForbiddenSyscall,
     /// A vCPU stopped for a snapshot and saved its state.
     VcpuPaused {
         index: u8,

@@ -2,6 +2,7 @@
 //! vCPUs, ready to run.
 
 use std::fs::File;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
@@ -110,7 +111,12 @@ impl Machine {
     }
 }
 
-fn open_kvm() -> Result<Kvm, BuildError> {
+/// /dev/kvm: the fd a jail opened before it hid the device, or opened here.
+fn open_kvm(opened: Option<OwnedFd>) -> Result<Kvm, BuildError> {
+    if let Some(fd) = opened {
+        // SAFETY: the fd is an open /dev/kvm that we own and hand over.
+        return Ok(unsafe { Kvm::from_raw_fd(fd.into_raw_fd()) });
+    }
     let device = crate::host_kvm::kvm_device_path();
     crate::host_kvm::check_kvm_access(&device)?;
     let path = std::ffi::CString::new(device.as_os_str().as_encoded_bytes())
@@ -137,10 +143,11 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, BuildError> {
 pub fn build(
     config: &VmmConfig,
     flavor: KvmFlavor,
+    kvm: Option<OwnedFd>,
     events: VmEventSender,
 ) -> Result<Machine, BuildError> {
     let mem_bytes = config.memory_bytes()?;
-    let kvm = open_kvm()?;
+    let kvm = open_kvm(kvm)?;
     let vm = create_vm(&kvm)?;
     let identity = ImageIdentity::of(&config.kernel, &config.rootfs)?;
     let mem = create_memory(&vm, mem_bytes)?;
@@ -199,6 +206,7 @@ pub fn build(
 pub fn restore(
     config: &VmmConfig,
     dir: &std::path::Path,
+    kvm: Option<OwnedFd>,
     events: VmEventSender,
 ) -> Result<Machine, BuildError> {
     let state = snapshot::read_state(dir)?;
@@ -209,7 +217,7 @@ pub fn restore(
             SnapshotError::Invalid(format!("a snapshot with {} vCPUs", state.vcpus.len())).into(),
         );
     }
-    let kvm = open_kvm()?;
+    let kvm = open_kvm(kvm)?;
     let vm = create_vm(&kvm)?;
     let mem = snapshot::memory::map_private(&snapshot::memory_path(dir), state.memory_bytes)?;
     register_memory(&vm, &mem)?;
@@ -318,15 +326,22 @@ fn create_devices(
     let mut pio = Bus::default();
     let mut mmio = Bus::default();
 
+    let open_log = |path: &std::path::Path| {
+        File::options()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|file| file.set_len(0).map(|()| file))
+    };
     let log = match &config.console_log {
-        Some(path) => Some(File::create(path).map_err(|source| BuildError::ConsoleLog {
+        Some(path) => Some(open_log(path).map_err(|source| BuildError::ConsoleLog {
             path: path.display().to_string(),
             source,
         })?),
         None => None,
     };
     let serial_irq = irqfd(vm, SERIAL_IRQ)?;
-    let sink = ConsoleSink::new(log, console_tail, events);
+    let sink = ConsoleSink::new(log, config.console_max_bytes, console_tail, events);
     let serial = match saved {
         Some(state) => {
             SerialDevice::restore(serial_irq, sink, &state.serial).map_err(BuildError::Layout)?

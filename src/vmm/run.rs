@@ -12,7 +12,10 @@ use crate::host_kvm::KvmFlavor;
 use crate::vmm::config::VmmConfig;
 use crate::vmm::control::{CMD_SNAPSHOT, CMD_STATS, CMD_STOP, ExitReason, ExitReport, VmmMessage};
 use crate::vmm::event::{self, VmEvent, VmEventSender};
+use crate::vmm::jail;
 use crate::vmm::machine::{self, Machine};
+use crate::vmm::seccomp;
+use crate::vmm::seccomp_filters::Role;
 use crate::vmm::snapshot::vm_state::VmState;
 use crate::vmm::snapshot::{self, MachineState};
 use crate::vmm::stats;
@@ -22,10 +25,27 @@ use crate::vmm::vcpu::{self, PauseRequest, VcpuContext};
 pub fn run(config: &VmmConfig) -> i32 {
     let started = Instant::now();
     block_stop_signals();
+    if config.seccomp
+        && let Err(err) = seccomp::prepare(config.seccomp_audit_only)
+    {
+        return finish(ExitReason::Fatal, err.to_string(), Vec::new());
+    }
+    // Read before the jail hides /sys.
+    let flavor = KvmFlavor::detect();
+    let host_config = config;
+    let (config, kvm, pid) = if config.jail.jail {
+        match jail::enter(config) {
+            Ok(jailed) => (jailed.config, Some(jailed.kvm), jailed.host_pid),
+            Err(err) => return finish(ExitReason::Fatal, err.to_string(), Vec::new()),
+        }
+    } else {
+        (config.clone(), None, std::process::id())
+    };
+    let config = &config;
     let (events, receiver) = event::channel();
     let built = match &config.restore {
-        Some(dir) => machine::restore(config, dir, events.clone()),
-        None => machine::build(config, KvmFlavor::detect(), events.clone()),
+        Some(dir) => machine::restore(config, dir, kvm, events.clone()),
+        None => machine::build(config, flavor, kvm, events.clone()),
     };
     let mut machine = match built {
         Ok(machine) => machine,
@@ -35,11 +55,11 @@ pub fn run(config: &VmmConfig) -> i32 {
             } else {
                 "build"
             };
-            return finish(
-                ExitReason::Fatal,
-                format!("cannot {verb} the VM: {err}"),
-                Vec::new(),
-            );
+            let mut detail = format!("cannot {verb} the VM: {err}");
+            if config.jail.jail {
+                detail.push_str(&jail::host_paths_note(host_config, &detail));
+            }
+            return finish(ExitReason::Fatal, detail, Vec::new());
         }
     };
     if let Err(err) = vcpu::install_kick_handler() {
@@ -65,16 +85,25 @@ pub fn run(config: &VmmConfig) -> i32 {
         };
         match std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu::run(fd, ctx))
+            .spawn(move || {
+                seccomp::confine_this_thread(Role::Vcpu);
+                vcpu::run(fd, ctx)
+            })
         {
             Ok(handle) => vcpu_threads.push(handle),
             Err(err) => events.send(VmEvent::Fatal(format!("cannot start a vCPU thread: {err}"))),
         }
     }
-    spawn_control_reader(events.clone());
+    spawn_control_reader(events.clone(), config.snapshot_dir.clone());
     spawn_signal_waiter(events);
+    if config.jail.jail
+        && let Err(err) = jail::forbid_new_processes()
+    {
+        return finish(ExitReason::Fatal, err.to_string(), Vec::new());
+    }
+    seccomp::confine_this_thread(Role::Main);
     emit(&VmmMessage::Started {
-        pid: std::process::id(),
+        pid,
         vmm_setup_micros: started.elapsed().as_micros() as u64,
         restored: config.restore.is_some(),
     });
@@ -100,6 +129,8 @@ pub fn run(config: &VmmConfig) -> i32 {
             VmEvent::StopRequested => break (ExitReason::Stopped, "stopped by the host".into()),
             VmEvent::Fatal(detail) => break (ExitReason::Fatal, detail),
             VmEvent::VcpuPaused { .. } => {}
+            #[cfg(debug_assertions)]
+            VmEvent::DebugForbiddenSyscall => seccomp::make_forbidden_syscall(),
             VmEvent::SnapshotRequested(dir) => {
                 pause.request();
                 for handle in &vcpu_threads {
@@ -200,6 +231,14 @@ fn save_snapshot(
     Ok(())
 }
 
+/// Ends the process from any thread with a fatal report (for what must not
+/// go on, such as a thread that could not be confined).
+pub fn exit_fatal(detail: &str) -> ! {
+    let code = finish(ExitReason::Fatal, detail.to_string(), Vec::new());
+    // SAFETY: _exit ends the process without running other threads' code.
+    unsafe { libc::_exit(code) }
+}
+
 fn emit(message: &VmmMessage) {
     let mut out = std::io::stdout().lock();
     if let Ok(line) = serde_json::to_string(message) {
@@ -209,11 +248,14 @@ fn emit(message: &VmmMessage) {
     }
 }
 
-/// stdin carries commands; its EOF means the parent is gone.
-fn spawn_control_reader(events: VmEventSender) {
+/// stdin carries commands; its EOF means the parent is gone. A snapshot
+/// goes into `snapshot_dir` when one was given at start (the host names the
+/// directory as it sees it; inside a jail it is elsewhere).
+fn spawn_control_reader(events: VmEventSender, snapshot_dir: Option<std::path::PathBuf>) {
     let _ = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            seccomp::confine_this_thread(Role::Control);
             let stdin = std::io::stdin();
             let mut line = String::new();
             loop {
@@ -230,8 +272,14 @@ fn spawn_control_reader(events: VmEventSender) {
                             CMD_STOP => events.send(VmEvent::StopRequested),
                             CMD_STATS => events.send(VmEvent::StatsRequested),
                             CMD_SNAPSHOT if !argument.is_empty() => {
-                                events.send(VmEvent::SnapshotRequested(argument.into()))
+                                let dir = snapshot_dir.clone().unwrap_or_else(|| argument.into());
+                                events.send(VmEvent::SnapshotRequested(dir))
                             }
+                            #[cfg(debug_assertions)]
+                            crate::vmm::control::CMD_DEBUG_FORBIDDEN_SYSCALL => match argument {
+                                "main" => events.send(VmEvent::DebugForbiddenSyscall),
+                                _ => seccomp::make_forbidden_syscall(),
+                            },
                             other => tracing::warn!(command = other, "unknown control command"),
                         }
                     }
@@ -264,6 +312,7 @@ fn spawn_signal_waiter(events: VmEventSender) {
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            seccomp::confine_this_thread(Role::Signals);
             let set = stop_signals();
             let mut sig = 0;
             // SAFETY: sigwait reads the set and writes the signal number.

@@ -1,6 +1,7 @@
-//! Where the guest's serial output goes: a console log file, a bounded tail
-//! kept in memory for error reports, and a watch for lines that matter to the
-//! VMM (a kernel panic, the agent's readiness).
+//! Where the guest's serial output goes: a console log file capped in size
+//! (past the cap it starts over, with a note), a bounded tail kept in memory
+//! for error reports, and a watch for lines that matter to the VMM (a kernel
+//! panic, the agent's readiness).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -40,6 +41,9 @@ impl ConsoleTail {
 
 pub struct ConsoleSink {
     log: Option<BufWriter<File>>,
+    /// Bytes in the log file since it last started over, and the cap.
+    log_bytes: u64,
+    log_max: u64,
     line: Vec<u8>,
     tail: ConsoleTail,
     events: VmEventSender,
@@ -47,9 +51,13 @@ pub struct ConsoleSink {
 }
 
 impl ConsoleSink {
-    pub fn new(log: Option<File>, tail: ConsoleTail, events: VmEventSender) -> Self {
+    /// `log` must be opened for appending, so that starting over is a
+    /// truncation and nothing else.
+    pub fn new(log: Option<File>, log_max: u64, tail: ConsoleTail, events: VmEventSender) -> Self {
         ConsoleSink {
             log: log.map(BufWriter::new),
+            log_bytes: 0,
+            log_max: log_max.max(MIN_LOG_BYTES),
             line: Vec::new(),
             tail,
             events,
@@ -73,13 +81,44 @@ impl ConsoleSink {
     }
 }
 
+impl ConsoleSink {
+    fn log_write(&mut self, buf: &[u8]) {
+        let incoming = buf.len() as u64;
+        if self.log_bytes.saturating_add(incoming) > self.log_max {
+            self.start_log_over();
+        }
+        let Some(log) = self.log.as_mut() else { return };
+        // A full disk must not stop the guest; the tail still works.
+        if log.write_all(buf).is_err() {
+            self.log = None;
+        }
+        self.log_bytes = self.log_bytes.saturating_add(incoming);
+    }
+
+    fn start_log_over(&mut self) {
+        let Some(log) = self.log.as_mut() else { return };
+        let note = format!(
+            "[airlock: the console log reached its cap of {} bytes and started over]\n",
+            self.log_max
+        );
+        let restarted = log.flush().is_ok()
+            && log.get_mut().set_len(0).is_ok()
+            && log.write_all(note.as_bytes()).is_ok();
+        if restarted {
+            self.log_bytes = note.len() as u64;
+        } else {
+            self.log = None;
+        }
+    }
+}
+
+/// A cap below this would leave room for little but the restart note.
+const MIN_LOG_BYTES: u64 = 4096;
+
 impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Some(log) = self.log.as_mut() {
-            // A full disk must not stop the guest; the tail still works.
-            if log.write_all(buf).is_err() {
-                self.log = None;
-            }
+        for chunk in buf.chunks(MIN_LOG_BYTES as usize / 2) {
+            self.log_write(chunk);
         }
         for &b in buf {
             if b == b'\n' {
@@ -113,7 +152,7 @@ mod tests {
     fn keeps_a_bounded_tail_and_spots_a_panic() {
         let (events, rx) = crate::vmm::event::channel();
         let tail = ConsoleTail::default();
-        let mut sink = ConsoleSink::new(None, tail.clone(), events);
+        let mut sink = ConsoleSink::new(None, 0, tail.clone(), events);
         for i in 0..100 {
             writeln!(sink, "line {i}").unwrap();
         }
@@ -124,5 +163,31 @@ mod tests {
         assert!(lines.iter().all(|l| l.len() <= MAX_LINE_BYTES));
         assert!(lines.last().unwrap().contains("Kernel panic"));
         assert!(matches!(rx.try_recv().unwrap(), VmEvent::GuestPanic));
+    }
+
+    #[test]
+    fn the_log_file_never_passes_its_cap() {
+        let (events, _rx) = crate::vmm::event::channel();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let cap = 64 * 1024;
+        let mut sink = ConsoleSink::new(Some(file), cap, ConsoleTail::default(), events);
+        for i in 0..20_000 {
+            writeln!(sink, "guest line {i} with some padding to fill the log").unwrap();
+            if i % 997 == 0 {
+                sink.flush().unwrap();
+                assert!(std::fs::metadata(&path).unwrap().len() <= cap);
+            }
+        }
+        sink.flush().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.len() as u64 <= cap, "{}", text.len());
+        assert!(text.starts_with("[airlock: the console log reached its cap"));
+        assert!(text.trim_end().ends_with("guest line 19999 with some padding to fill the log"));
     }
 }

@@ -39,6 +39,8 @@ for port in /sys/class/virtio-ports/*; do ln -sf "/dev/${port##*/}" "/dev/airloc
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose hostroot /root || fail "cannot mount the host filesystem"
 mount -t proc proc /root/proc
 mount -t sysfs sysfs /root/sys
+# cgroup v2, so that airlock gives each VMM its own memory and pids limits.
+mount -t cgroup2 cgroup2 /root/sys/fs/cgroup || fail "cannot mount cgroup2"
 mount -t devtmpfs devtmpfs /root/dev
 mkdir -p /root/dev/pts /root/dev/shm
 mount -t devpts devpts /root/dev/pts

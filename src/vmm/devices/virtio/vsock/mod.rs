@@ -21,7 +21,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::mpsc;
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -61,12 +61,36 @@ pub struct Vsock {
     /// The muxer lives here while the device is inactive, in the thread
     /// while it runs, so the listener survives driver resets.
     muxer: Option<Muxer>,
-    running: Option<Running>,
+    thread: DeviceThread,
+    /// The running worker's stop event.
+    running: Option<EventFd>,
 }
 
-struct Running {
-    stop_evt: EventFd,
-    thread: JoinHandle<Muxer>,
+/// The device thread lives as long as the device: it is started with the
+/// VMM, before any seccomp filter, so it installs its own filter and a
+/// vCPU thread that activates the device never has to create a thread.
+struct DeviceThread {
+    jobs: mpsc::Sender<Worker>,
+    done: mpsc::Receiver<Muxer>,
+}
+
+impl DeviceThread {
+    fn start() -> io::Result<DeviceThread> {
+        let (jobs, job_rx) = mpsc::channel::<Worker>();
+        let (done_tx, done) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("vsock".into())
+            .spawn(move || {
+                crate::vmm::seccomp::confine_this_thread(crate::vmm::seccomp_filters::Role::Device);
+                // Ends when the device is dropped (the sender goes).
+                while let Ok(worker) = job_rx.recv() {
+                    if done_tx.send(worker.run()).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(DeviceThread { jobs, done })
+    }
 }
 
 /// A cloneable, thread-safe way to ask the device for a transport reset
@@ -98,6 +122,7 @@ impl Vsock {
         let muxer = Muxer::new(guest_cid, listener).map_err(VsockError::EventLoop)?;
         let queue_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::EventLoop)?;
         let control = Arc::new(Control::new().map_err(VsockError::EventLoop)?);
+        let thread = DeviceThread::start().map_err(VsockError::EventLoop)?;
         Ok(Vsock {
             guest_cid,
             uds_path,
@@ -105,6 +130,7 @@ impl Vsock {
             queue_evt,
             control,
             muxer: Some(muxer),
+            thread,
             running: None,
         })
     }
@@ -135,17 +161,17 @@ impl Vsock {
         self.control.request_transport_reset();
     }
 
-    /// Stops and joins the device thread, taking the muxer back.
+    /// Stops the running worker and takes the muxer back.
     fn stop(&mut self) {
-        let Some(running) = self.running.take() else {
+        let Some(stop_evt) = self.running.take() else {
             return;
         };
-        if let Err(e) = running.stop_evt.write(1) {
-            // Joining now could hang forever; leak the thread instead.
+        if let Err(e) = stop_evt.write(1) {
+            // Waiting now could hang forever; give the muxer up instead.
             tracing::error!(%e, "vsock: cannot stop the device thread");
             return;
         }
-        match running.thread.join() {
+        match self.thread.done.recv() {
             Ok(muxer) => self.muxer = Some(muxer),
             Err(_) => tracing::error!("vsock: device thread panicked"),
         }
@@ -244,16 +270,13 @@ impl VirtioDevice for Vsock {
             self.muxer = Some(worker.into_muxer());
             return Err(device_error(e));
         }
-        // If spawning fails the muxer is dropped with the closure; the next
+        // If the thread is gone the muxer goes with the worker; a later
         // activation binds the socket again.
-        let thread = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || worker.run())
-            .map_err(device_error)?;
-        self.running = Some(Running {
-            stop_evt: stop_handle,
-            thread,
-        });
+        self.thread
+            .jobs
+            .send(worker)
+            .map_err(|_| device_error("the device thread is gone"))?;
+        self.running = Some(stop_handle);
         Ok(())
     }
 
