@@ -254,6 +254,9 @@ mod tests {
             seccomp_audit_only: false,
             jail: None,
         };
-        assert_eq!(off.vmm_args(1, 512), vec![OsString::from("--seccomp=false")]);
+        assert_eq!(
+            off.vmm_args(1, 512),
+            vec![OsString::from("--seccomp=false")]
+        );
     }
 }

@@ -97,6 +97,7 @@ pub fn run(cache: &Path, boot: bool) -> Report {
             });
         }
     }
+    checks.extend(confinement_checks(&crate::confinement::Support::probe()));
     let (image_check, newest) = image_check(cache);
     checks.push(image_check);
     checks.push(disk_check(cache));
@@ -169,6 +170,70 @@ fn boot_to_agent(image: &image::Image) -> anyhow::Result<(std::time::Duration, S
         let _ = vm.stop(std::time::Duration::from_secs(10)).await;
         Ok((elapsed, pong.agent_version))
     })
+}
+
+/// What confinement this host allows each VMM.
+fn confinement_checks(support: &crate::confinement::Support) -> Vec<Check> {
+    let mut checks = vec![Check {
+        name: "seccomp",
+        status: if support.seccomp {
+            Status::Ok
+        } else {
+            Status::Fail
+        },
+        detail: if support.seccomp {
+            "available: each VMM thread runs under its own syscall allow-list".into()
+        } else {
+            "this kernel has no seccomp filters (CONFIG_SECCOMP_FILTER); airlock will not run \
+             VMMs without them unless AIRLOCK_CONFINEMENT=off"
+                .into()
+        },
+    }];
+    checks.push(if support.root {
+        Check {
+            name: "jail",
+            status: Status::Ok,
+            detail: format!(
+                "running as root: each VMM gets its own mount, PID, IPC, UTS and network \
+                 namespaces and root, as uid/gid {}",
+                crate::vmm::jail::DEFAULT_ID
+            ),
+        }
+    } else if support.user_namespaces {
+        Check {
+            name: "jail",
+            status: Status::Ok,
+            detail: "unprivileged user namespaces are allowed: each VMM gets its own \
+                     namespaces and root, as this user with no capabilities"
+                .into(),
+        }
+    } else {
+        Check {
+            name: "jail",
+            status: Status::Fail,
+            detail: "not root and unprivileged user namespaces are off, so VMMs cannot be \
+                     jailed: run as root, or enable them (sysctl user.max_user_namespaces=10000, \
+                     and kernel.unprivileged_userns_clone=1 on Debian), or accept seccomp alone \
+                     with AIRLOCK_CONFINEMENT=no-jail"
+                .into(),
+        }
+    });
+    checks.push(match &support.cgroup {
+        Ok(dir) => Check {
+            name: "cgroup",
+            status: Status::Ok,
+            detail: format!(
+                "each VMM gets a cgroup under {} with memory.max and pids.max",
+                dir.display()
+            ),
+        },
+        Err(why) => Check {
+            name: "cgroup",
+            status: Status::Warn,
+            detail: why.clone(),
+        },
+    });
+    checks
 }
 
 pub fn flavor_tag(flavor: KvmFlavor) -> &'static str {

@@ -11,6 +11,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod paths;
 pub mod sandbox;
+pub mod seal;
 pub mod template;
 pub mod vm;
 pub mod vmm;

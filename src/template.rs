@@ -12,6 +12,7 @@ use crate::agent_client::AgentClient;
 use crate::host_kvm::KvmFlavor;
 use crate::image::Image;
 use crate::image::lock::{BuildLock, Scratch};
+use crate::seal::Sealed;
 use crate::vm::{Vm, VmSpec};
 use crate::vmm::snapshot;
 
@@ -61,6 +62,20 @@ pub struct Template {
     pub dir: PathBuf,
     pub image: Image,
     pub info: TemplateInfo,
+    /// The verified seal over its files and the image's.
+    pub seal: Sealed,
+}
+
+/// What a template's seal covers inside its directory.
+const SEALED_FILES: [&str; 3] = [snapshot::MEMORY_FILE, snapshot::STATE_FILE, "template.json"];
+
+impl Template {
+    /// Refuses to go on if a file of the template or its image changed since
+    /// the seal was checked (a rewritten memory file would show in every
+    /// sandbox that maps it).
+    pub fn check_sealed(&self) -> Result<(), crate::seal::SealError> {
+        self.seal.check_unchanged()
+    }
 }
 
 /// Templates of one image are kept apart by everything a snapshot bakes in:
@@ -78,14 +93,40 @@ fn template_dir(cache: &Path, image: &Image, shape: TemplateShape, flavor: KvmFl
     ))
 }
 
-fn read_template(dir: &Path, image: &Image) -> Option<Template> {
-    let text = std::fs::read_to_string(dir.join("template.json")).ok()?;
-    let info: TemplateInfo = serde_json::from_str(&text).ok()?;
-    snapshot::state_path(dir).is_file().then(|| Template {
+/// The template in `dir`: None if there is none (or one an older airlock
+/// made, without a seal: it is remade); an error if its seal fails.
+pub fn open(cache: &Path, dir: &Path, image: &Image) -> Result<Option<Template>> {
+    read_template(cache, dir, image)
+}
+
+fn read_template(cache: &Path, dir: &Path, image: &Image) -> Result<Option<Template>> {
+    if !dir.join(crate::seal::SEAL_FILE).is_file() {
+        return Ok(None);
+    }
+    let key = crate::seal::key(cache)?;
+    let seal = crate::seal::verify(dir, &key)
+        .with_context(|| format!("the template {} is refused", dir.display()))?;
+    let text = std::fs::read_to_string(dir.join("template.json"))
+        .with_context(|| format!("cannot read {}/template.json", dir.display()))?;
+    let info: TemplateInfo = serde_json::from_str(&text)
+        .with_context(|| format!("{}/template.json is not valid", dir.display()))?;
+    Ok(Some(Template {
         dir: dir.to_path_buf(),
         image: image.clone(),
         info,
-    })
+        seal,
+    }))
+}
+
+/// Removes a template an older airlock left without a seal (its files may
+/// be read-only).
+fn remove_unsealed(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))
 }
 
 /// Returns the template for `image` and `shape`, creating it if needed.
@@ -96,16 +137,17 @@ pub async fn ensure(
     airlock_exe: &Path,
 ) -> Result<Template> {
     let dir = template_dir(cache, image, shape, KvmFlavor::detect());
-    if let Some(template) = read_template(&dir, image) {
+    if let Some(template) = read_template(cache, &dir, image)? {
         return Ok(template);
     }
     let lock_cache = cache.to_path_buf();
     let _lock = tokio::task::spawn_blocking(move || BuildLock::acquire(&lock_cache))
         .await
         .context("the lock task failed")??;
-    if let Some(template) = read_template(&dir, image) {
+    if let Some(template) = read_template(cache, &dir, image)? {
         return Ok(template);
     }
+    remove_unsealed(&dir)?;
     create(cache, image, shape, airlock_exe, &dir).await
 }
 
@@ -143,6 +185,7 @@ async fn create(
         run_dir: run_dir.path().to_path_buf(),
         restore: None,
         snapshot_dir: Some(out.clone()),
+        console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
         label: "template".into(),
         confinement: crate::confinement::Confinement::current(),
     };
@@ -183,8 +226,22 @@ async fn create(
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
+    let key = crate::seal::key(cache)?;
+    let (kernel, rootfs) = (image.vmlinux(), image.rootfs());
+    let sealing = Instant::now();
+    crate::seal::seal(&out, &SEALED_FILES, &[&kernel, &rootfs], &key)
+        .context("cannot seal the template")?;
+    eprintln!(
+        "[template] sealed in {:.1} s (read-only, with a keyed digest checked before use)",
+        sealing.elapsed().as_secs_f64()
+    );
     std::fs::rename(&out, dest)
         .with_context(|| format!("cannot move the template into {}", dest.display()))?;
+    // Read-only once in place (a directory must be writable to be moved).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o555))
+        .with_context(|| format!("cannot make {} read-only", dest.display()))?;
+    let seal = crate::seal::verify(dest, &key).context("the new template's seal")?;
     eprintln!(
         "[template] done: {} ({} MiB of guest memory in use)",
         dest.display(),
@@ -194,6 +251,7 @@ async fn create(
         dir: dest.to_path_buf(),
         image: image.clone(),
         info,
+        seal,
     })
 }
 

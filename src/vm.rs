@@ -29,6 +29,8 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// Restore from this snapshot directory instead of booting.
     pub restore: Option<PathBuf>,
+    /// The most bytes its console log holds.
+    pub console_max_bytes: u64,
     /// Where a snapshot of this VM will be saved, if one will (it must
     /// exist; the jail binds it).
     pub snapshot_dir: Option<PathBuf>,
@@ -51,6 +53,7 @@ impl VmSpec {
             run_dir: run_dir.to_path_buf(),
             restore: None,
             snapshot_dir: None,
+            console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
             label: "vm".into(),
             confinement: Confinement::current(),
         })
@@ -59,7 +62,12 @@ impl VmSpec {
 
 /// Variables a VMM may see; everything else (AIRLOCK_TOKENS above all) is
 /// cleared from its environment.
-const VMM_ENVIRONMENT: [&str; 4] = ["RUST_LOG", "AIRLOCK_LOG", "RUST_BACKTRACE", "AIRLOCK_KVM_DEVICE"];
+const VMM_ENVIRONMENT: [&str; 4] = [
+    "RUST_LOG",
+    "AIRLOCK_LOG",
+    "RUST_BACKTRACE",
+    "AIRLOCK_KVM_DEVICE",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -224,6 +232,7 @@ impl Vm {
         if let Some(dir) = &spec.snapshot_dir {
             cmd.arg("--snapshot-dir").arg(dir);
         }
+        cmd.arg(format!("--console-max-bytes={}", spec.console_max_bytes));
         cmd.args(spec.confinement.vmm_args(spec.vcpus, spec.memory_mib));
         cmd.env_clear();
         for name in VMM_ENVIRONMENT {
@@ -369,6 +378,17 @@ impl Vm {
         tokio::time::timeout(timeout, waiting)
             .await
             .map_err(|_| VmError::Timeout(timeout, "the guest agent"))?
+    }
+
+    /// Debug builds: makes the VMM's `thread` ("main" or "control") call a
+    /// syscall outside its filter, to show that the filter holds.
+    #[cfg(debug_assertions)]
+    pub async fn debug_forbidden_syscall(&mut self, thread: &str) -> Result<(), VmError> {
+        self.send(&format!(
+            "{} {thread}",
+            crate::vmm::control::CMD_DEBUG_FORBIDDEN_SYSCALL
+        ))
+        .await
     }
 
     /// Asks the VMM for its exit and interrupt counters.

@@ -27,6 +27,7 @@ fn spec(run_dir: &std::path::Path) -> VmSpec {
         run_dir: run_dir.to_path_buf(),
         restore: None,
         snapshot_dir: None,
+        console_max_bytes: airlock::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
         label: "test".into(),
         confinement: airlock::confinement::Confinement::current(),
     }

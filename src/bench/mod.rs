@@ -187,6 +187,7 @@ async fn cold_boot(
         run_dir: run_dir.path().to_path_buf(),
         restore: None,
         snapshot_dir: None,
+        console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
         label: "bench-cold-boot".into(),
         confinement: crate::confinement::Confinement::current(),
     };

@@ -43,6 +43,9 @@ impl Sandbox {
     /// Restores a new sandbox from `template`.
     pub async fn restore(template: &Template, airlock_exe: &std::path::Path) -> Result<Sandbox> {
         let started = Instant::now();
+        template
+            .check_sealed()
+            .context("the template cannot be restored")?;
         let id = new_id()?;
         // Short path: a Unix socket path must fit in 108 bytes.
         let run_dir = tempfile::Builder::new()
@@ -60,6 +63,7 @@ impl Sandbox {
             run_dir: run_dir.path().to_path_buf(),
             restore: Some(template.dir.clone()),
             snapshot_dir: None,
+            console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
             label: id.clone(),
             confinement: crate::confinement::Confinement::current(),
         };

@@ -45,7 +45,10 @@ pub enum VmmMessage {
     Exit(ExitReport),
     /// A thread made a syscall outside its seccomp filter; the process has
     /// ended (written by the SIGSYS handler, so there is no Exit line).
-    SeccompViolation { syscall: i64, thread: String },
+    SeccompViolation {
+        syscall: i64,
+        thread: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

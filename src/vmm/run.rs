@@ -88,8 +88,7 @@ pub fn run(config: &VmmConfig) -> i32 {
             .spawn(move || {
                 seccomp::confine_this_thread(Role::Vcpu);
                 vcpu::run(fd, ctx)
-            })
-        {
+            }) {
             Ok(handle) => vcpu_threads.push(handle),
             Err(err) => events.send(VmEvent::Fatal(format!("cannot start a vCPU thread: {err}"))),
         }

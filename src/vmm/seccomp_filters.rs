@@ -178,10 +178,7 @@ fn rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
             }
         }
         Role::Control => allow(&mut rules, &[libc::SYS_read, libc::SYS_write]),
-        Role::Signals => allow(
-            &mut rules,
-            &[libc::SYS_rt_sigtimedwait, libc::SYS_write],
-        ),
+        Role::Signals => allow(&mut rules, &[libc::SYS_rt_sigtimedwait, libc::SYS_write]),
         Role::Jailer => allow(
             &mut rules,
             &[
@@ -233,7 +230,11 @@ fn common(rules: &mut Rules) -> Result<(), seccompiler::BackendError> {
         SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
         0,
     )?;
-    rule(rules, libc::SYS_mmap, SeccompRule::new(vec![no_exec.clone()])?);
+    rule(
+        rules,
+        libc::SYS_mmap,
+        SeccompRule::new(vec![no_exec.clone()])?,
+    );
     rule(rules, libc::SYS_mprotect, SeccompRule::new(vec![no_exec])?);
     Ok(())
 }

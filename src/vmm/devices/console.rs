@@ -188,6 +188,9 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.len() as u64 <= cap, "{}", text.len());
         assert!(text.starts_with("[airlock: the console log reached its cap"));
-        assert!(text.trim_end().ends_with("guest line 19999 with some padding to fill the log"));
+        assert!(
+            text.trim_end()
+                .ends_with("guest line 19999 with some padding to fill the log")
+        );
     }
 }

@@ -130,7 +130,10 @@ pub fn enter(config: &VmmConfig) -> Result<Jailed, JailError> {
     mounts::pivot_into_new_root(&binds)?;
     privileges::set_hostname("airlock-vmm")?;
     let console_bytes = config.console_max_bytes;
-    let snapshot_bytes = config.snapshot_dir.as_ref().map(|_| config.memory_mib_bytes());
+    let snapshot_bytes = config
+        .snapshot_dir
+        .as_ref()
+        .map(|_| config.memory_mib_bytes());
     privileges::set_rlimits(console_bytes, snapshot_bytes)?;
     let (uid, gid) = (config.jail.jail_uid, config.jail.jail_gid);
     if as_root {
@@ -200,7 +203,8 @@ fn binds_of(config: &VmmConfig) -> Result<Binds, JailError> {
 /// not, here, rather than let the VMM fail on a jail path.
 fn check_readable_by(path: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(os_error(format!("cannot stat {}", path.display())))?;
+    let meta =
+        std::fs::metadata(path).map_err(os_error(format!("cannot stat {}", path.display())))?;
     let mode = meta.mode();
     let readable = mode & 0o004 != 0
         || (meta.uid() == uid && mode & 0o400 != 0)

@@ -17,9 +17,16 @@ const TMPFS_OPTIONS: &str = "size=64k,nr_inodes=64,mode=0755";
 
 pub(super) fn pivot_into_new_root(binds: &Binds) -> Result<(), JailError> {
     // Nothing done here may propagate back to the host.
-    mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
     let root = binds.run_dir.join(STAGING);
-    std::fs::create_dir_all(&root).map_err(os_error(format!("cannot create {}", root.display())))?;
+    std::fs::create_dir_all(&root)
+        .map_err(os_error(format!("cannot create {}", root.display())))?;
     mount(
         Some("tmpfs"),
         &root,
@@ -56,13 +63,19 @@ pub(super) fn pivot_into_new_root(binds: &Binds) -> Result<(), JailError> {
         None,
         Path::new("/"),
         None,
-        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        libc::MS_REMOUNT
+            | libc::MS_BIND
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | libc::MS_NOEXEC,
         None,
     )
 }
 
 fn bind_file(source: &Path, target: &Path, read_only: bool) -> Result<(), JailError> {
-    std::fs::File::create(target).map_err(os_error(format!("cannot create {}", target.display())))?;
+    std::fs::File::create(target)
+        .map_err(os_error(format!("cannot create {}", target.display())))?;
     bind(source, target, read_only)
 }
 
@@ -76,14 +89,28 @@ fn bind(source: &Path, target: &Path, read_only: bool) -> Result<(), JailError> 
     mount_path(source, target, libc::MS_BIND)?;
     // Bind flags only take effect on a remount.
     let ro = if read_only { libc::MS_RDONLY } else { 0 };
-    mount(None, target, None, libc::MS_REMOUNT | libc::MS_BIND | flags | ro, None)
+    mount(
+        None,
+        target,
+        None,
+        libc::MS_REMOUNT | libc::MS_BIND | flags | ro,
+        None,
+    )
 }
 
 fn mount_path(source: &Path, target: &Path, flags: libc::c_ulong) -> Result<(), JailError> {
     let (src, dst) = (c_path(source)?, c_path(target)?);
     // SAFETY: NUL-terminated paths we own; no data argument.
     check(
-        unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), flags, std::ptr::null()) },
+        unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        },
         &format!("cannot bind {} on {}", source.display(), target.display()),
     )
 }
@@ -97,7 +124,11 @@ fn mount(
 ) -> Result<(), JailError> {
     let c = |s: Option<&str>| s.map(CString::new).transpose();
     let bad = |_| JailError::Setup(format!("a NUL byte in a mount of {}", target.display()));
-    let (source_c, fstype_c, data_c) = (c(source).map_err(bad)?, c(fstype).map_err(bad)?, c(data).map_err(bad)?);
+    let (source_c, fstype_c, data_c) = (
+        c(source).map_err(bad)?,
+        c(fstype).map_err(bad)?,
+        c(data).map_err(bad)?,
+    );
     let target_c = c_path(target)?;
     let ptr = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
     // SAFETY: every pointer is null or a NUL-terminated string we own.

@@ -28,8 +28,11 @@ pub fn unshare_namespaces(user_ns: bool) -> Result<(), JailError> {
         flags |= libc::CLONE_NEWUSER;
     }
     // SAFETY: unshare only changes this process's namespaces.
-    check(unsafe { libc::unshare(flags) }, "unshare")
-        .map_err(|e| JailError::Setup(format!("{e} (see `airlock doctor` for what this host allows)")))?;
+    check(unsafe { libc::unshare(flags) }, "unshare").map_err(|e| {
+        JailError::Setup(format!(
+            "{e} (see `airlock doctor` for what this host allows)"
+        ))
+    })?;
     if user_ns {
         write_proc("/proc/self/setgroups", "deny")?;
         write_proc("/proc/self/uid_map", &format!("{uid} {uid} 1"))?;
@@ -68,7 +71,11 @@ pub fn forbid_new_processes() -> Result<(), JailError> {
     set_rlimit(libc::RLIMIT_NPROC, 0, "RLIMIT_NPROC")
 }
 
-fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64, what: &str) -> Result<(), JailError> {
+fn set_rlimit(
+    resource: libc::__rlimit_resource_t,
+    value: u64,
+    what: &str,
+) -> Result<(), JailError> {
     let limit = libc::rlimit {
         rlim_cur: value,
         rlim_max: value,
@@ -92,8 +99,14 @@ pub fn drop_privileges(as_root: bool, uid: u32, gid: u32) -> Result<(), JailErro
     clear_capabilities()?;
     // SAFETY: prctl with these arguments only sets flags.
     unsafe {
-        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")?;
-        check(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0), "PR_SET_DUMPABLE")?;
+        check(
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+            "PR_SET_NO_NEW_PRIVS",
+        )?;
+        check(
+            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0),
+            "PR_SET_DUMPABLE",
+        )?;
     }
     Ok(())
 }
@@ -133,6 +146,8 @@ fn clear_capabilities() -> Result<(), JailError> {
 
 /// Makes `path` the jailed uid's, so the VMM can create its sockets there.
 pub fn give_to(path: &std::path::Path, uid: u32, gid: u32) -> Result<(), JailError> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))
-        .map_err(super::os_error(format!("cannot hand {} to the jailed user", path.display())))
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(super::os_error(format!(
+        "cannot hand {} to the jailed user",
+        path.display()
+    )))
 }

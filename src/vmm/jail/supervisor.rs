@@ -22,8 +22,9 @@ impl Handshake {
     pub fn host_pid(self) -> Result<u32, JailError> {
         let mut file = std::fs::File::from(self.0);
         let mut bytes = [0u8; 4];
-        file.read_exact(&mut bytes)
-            .map_err(super::os_error("cannot read the host pid from the supervisor"))?;
+        file.read_exact(&mut bytes).map_err(super::os_error(
+            "cannot read the host pid from the supervisor",
+        ))?;
         Ok(u32::from_le_bytes(bytes))
     }
 }
