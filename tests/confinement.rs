@@ -272,9 +272,7 @@ async fn a_tampered_template_is_refused() {
     );
 
     // Rewritten before: loading refuses it, by content, for memory and state.
-    let err = airlock::template::open(&cache, copy.path(), &template.image)
-        .err()
-        .expect("refused");
+    let err = airlock::template::open(&cache, copy.path(), &template.image).expect_err("refused");
     assert!(
         format!("{err:#}").contains("memory changed after it was sealed"),
         "{err:#}"
@@ -283,9 +281,7 @@ async fn a_tampered_template_is_refused() {
     let copy = tempfile::tempdir().unwrap();
     copy_template(&template.dir, copy.path());
     tamper(&copy.path().join("state.json"), 100);
-    let err = airlock::template::open(&cache, copy.path(), &template.image)
-        .err()
-        .expect("refused");
+    let err = airlock::template::open(&cache, copy.path(), &template.image).expect_err("refused");
     assert!(
         format!("{err:#}").contains("state.json changed after it was sealed"),
         "{err:#}"

@@ -335,7 +335,10 @@ fn agent_fail(err: AgentError) -> Fail {
             };
             Fail(format!("{}.{hint}", message.trim_end_matches('.')))
         }
-        AgentError::Closed(_) | AgentError::Io(_) | AgentError::Protocol(_) => Fail(format!(
+        AgentError::Closed(_)
+        | AgentError::Io(_)
+        | AgentError::Protocol(_)
+        | AgentError::Flood(_) => Fail(format!(
             "the sandbox stopped responding ({err}). Call reset_sandbox to get a fresh one (files and variables will be lost)."
         )),
         other => Fail(format!("the sandbox could not do that: {other}")),

@@ -168,11 +168,7 @@ fn rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
                     libc::SYS_shutdown,
                 ],
             );
-            rule(
-                &mut rules,
-                libc::SYS_ioctl,
-                arg_eq(1, libc::FIONBIO as u64)?,
-            );
+            rule(&mut rules, libc::SYS_ioctl, arg_eq(1, libc::FIONBIO)?);
             for cmd in [libc::F_GETFL, libc::F_SETFL, libc::F_GETFD, libc::F_SETFD] {
                 rule(&mut rules, libc::SYS_fcntl, arg_eq(1, cmd as u64)?);
             }
