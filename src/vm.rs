@@ -221,8 +221,8 @@ impl Vm {
             .arg(spec.vcpus.to_string())
             .arg("--memory-mib")
             .arg(spec.memory_mib.to_string())
-            .arg("--extra-cmdline")
-            .arg(&spec.extra_cmdline);
+            // One argument, so a value that starts with '-' is not a flag.
+            .arg(format!("--extra-cmdline={}", spec.extra_cmdline));
         if let Some(init) = &spec.init {
             cmd.arg("--init").arg(init);
         }

@@ -111,6 +111,7 @@ pub async fn run(opts: &BenchOptions) -> Result<()> {
     }
 
     let (restore_total, vmm_part) = restores(&template, &exe, opts.restores).await?;
+    confinement_cost(&template, &exe, opts.restores).await?;
     if let Some(cold) = cold {
         println!(
             "    ratio cold boot / restore-to-first-result: {:.1}x",
@@ -250,6 +251,55 @@ async fn restores(
         summarize(&guest_parts).context("no samples")?
     );
     Ok((total, summarize(&spawn_parts).context("no samples")?))
+}
+
+/// (j) What confinement costs a restore: the VMM's part with the jail and
+/// seccomp, and with neither, alternating so that both see the same host.
+async fn confinement_cost(template: &Template, exe: &Path, count: usize) -> Result<()> {
+    use crate::confinement::Confinement;
+    let full = Confinement::current();
+    if full.jail.is_none() {
+        println!(
+            "\n(j) confinement cost: skipped (the jail is off: {})",
+            crate::confinement::ENV
+        );
+        return Ok(());
+    }
+    let off = Confinement {
+        seccomp: false,
+        seccomp_audit_only: false,
+        jail: None,
+    };
+    let mut samples: [(Vec<Duration>, Vec<Duration>); 2] = Default::default();
+    for _ in 0..count.max(1) {
+        for (slot, policy) in [&full, &off].into_iter().enumerate() {
+            let sandbox = Sandbox::restore_confined(template, exe, policy.clone()).await?;
+            let timing = sandbox.timing();
+            samples[slot].0.push(timing.vm.spawn_to_running);
+            samples[slot].1.push(timing.vm.vmm_setup);
+            sandbox.destroy().await;
+        }
+    }
+    let [(jailed_host, jailed_vmm), (bare_host, bare_vmm)] = samples;
+    let (jailed_host, bare_host) = (
+        summarize(&jailed_host).context("no samples")?,
+        summarize(&bare_host).context("no samples")?,
+    );
+    let (jailed_vmm, bare_vmm) = (
+        summarize(&jailed_vmm).context("no samples")?,
+        summarize(&bare_vmm).context("no samples")?,
+    );
+    println!("\n(j) confinement cost, VMM part of a restore (process start to vCPUs running)");
+    println!("    jailed + seccomp: {jailed_host}");
+    println!("    unconfined:       {bare_host}");
+    println!(
+        "    ratio jailed / unconfined: {:.2}x (VMM main() to vCPUs running: {} vs {}, {:.2}x)",
+        jailed_host.median.as_secs_f64() / bare_host.median.as_secs_f64(),
+        ms(jailed_vmm.median),
+        ms(bare_vmm.median),
+        jailed_vmm.median.as_secs_f64() / bare_vmm.median.as_secs_f64()
+    );
+    Ok(())
 }
 
 async fn warm_round_trips(

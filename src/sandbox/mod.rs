@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result};
 
 use crate::agent_client::AgentClient;
+use crate::confinement::Confinement;
 use crate::template::Template;
 use crate::vm::{StartTiming, Vm, VmSpec};
 
@@ -40,8 +41,19 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Restores a new sandbox from `template`.
+    /// Restores a new sandbox from `template`, confined as this process's
+    /// policy says.
     pub async fn restore(template: &Template, airlock_exe: &std::path::Path) -> Result<Sandbox> {
+        Self::restore_confined(template, airlock_exe, Confinement::current()).await
+    }
+
+    /// Restores a new sandbox from `template` under `confinement` (the
+    /// benchmark compares policies).
+    pub async fn restore_confined(
+        template: &Template,
+        airlock_exe: &std::path::Path,
+        confinement: Confinement,
+    ) -> Result<Sandbox> {
         let started = Instant::now();
         template
             .check_sealed()
@@ -65,7 +77,7 @@ impl Sandbox {
             snapshot_dir: None,
             console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
             label: id.clone(),
-            confinement: crate::confinement::Confinement::current(),
+            confinement,
         };
         let mut vm = Vm::spawn(&spec)
             .await
