@@ -345,6 +345,23 @@ fn agent_fail(err: AgentError) -> Fail {
     }
 }
 
+/// The last instant RFC 3339 (and humantime) can write: 9999-12-31T23:59:59Z.
+const LAST_RFC3339_SECOND: i64 = 253_402_300_799;
+
+/// A guest-supplied mtime for display. The guest can set any time on a
+/// file, and humantime panics past year 9999 (as SystemTime arithmetic does
+/// on overflow), so out-of-range times are shown as what they are.
+fn format_mtime(mtime_ms: i64) -> String {
+    let seconds = mtime_ms.div_euclid(1000);
+    if !(0..=LAST_RFC3339_SECOND).contains(&seconds) {
+        return format!("(out of range: {mtime_ms} ms from 1970)");
+    }
+    match std::time::UNIX_EPOCH.checked_add(Duration::from_secs(seconds as u64)) {
+        Some(time) => humantime::format_rfc3339_seconds(time).to_string(),
+        None => format!("(out of range: {mtime_ms} ms from 1970)"),
+    }
+}
+
 fn check_path(what: &str, path: &str) -> Result<(), Fail> {
     if path.is_empty() {
         return Err(Fail(format!(
@@ -680,9 +697,7 @@ fn stat_json(s: &FileStat) -> serde_json::Value {
         "kind": kind_name(s.kind),
         "size": s.size,
         "mode": format!("{:o}", s.mode),
-        "mtime": humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + Duration::from_millis(s.mtime_ms.max(0) as u64)
-        ).to_string(),
+        "mtime": format_mtime(s.mtime_ms),
         "link_target": s.link_target,
     })
 }
@@ -1211,9 +1226,7 @@ impl AirlockServer {
             text.push_str(&format!("{path} is empty"));
         }
         for entry in &listing.entries {
-            let mtime = humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + Duration::from_millis(entry.mtime_ms.max(0) as u64),
-            );
+            let mtime = format_mtime(entry.mtime_ms);
             let name = match (&entry.kind, &entry.link_target) {
                 (FileKind::Dir, _) => format!("{}/", entry.path),
                 (FileKind::Symlink, Some(target)) => format!("{} -> {target}", entry.path),
@@ -1346,6 +1359,19 @@ impl ServerHandler for AirlockServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_guest_mtime_formats_without_panicking() {
+        assert_eq!(format_mtime(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_mtime(1_700_000_000_123), "2023-11-14T22:13:20Z");
+        assert_eq!(
+            format_mtime(LAST_RFC3339_SECOND * 1000),
+            "9999-12-31T23:59:59Z"
+        );
+        for ms in [i64::MAX, i64::MIN, -1, (LAST_RFC3339_SECOND + 1) * 1000] {
+            assert!(format_mtime(ms).starts_with("(out of range"), "{ms}");
+        }
+    }
 
     #[test]
     fn tools_have_portable_inputs_and_truthful_annotations() {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod event;
+pub mod guest_warn;
 pub mod jail;
 pub mod layout;
 pub mod machine;

@@ -48,6 +48,9 @@ pub struct ConsoleSink {
     tail: ConsoleTail,
     events: VmEventSender,
     panicked: bool,
+    /// The readiness hint goes out once: a guest that repeats the line
+    /// cannot queue events without end.
+    ready_sent: bool,
 }
 
 impl ConsoleSink {
@@ -62,6 +65,7 @@ impl ConsoleSink {
             tail,
             events,
             panicked: false,
+            ready_sent: false,
         }
     }
 
@@ -74,7 +78,11 @@ impl ConsoleSink {
             self.panicked = true;
             self.events.send(VmEvent::GuestPanic);
         }
-        if text.starts_with("airlock-agent ") && text.contains(airlock_protocol::READY_MARKER) {
+        if !self.ready_sent
+            && text.starts_with("airlock-agent ")
+            && text.contains(airlock_protocol::READY_MARKER)
+        {
+            self.ready_sent = true;
             self.events.send(VmEvent::AgentReadyHint);
         }
         self.tail.push(text);
@@ -163,6 +171,15 @@ mod tests {
         assert!(lines.iter().all(|l| l.len() <= MAX_LINE_BYTES));
         assert!(lines.last().unwrap().contains("Kernel panic"));
         assert!(matches!(rx.try_recv().unwrap(), VmEvent::GuestPanic));
+        let ready = format!("airlock-agent 1.0 {}", airlock_protocol::READY_MARKER);
+        for _ in 0..1000 {
+            writeln!(sink, "{ready}").unwrap();
+        }
+        assert!(matches!(rx.try_recv().unwrap(), VmEvent::AgentReadyHint));
+        assert!(
+            rx.try_recv().is_err(),
+            "one hint, however often the guest says it"
+        );
     }
 
     #[test]

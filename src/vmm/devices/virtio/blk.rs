@@ -110,7 +110,7 @@ impl Block {
             let head = chain.head_index();
             let used = serve(&self.disk, self.disk_bytes, &self.id, &active.mem, chain);
             if let Err(err) = active.queue.add_used(&active.mem, head, used) {
-                tracing::warn!(%err, "virtio-blk: cannot return a used buffer");
+                crate::guest_warn!(%err, "virtio-blk: cannot return a used buffer");
                 break;
             }
             done += 1;
@@ -136,12 +136,12 @@ fn serve(
         .ok()
         .and_then(|mut r| r.read_obj::<RequestHeader>().ok());
     let Ok(mut data) = chain.writer(mem) else {
-        tracing::warn!("virtio-blk: request with unusable writable buffers");
+        crate::guest_warn!("virtio-blk: request with unusable writable buffers");
         return 0;
     };
     let writable = data.available_bytes();
     if writable == 0 {
-        tracing::warn!("virtio-blk: request without a status byte");
+        crate::guest_warn!("virtio-blk: request without a status byte");
         return 0;
     }
     let Ok(mut status_writer) = data.split_at(writable - 1) else {
@@ -181,16 +181,16 @@ fn read_sectors(
         .and_then(|start| start.checked_add(len as u64).map(|end| (start, end)))
         .filter(|(_, end)| *end <= disk_bytes);
     let Some((start, _)) = in_bounds else {
-        tracing::warn!(sector, len, "virtio-blk: read beyond the end of the disk");
+        crate::guest_warn!(sector, len, "virtio-blk: read beyond the end of the disk");
         return (VIRTIO_BLK_S_IOERR, 0);
     };
     if len > MAX_REQUEST_BYTES {
-        tracing::warn!(len, "virtio-blk: request larger than the limit");
+        crate::guest_warn!(len, "virtio-blk: request larger than the limit");
         return (VIRTIO_BLK_S_IOERR, 0);
     }
     let mut buf = vec![0u8; len];
     if let Err(err) = disk.read_exact_at(&mut buf, start) {
-        tracing::warn!(%err, "virtio-blk: host read failed");
+        crate::guest_warn!(%err, "virtio-blk: host read failed");
         return (VIRTIO_BLK_S_IOERR, 0);
     }
     match data.write_all(&buf) {

@@ -50,7 +50,7 @@ impl Interrupt {
     fn signal(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(err) = self.irqfd.write(1) {
-            tracing::warn!(%err, "cannot raise a virtio interrupt");
+            crate::guest_warn!(%err, "cannot raise a virtio interrupt");
         }
         crate::vmm::stats::count_interrupt();
     }

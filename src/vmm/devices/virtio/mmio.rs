@@ -129,7 +129,7 @@ impl MmioTransport {
                 f(queue);
             }
         } else {
-            tracing::warn!("guest wrote a queue register outside queue set-up; ignored");
+            crate::guest_warn!("guest wrote a queue register outside queue set-up; ignored");
         }
     }
 
@@ -142,7 +142,7 @@ impl MmioTransport {
                 queue.set_ready(ready);
             }
         } else {
-            tracing::warn!("guest wrote QueueReady outside queue set-up; ignored");
+            crate::guest_warn!("guest wrote QueueReady outside queue set-up; ignored");
         }
     }
 
@@ -169,7 +169,7 @@ impl MmioTransport {
         }
         // The driver only ever adds bits (virtio 1.2, 3.1.1); anything else is a bug or an attack.
         if value & self.status != self.status {
-            tracing::warn!(
+            crate::guest_warn!(
                 old = self.status,
                 new = value,
                 "guest cleared device status bits; marking failed"
@@ -199,7 +199,7 @@ impl MmioTransport {
     fn activate(&mut self) {
         for (i, queue) in self.queues.iter().enumerate() {
             if queue.ready() && !queue.is_valid(&self.mem) {
-                tracing::warn!(queue = i, "guest set up an invalid queue");
+                crate::guest_warn!(queue = i, "guest set up an invalid queue");
                 self.status |= STATUS_NEEDS_RESET;
                 return;
             }
@@ -213,7 +213,7 @@ impl MmioTransport {
         {
             Ok(queues) => queues,
             Err(err) => {
-                tracing::warn!(%err, "guest queue state is not valid");
+                crate::guest_warn!(%err, "guest queue state is not valid");
                 self.status |= STATUS_NEEDS_RESET;
                 return;
             }
@@ -224,7 +224,7 @@ impl MmioTransport {
         {
             Ok(()) => self.activated = true,
             Err(err) => {
-                tracing::warn!(%err, "virtio device failed to activate");
+                crate::guest_warn!(%err, "virtio device failed to activate");
                 self.status |= STATUS_NEEDS_RESET;
             }
         }
@@ -346,7 +346,7 @@ impl MmioTransport {
                 if self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK) != 0
                     || self.status & STATUS_DRIVER == 0
                 {
-                    tracing::warn!("guest wrote driver features at the wrong time; ignored");
+                    crate::guest_warn!("guest wrote driver features at the wrong time; ignored");
                     return;
                 }
                 let shift = match self.driver_features_sel {

@@ -47,12 +47,12 @@ impl Rng {
                     }
                 }
                 Err(err) => {
-                    tracing::warn!(%err, "virtio-rng: unusable buffer");
+                    crate::guest_warn!(%err, "virtio-rng: unusable buffer");
                     0
                 }
             };
             if let Err(err) = active.queue.add_used(&active.mem, head, written) {
-                tracing::warn!(%err, "virtio-rng: cannot return a used buffer");
+                crate::guest_warn!(%err, "virtio-rng: cannot return a used buffer");
                 break;
             }
             done += 1;

@@ -250,7 +250,7 @@ impl Connection {
             }
             (State::Established, Op::CreditRequest) => self.credit_update_owed = true,
             (state, op) => {
-                tracing::warn!(
+                crate::guest_warn!(
                     port = self.local_port,
                     ?state,
                     ?op,
@@ -360,7 +360,7 @@ impl Connection {
             return;
         }
         if self.to_host.len() + payload.len() > BUF_ALLOC as usize {
-            tracing::warn!(
+            crate::guest_warn!(
                 port = self.local_port,
                 buffered = self.to_host.len(),
                 len = payload.len(),

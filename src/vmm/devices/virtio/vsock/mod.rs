@@ -286,7 +286,7 @@ impl VirtioDevice for Vsock {
             return;
         }
         if let Err(e) = self.queue_evt.write(1) {
-            tracing::warn!(%e, "vsock: cannot wake the device thread");
+            crate::guest_warn!(%e, "vsock: cannot wake the device thread");
         }
     }
 

@@ -303,17 +303,17 @@ impl Muxer {
                     // E.g. out of fds: the listener would stay readable and
                     // spin the thread, so stop watching it until a stream
                     // closes.
-                    tracing::warn!(%e, "vsock: accept failed; pausing the listener");
+                    crate::guest_warn!(%e, "vsock: accept failed; pausing the listener");
                     self.watch_listener(false);
                     return;
                 }
             };
             if self.handshake_count() >= MAX_HANDSHAKES || self.conns.len() >= MAX_CONNECTIONS {
-                tracing::warn!("vsock: too many host connections, refusing one");
+                crate::guest_warn!("vsock: too many host connections, refusing one");
                 continue;
             }
             if let Err(e) = stream.set_nonblocking(true) {
-                tracing::warn!(%e, "vsock: cannot make host stream non-blocking");
+                crate::guest_warn!(%e, "vsock: cannot make host stream non-blocking");
                 continue;
             }
             let token = self.next_token;
@@ -323,7 +323,7 @@ impl Muxer {
                 .epoll
                 .ctl(ControlOperation::Add, stream.as_raw_fd(), ev)
             {
-                tracing::warn!(%e, "vsock: cannot watch host stream");
+                crate::guest_warn!(%e, "vsock: cannot watch host stream");
                 continue;
             }
             let hs = Handshake {
@@ -351,7 +351,7 @@ impl Muxer {
         };
         match res {
             Ok(()) => self.listener_watched = watch,
-            Err(e) => tracing::warn!(%e, watch, "vsock: cannot change listener watch"),
+            Err(e) => crate::guest_warn!(%e, watch, "vsock: cannot change listener watch"),
         }
     }
 
@@ -382,7 +382,7 @@ impl Muxer {
             return;
         };
         let Some(local_port) = self.alloc_port() else {
-            tracing::warn!("vsock: out of host ports");
+            crate::guest_warn!("vsock: out of host ports");
             self.unwatch(hs.stream.as_raw_fd());
             return;
         };
@@ -458,7 +458,7 @@ impl Muxer {
             && want != entry.watched
             && let Err(e) = update_watch(&self.epoll, entry, want)
         {
-            tracing::warn!(port, %e, "vsock: epoll update failed; resetting connection");
+            crate::guest_warn!(port, %e, "vsock: epoll update failed; resetting connection");
             entry.conn.kill();
             // A killed connection is never watched.
             let _ = self.epoll.ctl(

@@ -59,7 +59,7 @@ pub fn process_tx(
         match parse_tx(chain.reader(mem), muxer.guest_cid(), scratch) {
             Ok((hdr, op, len)) => muxer.handle_guest_packet(&hdr, op, &scratch[..len]),
             Err(bad) => {
-                tracing::warn!(head, err = %bad.err, hdr = ?bad.hdr, "vsock: dropping TX chain");
+                crate::guest_warn!(head, err = %bad.err, hdr = ?bad.hdr, "vsock: dropping TX chain");
                 if let Some(hdr) = bad.hdr {
                     muxer.handle_malformed(&hdr);
                 }
@@ -127,12 +127,12 @@ pub fn process_rx(
             Ok(w) if w.available_bytes() >= HDR_SIZE => w,
             Ok(w) => {
                 let n = w.available_bytes();
-                tracing::warn!(head, bytes = n, "vsock: RX chain too small for a header");
+                crate::guest_warn!(head, bytes = n, "vsock: RX chain too small for a header");
                 add_used(queue, mem, head, 0, &mut pass);
                 continue;
             }
             Err(e) => {
-                tracing::warn!(head, %e, "vsock: bad RX chain");
+                crate::guest_warn!(head, %e, "vsock: bad RX chain");
                 add_used(queue, mem, head, 0, &mut pass);
                 continue;
             }
@@ -180,16 +180,16 @@ pub fn process_event(pending: &mut bool, mem: &GuestMemory, queue: &mut Queue) -
             Ok(mut w) if w.available_bytes() >= id.len() => match w.write_all(&id) {
                 Ok(()) => id.len() as u32,
                 Err(e) => {
-                    tracing::warn!(head, %e, "vsock: cannot write event");
+                    crate::guest_warn!(head, %e, "vsock: cannot write event");
                     0
                 }
             },
             Ok(_) => {
-                tracing::warn!(head, "vsock: event chain too small");
+                crate::guest_warn!(head, "vsock: event chain too small");
                 0
             }
             Err(e) => {
-                tracing::warn!(head, %e, "vsock: bad event chain");
+                crate::guest_warn!(head, %e, "vsock: bad event chain");
                 0
             }
         };
@@ -205,7 +205,7 @@ pub fn process_event(pending: &mut bool, mem: &GuestMemory, queue: &mut Queue) -
 fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32, pass: &mut Pass) {
     match queue.add_used(mem, head, len) {
         Ok(()) => pass.used = true,
-        Err(e) => tracing::warn!(head, ?e, "vsock: cannot return chain"),
+        Err(e) => crate::guest_warn!(head, ?e, "vsock: cannot return chain"),
     }
 }
 

@@ -39,7 +39,7 @@ impl Control {
     pub fn request_transport_reset(&self) {
         self.transport_reset.store(true, Ordering::SeqCst);
         if let Err(e) = self.evt.write(1) {
-            tracing::warn!(%e, "vsock: cannot wake the device thread");
+            crate::guest_warn!(%e, "vsock: cannot wake the device thread");
         }
     }
 
