@@ -7,7 +7,10 @@ from __future__ import annotations
 import anyio
 from harness import FIRST_CALL_TIMEOUT, HttpServer, call, check, run, text_of
 
-IDLE = 5
+# Long enough that the second session's call lands before the first
+# sandbox goes idle, even on a loaded one-vCPU emulated test host (at 5 s it
+# did not, once: the pool's refill restore ran beside it).
+IDLE = 20
 
 
 async def main() -> None:
