@@ -346,12 +346,18 @@ async fn read_connect_reply(read: &mut OwnedReadHalf, port: u32) -> Result<Vec<u
 async fn read_loop(mut frames: FrameReader<OwnedReadHalf>, shared: Arc<Shared>) {
     // An error frame for no request explains why the agent is closing.
     let mut last_error = None;
+    let mut ignored = 0u64;
     let reason = loop {
         let frame = match frames.read_frame().await {
             Ok(Some(frame)) => frame,
             Ok(None) => break "the agent closed the connection".to_string(),
             Err(e) if e.is_recoverable() => {
-                tracing::warn!("ignoring a frame from the guest agent: {e}");
+                // A guest can send these as fast as it likes: log the first
+                // few, then at powers of two, with the count.
+                ignored += 1;
+                if ignored <= 5 || ignored.is_power_of_two() {
+                    tracing::warn!(ignored, "ignoring a frame from the guest agent: {e}");
+                }
                 continue;
             }
             Err(e) => break e.to_string(),
