@@ -148,7 +148,34 @@ pub fn prepare_cgroup_parent() -> Result<PathBuf, String> {
     }
     enable_controllers(root)?;
     enable_controllers(&parent)?;
+    remove_stale_cgroups(&parent);
     Ok(parent)
+}
+
+/// Removes VMM cgroups whose supervisor is gone: one that was killed
+/// (SIGKILL) could not remove its own. A cgroup is named by its
+/// supervisor's pid, so one of a live supervisor is never touched.
+fn remove_stale_cgroups(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("vmm-"))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only asks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            // Fails (harmlessly) if something still runs in it.
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
 }
 
 fn enable_controllers(dir: &Path) -> Result<(), String> {
