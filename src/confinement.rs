@@ -247,6 +247,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_cgroups_of_dead_supervisors_are_removed() {
+        let parent = tempfile::tempdir().unwrap();
+        let live = parent.path().join(format!("vmm-{}", std::process::id()));
+        // Past the largest pid Linux hands out (2^22).
+        let dead = parent.path().join("vmm-4194305");
+        let other = parent.path().join("not-a-vmm");
+        for dir in [&live, &dead, &other] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        remove_stale_cgroups(parent.path());
+        assert!(live.is_dir() && other.is_dir());
+        assert!(!dead.exists());
+    }
+
+    #[test]
     fn vmm_args_carry_the_policy() {
         let policy = Confinement {
             seccomp: true,
