@@ -174,12 +174,13 @@ pub fn key(cache: &Path) -> Result<[u8; KEY_BYTES], SealError> {
     file.write_all(&key).map_err(io("write", &tmp))?;
     file.sync_all().map_err(io("sync", &tmp))?;
     // Two processes racing here: the first key to land wins, and both use it.
-    if std::fs::hard_link(&tmp, &path).is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return self::key(cache);
-    }
+    let linked = std::fs::hard_link(&tmp, &path);
     let _ = std::fs::remove_file(&tmp);
-    Ok(key)
+    match linked {
+        Ok(()) => Ok(key),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => self::key(cache),
+        Err(e) => Err(io("create", &path)(e)),
+    }
 }
 
 /// Seals `names` in `dir` (their content is digested) and `outside` (stamps

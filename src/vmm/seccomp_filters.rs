@@ -136,8 +136,7 @@ fn rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
                     libc::SYS_preadv,
                     libc::SYS_fdatasync,
                     libc::SYS_fsync,
-                    // virtio-rng.
-                    libc::SYS_getrandom,
+                    // (virtio-rng's getrandom is in the common list.)
                     // Activating and resetting the vsock device.
                     libc::SYS_eventfd2,
                     libc::SYS_epoll_ctl,

@@ -131,7 +131,10 @@ fn reap(child: libc::pid_t) -> Option<i32> {
         if sig == libc::SIGSYS {
             // Killed by the kernel for a syscall (the filter traps; this is
             // the backstop): say so on the control channel, as the handler would.
-            let line = b"{\"event\":\"seccomp_violation\",\"syscall\":-1,\"thread\":\"unknown\"}\n";
+            let line = format!(
+                "{{\"event\":\"{}\",\"syscall\":-1,\"thread\":\"unknown\"}}\n",
+                seccomp::VIOLATION_EVENT
+            );
             // SAFETY: writes our buffer to stdout.
             unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
         }
