@@ -111,6 +111,22 @@ struct ServeArgs {
     /// The longest timeout_seconds a run_code or run_command may ask for.
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
     max_timeout: std::time::Duration,
+    /// HTTP mode: requests in flight in all; past it callers get 429.
+    #[arg(long, value_name = "N", default_value_t = airlock::mcp::admission::DEFAULT_MAX_REQUESTS)]
+    max_requests: usize,
+    /// HTTP mode: requests in flight per principal; past it that caller gets 429.
+    #[arg(long, value_name = "N", default_value_t = airlock::mcp::admission::DEFAULT_MAX_REQUESTS_PER_PRINCIPAL)]
+    max_requests_per_principal: usize,
+    /// HTTP mode: open MCP sessions per principal.
+    #[arg(long, value_name = "N", default_value_t = airlock::mcp::admission::DEFAULT_MAX_SESSIONS_PER_PRINCIPAL)]
+    max_sessions_per_principal: usize,
+    /// HTTP mode: request body bytes being received at once, server-wide, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = airlock::mcp::admission::DEFAULT_MAX_INFLIGHT_BODY_MIB)]
+    max_inflight_body_mib: usize,
+    /// HTTP mode: the longest a request may take, its response stream
+    /// included (default: --max-timeout plus 2m).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    request_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Subcommand)]
@@ -173,8 +189,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     max_lifetime: args.max_lifetime,
                     max_sandboxes: args.max_sandboxes,
                     max_per_principal: args.max_sandboxes_per_principal,
+                    ..Default::default()
                 },
                 max_timeout: args.max_timeout,
+                http_limits: airlock::mcp::admission::HttpLimits {
+                    max_requests: args.max_requests,
+                    max_requests_per_principal: args.max_requests_per_principal,
+                    max_sessions_per_principal: args.max_sessions_per_principal,
+                    max_inflight_body_bytes: args.max_inflight_body_mib.saturating_mul(1 << 20),
+                    request_timeout: args
+                        .request_timeout
+                        .unwrap_or(args.max_timeout + airlock::mcp::admission::REQUEST_SLACK),
+                },
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

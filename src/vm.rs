@@ -2,8 +2,10 @@
 //! process. Spawn it, wait until it runs, read its events, stop it with a
 //! deadline; dropping the handle kills the process.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -171,8 +173,49 @@ fn seccomp_detail(syscall: i64, thread: &str) -> String {
     }
 }
 
+/// How long the VMM may take to report its vCPUs running.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Kills a VM's VMM process from anywhere, without the [`Vm`] (a task
+/// stalled on its guest may hold that). It holds a pidfd, so it can never
+/// signal another process that reused the pid.
+#[derive(Clone)]
+pub struct VmKiller(Option<Arc<OwnedFd>>);
+
+impl VmKiller {
+    fn open(pid: u32) -> VmKiller {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        match i32::try_from(fd) {
+            // SAFETY: a fresh fd that nothing else owns.
+            Ok(fd) if fd >= 0 => VmKiller(Some(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))),
+            _ => {
+                tracing::warn!(pid, err = %std::io::Error::last_os_error(), "no pidfd for the VMM; it is killed only when stopped");
+                VmKiller(None)
+            }
+        }
+    }
+
+    /// SIGKILLs the VMM; harmless once it has ended.
+    pub fn kill(&self) {
+        if let Some(fd) = &self.0 {
+            // SAFETY: signals the process the pidfd refers to; no pointers passed.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+        }
+    }
+}
+
 pub struct Vm {
     child: Child,
+    killer: VmKiller,
     control: Option<ChildStdin>,
     messages: mpsc::Receiver<VmmMessage>,
     exit: Option<ExitReport>,
@@ -267,15 +310,21 @@ impl Vm {
             pid,
             exit_code: None,
             timing: StartTiming::default(),
+            killer: VmKiller(None),
         };
-        match vm.next_message().await {
+        let first = tokio::time::timeout(START_TIMEOUT, vm.next_message())
+            .await
+            .map_err(|_| VmError::Timeout(START_TIMEOUT, "the VMM to start the VM"))?;
+        match first {
             Some(VmmMessage::Started {
                 pid,
                 vmm_setup_micros,
                 restored,
             }) => {
-                // Jailed, the VM runs in a child of the process we spawned.
+                // Jailed, the VM runs in a child of the process we spawned;
+                // killing that child makes the supervisor clean up and exit.
                 vm.pid = pid;
+                vm.killer = VmKiller::open(pid);
                 vm.timing = StartTiming {
                     spawn_to_running: spawned_at.elapsed(),
                     vmm_setup: Duration::from_micros(vmm_setup_micros),
@@ -293,6 +342,10 @@ impl Vm {
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    pub fn killer(&self) -> VmKiller {
+        self.killer.clone()
     }
 
     pub fn timing(&self) -> StartTiming {

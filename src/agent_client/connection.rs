@@ -300,10 +300,14 @@ impl AgentClient {
             outbox: self.outbox.clone(),
             done: false,
         };
-        if self.outbox.send(bytes).await.is_err() {
-            return Err(self.shared.closed_error());
+        match tokio::time::timeout(WRITE_STALL, self.outbox.send(bytes)).await {
+            Ok(Ok(())) => Ok(response),
+            Ok(Err(_)) => Err(self.shared.closed_error()),
+            Err(_) => Err(AgentError::Timeout {
+                what: "queueing a request for the guest agent",
+                after: WRITE_STALL,
+            }),
         }
-        Ok(response)
     }
 }
 
@@ -414,9 +418,31 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        if let Err(e) = write.write_all(&batch).await {
-            shared.close(format!("write error: {e}"));
+        if let Err(reason) = write_with_progress(&mut write, &batch).await {
+            shared.close(reason);
             return;
         }
     }
+}
+
+/// Writes all of `bytes`, failing if the peer takes nothing for
+/// [`WRITE_STALL`] (a guest that stopped granting credit).
+async fn write_with_progress(
+    write: &mut OwnedWriteHalf,
+    mut bytes: &[u8],
+) -> std::result::Result<(), String> {
+    while !bytes.is_empty() {
+        match tokio::time::timeout(WRITE_STALL, write.write(bytes)).await {
+            Ok(Ok(0)) => return Err("write error: the VM's socket is closed".into()),
+            Ok(Ok(n)) => bytes = &bytes[n..],
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(Err(e)) => return Err(format!("write error: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "the guest took no bytes for {WRITE_STALL:?} (it stopped granting vsock credit)"
+                ));
+            }
+        }
+    }
+    Ok(())
 }

@@ -49,6 +49,10 @@ const RESPONSE_QUEUE: usize = 64;
 const OUTBOX_FRAMES: usize = 64;
 /// Stop adding queued frames to one write beyond this many bytes.
 const MAX_BATCH: usize = 1 << 20;
+/// A write to the VM that makes no progress for this long means the guest
+/// has stopped taking bytes (it grants no vsock credit): the connection is
+/// closed, and requests waiting to be queued give up.
+const WRITE_STALL: Duration = Duration::from_secs(60);
 /// Request id of the handshake; requests count up from 1.
 const HELLO_ID: u64 = 0;
 /// Default bound on file, limit, reset and refresh requests: a big file on a

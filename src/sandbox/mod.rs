@@ -15,6 +15,8 @@ use crate::template::Template;
 use crate::vm::{StartTiming, Vm, VmSpec};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The refresh is one small round trip; a guest that sits on it is broken.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_DEADLINE: Duration = Duration::from_secs(5);
 /// Fresh entropy handed to each restored guest.
 const ENTROPY_BYTES: usize = 64;
@@ -97,7 +99,14 @@ impl Sandbox {
             }
         };
         let connected = Instant::now();
-        if let Err(err) = refresh(&client).await {
+        let refreshed = tokio::time::timeout(REFRESH_TIMEOUT, refresh(&client))
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "the restored agent did not answer the refresh within {REFRESH_TIMEOUT:?}"
+                ))
+            });
+        if let Err(err) = refreshed {
             let _ = vm.stop(STOP_DEADLINE).await;
             return Err(err);
         }
@@ -131,6 +140,11 @@ impl Sandbox {
 
     pub fn pid(&self) -> u32 {
         self.vm.pid()
+    }
+
+    /// Kills the VM from anywhere, without this sandbox (see [`crate::vm::VmKiller`]).
+    pub fn vm_kill_switch(&self) -> crate::vm::VmKiller {
+        self.vm.killer()
     }
 
     pub fn age(&self) -> Duration {

@@ -13,27 +13,34 @@
 //!   a clear error; sandboxes being created count too.
 //! - Usage per sandbox: vCPU-seconds (CPU time of its VMM process),
 //!   memory GB-seconds (configured guest memory × wall time), runs.
+//! - Ending or resetting a sandbox kills its VM first, then waits (bounded)
+//!   for the calls holding it: a stalled guest never holds up the reaper,
+//!   other tenants or shutdown. A reset replaces the VM in place, so a
+//!   sandbox never holds two VMs and resets cannot outgrow the limits;
+//!   resets of one sandbox run one at a time, and one asked for while
+//!   another was waiting is served by it.
 //!
 //! The registry is generic over where sandboxes come from ([`Provider`]) so
 //! its bookkeeping is tested without VMs; the server uses the warm pool.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{EndReason, Metrics};
 
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
-pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(8 * 3600);
-pub const DEFAULT_MAX_SANDBOXES: usize = 32;
-pub const DEFAULT_MAX_PER_PRINCIPAL: usize = 8;
-/// Ended sandboxes remembered for "expired" errors.
-const REMEMBER_ENDED: usize = 10_000;
+mod handle;
+mod policy;
+#[cfg(test)]
+mod tests;
+
+use handle::{Handle, Slot, lock, new_id};
+pub use handle::{Info, Lease, Usage};
+pub use policy::*;
 
 /// Where sandboxes come from.
 pub trait Provider: Send + Sync + 'static {
@@ -50,6 +57,8 @@ pub trait Provider: Send + Sync + 'static {
 pub trait Hosted: Send + Sync + 'static {
     /// The VMM process, for CPU accounting.
     fn pid(&self) -> Option<u32>;
+    /// Kills the VM at once from anywhere, without the sandbox itself.
+    fn kill_switch(&self) -> KillSwitch;
     /// Ends it for good (no VMM process left behind).
     fn destroy(self) -> impl Future<Output = ()> + Send;
 }
@@ -75,225 +84,36 @@ impl Hosted for super::Sandbox {
         Some(super::Sandbox::pid(self))
     }
 
+    fn kill_switch(&self) -> KillSwitch {
+        let vm = self.vm_kill_switch();
+        KillSwitch::new(move || vm.kill())
+    }
+
     async fn destroy(self) {
         super::Sandbox::destroy(self).await
     }
 }
 
-/// Lifetimes and limits.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub idle_timeout: Duration,
-    pub max_lifetime: Duration,
-    /// Live sandboxes in all.
-    pub max_sandboxes: usize,
-    /// Live sandboxes per principal (token).
-    pub max_per_principal: usize,
-}
+/// Stops a sandbox's VM at once, from any task and without the sandbox (a
+/// stalled call may hold that). Firing it again, or after the VM ended, is
+/// harmless.
+#[derive(Clone)]
+pub struct KillSwitch(Option<Arc<dyn Fn() + Send + Sync>>);
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            max_lifetime: DEFAULT_MAX_LIFETIME,
-            max_sandboxes: DEFAULT_MAX_SANDBOXES,
-            max_per_principal: DEFAULT_MAX_PER_PRINCIPAL,
+impl KillSwitch {
+    pub fn new(kill: impl Fn() + Send + Sync + 'static) -> KillSwitch {
+        KillSwitch(Some(Arc::new(kill)))
+    }
+
+    /// A switch that does nothing (the sandbox is ended by `destroy` alone).
+    pub fn none() -> KillSwitch {
+        KillSwitch(None)
+    }
+
+    pub fn fire(&self) {
+        if let Some(kill) = &self.0 {
+            kill();
         }
-    }
-}
-
-/// A conversation with an implicit sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Conversation {
-    /// The one conversation of a stdio server.
-    Stdio,
-    /// An HTTP session, by its Mcp-Session-Id.
-    Session(String),
-}
-
-/// Why a sandbox cannot be had; the messages are meant for the model.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum RegistryError {
-    #[error("{0}")]
-    Expired(String),
-    #[error("{0}")]
-    Limit(String),
-    #[error(
-        "no sandbox has id {0:?}; call the tool without sandbox_id to create a new sandbox (its id comes back in the result)"
-    )]
-    Unknown(String),
-    #[error(
-        "sandbox {0:?} belongs to another client and cannot be used with this token; call the tool without sandbox_id to create your own"
-    )]
-    Forbidden(String),
-    #[error("the sandbox could not be started: {0}; try again in a moment")]
-    Start(String),
-    #[error("the server is shutting down; no new sandbox can be started")]
-    ShuttingDown,
-}
-
-impl RegistryError {
-    /// A short label for metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            RegistryError::Expired(_) => "expired",
-            RegistryError::Limit(_) => "limit",
-            RegistryError::Unknown(_) => "unknown",
-            RegistryError::Forbidden(_) => "forbidden",
-            RegistryError::Start(_) => "start_failed",
-            RegistryError::ShuttingDown => "shutting_down",
-        }
-    }
-}
-
-/// What a sandbox has used so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, schemars::JsonSchema)]
-pub struct Usage {
-    /// CPU time of the sandbox's VMM process (all its vCPUs and device threads).
-    pub vcpu_seconds: f64,
-    /// Configured guest memory in GB times the seconds the sandbox has lived.
-    pub memory_gb_seconds: f64,
-    /// run_code and run_command calls.
-    pub runs: u64,
-}
-
-/// A snapshot of one sandbox for `sandbox_info`.
-#[derive(Debug, Clone)]
-pub struct Info {
-    pub id: String,
-    pub age: Duration,
-    pub idle: Duration,
-    /// Time until it is destroyed if left idle from now (or reaches its lifetime).
-    pub expires_in: Duration,
-    pub lifetime_left: Duration,
-    pub usage: Usage,
-    pub active_calls: usize,
-}
-
-struct Slot<S> {
-    sandbox: S,
-    cancel: CancellationToken,
-}
-
-/// One live sandbox and its bookkeeping. Its id stays the same across
-/// `reset`, which swaps the VM underneath.
-pub struct Handle<S> {
-    id: String,
-    principal: String,
-    slot: Arc<RwLock<Option<Slot<S>>>>,
-    /// Cancels the calls running in the current VM (reset, destroy).
-    cancel: Mutex<CancellationToken>,
-    bound_at: Instant,
-    created: Mutex<Instant>,
-    last_used: Mutex<Instant>,
-    active: AtomicUsize,
-    runs: AtomicU64,
-    cpu: Mutex<CpuMeter>,
-    memory_gb: f64,
-    ended: AtomicBool,
-}
-
-#[derive(Default)]
-struct CpuMeter {
-    pid: Option<u32>,
-    /// CPU time of `pid` when it was bound.
-    base: Duration,
-    /// CPU time of the VMs this handle had before a reset.
-    before: Duration,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl<S: Hosted> Handle<S> {
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    pub fn principal(&self) -> &str {
-        &self.principal
-    }
-
-    fn idle(&self, now: Instant) -> Duration {
-        if self.active.load(Ordering::SeqCst) > 0 {
-            Duration::ZERO
-        } else {
-            now.saturating_duration_since(*lock(&self.last_used))
-        }
-    }
-
-    fn age(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(*lock(&self.created))
-    }
-
-    fn usage(&self) -> Usage {
-        let cpu = {
-            let meter = lock(&self.cpu);
-            let current = meter
-                .pid
-                .and_then(process_cpu_time)
-                .map(|t| t.saturating_sub(meter.base))
-                .unwrap_or_default();
-            meter.before + current
-        };
-        Usage {
-            vcpu_seconds: cpu.as_secs_f64(),
-            memory_gb_seconds: self.memory_gb * self.bound_at.elapsed().as_secs_f64(),
-            runs: self.runs.load(Ordering::Relaxed),
-        }
-    }
-
-    fn set_vm(&self, pid: Option<u32>) {
-        let mut meter = lock(&self.cpu);
-        let current = meter
-            .pid
-            .and_then(process_cpu_time)
-            .map(|t| t.saturating_sub(meter.base))
-            .unwrap_or_default();
-        meter.before += current;
-        meter.pid = pid;
-        meter.base = pid.and_then(process_cpu_time).unwrap_or_default();
-    }
-}
-
-/// Use of one sandbox by one tool call. While any lease is held the sandbox
-/// is not idle; dropping it marks the sandbox used now.
-pub struct Lease<S: Hosted> {
-    handle: Arc<Handle<S>>,
-    guard: OwnedRwLockReadGuard<Option<Slot<S>>>,
-    cancel: CancellationToken,
-}
-
-impl<S: Hosted> Lease<S> {
-    pub fn id(&self) -> &str {
-        &self.handle.id
-    }
-
-    pub fn sandbox(&self) -> &S {
-        // A lease is only made from a slot that holds a sandbox.
-        &self
-            .guard
-            .as_ref()
-            .expect("a leased slot holds a sandbox")
-            .sandbox
-    }
-
-    /// Fires when the sandbox is being reset or destroyed under this call.
-    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.cancel.cancelled()
-    }
-
-    /// Counts one run (run_code, run_command) for usage.
-    pub fn count_run(&self) {
-        self.handle.runs.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-impl<S: Hosted> Drop for Lease<S> {
-    fn drop(&mut self) {
-        *lock(&self.handle.last_used) = Instant::now();
-        self.handle.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -391,7 +211,7 @@ impl<P: Provider> Registry<P> {
                 let Some(registry) = weak.upgrade() else {
                     return;
                 };
-                registry.reap().await;
+                registry.reap();
             }
         });
         registry
@@ -409,6 +229,15 @@ impl<P: Provider> Registry<P> {
         lock(&self.state)
     }
 
+    /// The conversation's binding to its sandbox id, made if it has none.
+    fn binding(&self, conversation: &Conversation) -> Arc<tokio::sync::Mutex<Option<String>>> {
+        self.state()
+            .conversations
+            .entry(conversation.clone())
+            .or_default()
+            .clone()
+    }
+
     /// The conversation's sandbox, created now if it has none yet.
     pub async fn acquire(
         &self,
@@ -416,12 +245,7 @@ impl<P: Provider> Registry<P> {
         principal: &str,
     ) -> Result<Lease<P::Sandbox>, RegistryError> {
         self.check_open()?;
-        let binding = self
-            .state()
-            .conversations
-            .entry(conversation.clone())
-            .or_default()
-            .clone();
+        let binding = self.binding(conversation);
         let mut bound = binding.lock().await;
         if let Some(id) = bound.as_ref() {
             return self.lease(id, principal, Some(conversation)).await;
@@ -488,12 +312,14 @@ impl<P: Provider> Registry<P> {
         }
     }
 
-    async fn lease(
+    /// The live handle `id`, if `principal` owns it and it has not expired
+    /// (expiring it now if the reaper has not come round yet).
+    async fn find(
         &self,
         id: &str,
         principal: &str,
         conversation: Option<&Conversation>,
-    ) -> Result<Lease<P::Sandbox>, RegistryError> {
+    ) -> Result<Arc<Handle<P::Sandbox>>, RegistryError> {
         let handle = {
             let state = self.state();
             match state.handles.get(id) {
@@ -509,7 +335,6 @@ impl<P: Provider> Registry<P> {
         if handle.principal != principal {
             return Err(RegistryError::Forbidden(id.to_string()));
         }
-        // Expire it now if the reaper has not come round yet.
         if let Some(reason) = self.due(&handle, Instant::now()) {
             self.end(&handle, reason).await;
             let ended = Ended {
@@ -518,6 +343,16 @@ impl<P: Provider> Registry<P> {
             };
             return Err(self.expired_error(id, &ended, conversation.is_some()));
         }
+        Ok(handle)
+    }
+
+    async fn lease(
+        &self,
+        id: &str,
+        principal: &str,
+        conversation: Option<&Conversation>,
+    ) -> Result<Lease<P::Sandbox>, RegistryError> {
+        let handle = self.find(id, principal, conversation).await?;
         handle.active.fetch_add(1, Ordering::SeqCst);
         let guard = handle.slot.clone().read_owned().await;
         // The token of the VM this lease holds (a reset may have replaced
@@ -531,7 +366,7 @@ impl<P: Provider> Registry<P> {
             guard,
             cancel,
         };
-        if lease.guard.is_none() || handle.ended.load(Ordering::SeqCst) {
+        if handle.ended.load(Ordering::SeqCst) {
             // Destroyed while we waited; the lease's drop undoes the count.
             drop(lease);
             let ended = self.state().ended.get(id).cloned();
@@ -541,6 +376,12 @@ impl<P: Provider> Registry<P> {
                     "sandbox {id} was shut down; its files and state are gone"
                 )),
             });
+        }
+        if lease.guard.is_none() {
+            drop(lease);
+            return Err(RegistryError::Start(format!(
+                "sandbox {id} has no VM because its last reset failed; call reset_sandbox again"
+            )));
         }
         Ok(lease)
     }
@@ -605,27 +446,7 @@ impl<P: Provider> Registry<P> {
                 "the host has no entropy for a sandbox id".into(),
             ));
         };
-        let now = Instant::now();
-        let pid = sandbox.pid();
-        let cancel = CancellationToken::new();
-        let handle = Arc::new(Handle {
-            id: id.clone(),
-            principal: principal.to_string(),
-            slot: Arc::new(RwLock::new(Some(Slot {
-                sandbox,
-                cancel: cancel.clone(),
-            }))),
-            cancel: Mutex::new(cancel),
-            bound_at: now,
-            created: Mutex::new(now),
-            last_used: Mutex::new(now),
-            active: AtomicUsize::new(0),
-            runs: AtomicU64::new(0),
-            cpu: Mutex::new(CpuMeter::default()),
-            memory_gb: self.memory_gb,
-            ended: AtomicBool::new(false),
-        });
-        handle.set_vm(pid);
+        let handle = Arc::new(Handle::new(id.clone(), principal, sandbox, self.memory_gb));
         {
             // Counted as live from now on instead of as being created.
             let mut state = self.state();
@@ -649,12 +470,7 @@ impl<P: Provider> Registry<P> {
         principal: &str,
     ) -> Result<Lease<P::Sandbox>, RegistryError> {
         self.check_open()?;
-        let binding = self
-            .state()
-            .conversations
-            .entry(conversation.clone())
-            .or_default()
-            .clone();
+        let binding = self.binding(conversation);
         let mut bound = binding.lock().await;
         let current = bound
             .as_ref()
@@ -681,16 +497,14 @@ impl<P: Provider> Registry<P> {
         principal: &str,
     ) -> Result<Lease<P::Sandbox>, RegistryError> {
         self.check_open()?;
-        // Checks ownership and expiry.
-        drop(self.lease(id, principal, None).await?);
-        let handle = self.state().handles.get(id).cloned();
-        let Some(handle) = handle else {
-            return Err(RegistryError::Unknown(id.to_string()));
-        };
+        let handle = self.find(id, principal, None).await?;
         self.swap(&handle, principal).await?;
         self.lease(id, principal, None).await
     }
 
+    /// Gives `handle` a fresh VM in place of its current one. The old VM
+    /// goes first, so the sandbox never holds two (the limits count one per
+    /// sandbox), and calls that arrive meanwhile wait for the new one.
     async fn swap(
         &self,
         handle: &Arc<Handle<P::Sandbox>>,
@@ -699,39 +513,54 @@ impl<P: Provider> Registry<P> {
         if handle.principal != principal {
             return Err(RegistryError::Forbidden(handle.id.clone()));
         }
+        let asked_at = handle.resets_begun.load(Ordering::SeqCst);
+        let _turn = handle.resetting.lock().await;
+        if handle.resets_begun.load(Ordering::SeqCst) != asked_at {
+            // A reset that began after this one was asked for has finished:
+            // the VM it left is as fresh as this one would be.
+            return Ok(());
+        }
+        handle.resets_begun.fetch_add(1, Ordering::SeqCst);
+        let cancel = CancellationToken::new();
+        std::mem::replace(&mut *lock(&handle.cancel), cancel.clone()).cancel();
+        lock(&handle.kill).fire();
+        let Ok(mut slot) = tokio::time::timeout(self.limits.stall_grace, handle.slot.write()).await
+        else {
+            tracing::warn!(sandbox = %handle.id, "reset: calls still hold the killed VM");
+            return Err(RegistryError::Start(format!(
+                "calls in sandbox {} did not end within {} of its VM being stopped; try again",
+                handle.id,
+                fmt_duration(self.limits.stall_grace)
+            )));
+        };
+        if let Some(old) = slot.take() {
+            old.sandbox.destroy().await;
+        }
         let fresh = match self.provider.take().await {
             Ok(sandbox) => sandbox,
             Err(err) => {
                 self.metrics.restore_failed();
+                handle.set_vm(None);
                 return Err(RegistryError::Start(format!("{err:#}")));
             }
         };
+        if handle.ended.load(Ordering::SeqCst) {
+            drop(slot);
+            fresh.destroy().await;
+            return Err(RegistryError::Expired(format!(
+                "sandbox {} ended while it was being reset; call reset_sandbox again",
+                handle.id
+            )));
+        }
         self.metrics.restore();
-        let cancel = CancellationToken::new();
-        let old_cancel = std::mem::replace(&mut *lock(&handle.cancel), cancel.clone());
-        old_cancel.cancel();
-        let pid = fresh.pid();
-        let old = {
-            let mut slot = handle.slot.write().await;
-            if handle.ended.load(Ordering::SeqCst) {
-                drop(slot);
-                fresh.destroy().await;
-                return Err(RegistryError::Expired(format!(
-                    "sandbox {} ended while it was being reset; call reset_sandbox again",
-                    handle.id
-                )));
-            }
-            slot.replace(Slot {
-                sandbox: fresh,
-                cancel,
-            })
-        };
-        handle.set_vm(pid);
+        handle.set_vm(fresh.pid());
+        *lock(&handle.kill) = fresh.kill_switch();
         *lock(&handle.created) = Instant::now();
         *lock(&handle.last_used) = Instant::now();
-        if let Some(old) = old {
-            old.sandbox.destroy().await;
-        }
+        *slot = Some(Slot {
+            sandbox: fresh,
+            cancel,
+        });
         tracing::info!(sandbox = %handle.id, "sandbox reset");
         Ok(())
     }
@@ -798,8 +627,10 @@ impl<P: Provider> Registry<P> {
         }
     }
 
-    /// Destroys the sandboxes past their idle timeout or lifetime.
-    pub async fn reap(&self) {
+    /// Ends the sandboxes past their idle timeout or lifetime, each in a
+    /// task of its own, so the reaper's next round never waits for one that
+    /// is slow to go.
+    fn reap(self: &Arc<Self>) {
         let now = Instant::now();
         let due: Vec<_> = self
             .state()
@@ -809,11 +640,13 @@ impl<P: Provider> Registry<P> {
             .collect();
         for (handle, reason) in due {
             tracing::info!(sandbox = %handle.id, reason = reason.label(), "sandbox expired");
-            self.end(&handle, reason).await;
+            let registry = self.clone();
+            tokio::spawn(async move { registry.end(&handle, reason).await });
         }
     }
 
-    /// Removes a handle, cancels its calls and destroys its VM.
+    /// Removes a handle, cancels its calls, kills its VM, and destroys it
+    /// once the calls let go (or leaves that to the last of them).
     async fn end(&self, handle: &Arc<Handle<P::Sandbox>>, reason: EndReason) {
         if handle.ended.swap(true, Ordering::SeqCst) {
             return;
@@ -825,7 +658,15 @@ impl<P: Provider> Registry<P> {
             state.remember(&handle.id, Ended { reason, after: age });
         }
         lock(&handle.cancel).cancel();
-        let slot = handle.slot.write().await.take();
+        lock(&handle.kill).fire();
+        let slot = match tokio::time::timeout(self.limits.stall_grace, handle.slot.write()).await {
+            Ok(mut slot) => slot.take(),
+            Err(_) => {
+                // Its VM is dead; the sandbox drops with the last lease.
+                tracing::warn!(sandbox = %handle.id, "calls still hold an ended sandbox's VM");
+                None
+            }
+        };
         let usage = handle.usage();
         self.metrics.ended(
             reason,
@@ -863,245 +704,4 @@ async fn futures_join_all<F: Future<Output = ()>>(futures: impl IntoIterator<Ite
         }
     })
     .await
-}
-
-/// 128 random bits, hex.
-fn new_id() -> Option<String> {
-    let mut bytes = [0u8; 16];
-    crate::vmm::devices::virtio::rng::fill_random(&mut bytes)
-        .then(|| bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// User plus system CPU time of a process, from /proc/<pid>/stat.
-fn process_cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after it start at state.
-    let rest = stat.rsplit_once(')')?.1;
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0)?;
-    Some(Duration::from_micros((utime + stime) * 1_000_000 / ticks))
-}
-
-/// `15m`, `8h`, `5s`, `1h 30m`.
-pub fn fmt_duration(d: Duration) -> String {
-    let secs = d.as_secs();
-    if secs == 0 {
-        return format!("{}ms", d.as_millis());
-    }
-    humantime::format_duration(Duration::from_secs(secs)).to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct Fake {
-        made: AtomicUsize,
-        destroyed: Arc<AtomicUsize>,
-        fail: AtomicBool,
-    }
-
-    struct FakeSandbox {
-        n: usize,
-        destroyed: Arc<AtomicUsize>,
-    }
-
-    impl Hosted for FakeSandbox {
-        fn pid(&self) -> Option<u32> {
-            Some(std::process::id())
-        }
-        async fn destroy(self) {
-            self.destroyed.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    impl Provider for Fake {
-        type Sandbox = FakeSandbox;
-        async fn take(&self) -> anyhow::Result<FakeSandbox> {
-            if self.fail.load(Ordering::SeqCst) {
-                anyhow::bail!("no VM today");
-            }
-            Ok(FakeSandbox {
-                n: self.made.fetch_add(1, Ordering::SeqCst),
-                destroyed: self.destroyed.clone(),
-            })
-        }
-        async fn ready(&self) -> usize {
-            0
-        }
-        async fn close(&self) {}
-    }
-
-    fn registry(limits: Limits) -> (Arc<Registry<Fake>>, Arc<Fake>) {
-        let fake = Arc::new(Fake {
-            made: AtomicUsize::new(0),
-            destroyed: Arc::new(AtomicUsize::new(0)),
-            fail: AtomicBool::new(false),
-        });
-        (
-            Registry::start(fake.clone(), limits, 1024, Arc::new(Metrics::new())),
-            fake,
-        )
-    }
-
-    fn session(s: &str) -> Conversation {
-        Conversation::Session(s.into())
-    }
-
-    #[tokio::test]
-    async fn one_sandbox_per_conversation() {
-        let (r, fake) = registry(Limits::default());
-        let a1 = r.acquire(&session("a"), "p").await.unwrap();
-        let a2 = r.acquire(&session("a"), "p").await.unwrap();
-        let b = r.acquire(&session("b"), "p").await.unwrap();
-        assert_eq!(a1.id(), a2.id());
-        assert_ne!(a1.id(), b.id());
-        assert_eq!(a1.id().len(), 32);
-        assert_eq!((a1.sandbox().n, b.sandbox().n), (0, 1));
-        assert_eq!(r.active(), 2);
-        drop((a1, a2, b));
-        r.release(&session("a")).await;
-        r.release(&session("a")).await;
-        assert_eq!(r.active(), 1);
-        assert_eq!(fake.destroyed.load(Ordering::SeqCst), 1);
-        assert!(r.existing(&session("a"), "p").await.unwrap().is_none());
-        r.shutdown().await;
-        assert_eq!(fake.destroyed.load(Ordering::SeqCst), 2);
-        assert!(matches!(
-            r.acquire(&session("c"), "p").await,
-            Err(RegistryError::ShuttingDown)
-        ));
-    }
-
-    #[tokio::test]
-    async fn concurrent_first_calls_share_one_sandbox() {
-        let (r, fake) = registry(Limits::default());
-        let (x, y) = tokio::join!(
-            r.acquire(&Conversation::Stdio, "p"),
-            r.acquire(&Conversation::Stdio, "p")
-        );
-        assert_eq!(x.unwrap().id(), y.unwrap().id());
-        assert_eq!(fake.made.load(Ordering::SeqCst), 1);
-    }
-
-    #[tokio::test]
-    async fn explicit_ids_are_bound_to_their_principal() {
-        let (r, _) = registry(Limits::default());
-        let id = r.create_explicit("alice").await.unwrap().id().to_string();
-        assert_eq!(r.get(&id, "alice").await.unwrap().id(), id);
-        let err = r.get(&id, "mallory").await.err().unwrap();
-        assert!(matches!(err, RegistryError::Forbidden(_)), "{err}");
-        let err = r.get("0123", "alice").await.err().unwrap();
-        assert!(matches!(err, RegistryError::Unknown(_)), "{err}");
-        assert!(err.to_string().contains("without sandbox_id"));
-    }
-
-    #[tokio::test]
-    async fn limits_refuse_with_clear_errors() {
-        let (r, fake) = registry(Limits {
-            max_sandboxes: 3,
-            max_per_principal: 2,
-            ..Limits::default()
-        });
-        let _a = r.create_explicit("a").await.unwrap();
-        let _b = r.create_explicit("a").await.unwrap();
-        let err = r.create_explicit("a").await.err().unwrap();
-        assert!(
-            matches!(err, RegistryError::Limit(_)) && err.to_string().contains("limit"),
-            "{err}"
-        );
-        let c = r.acquire(&session("s"), "b").await.unwrap();
-        let err = r.acquire(&session("t"), "b").await.err().unwrap();
-        assert!(err.to_string().contains("limit of 3"), "{err}");
-        drop(c);
-        // A failed start frees its reservation.
-        r.release(&session("s")).await;
-        fake.fail.store(true, Ordering::SeqCst);
-        let err = r.acquire(&session("t"), "b").await.err().unwrap();
-        assert!(matches!(err, RegistryError::Start(_)), "{err}");
-        fake.fail.store(false, Ordering::SeqCst);
-        r.acquire(&session("t"), "b").await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn idle_sandboxes_expire_with_a_clear_error() {
-        let limits = Limits {
-            idle_timeout: Duration::from_millis(300),
-            ..Limits::default()
-        };
-        let (r, fake) = registry(limits);
-        let id = r.create_explicit("p").await.unwrap().id().to_string();
-        drop(r.acquire(&session("s"), "p").await.unwrap());
-        // A held lease keeps its sandbox alive.
-        let held = r.acquire(&Conversation::Stdio, "p").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        assert_eq!(fake.destroyed.load(Ordering::SeqCst), 2);
-        let err = r.get(&id, "p").await.err().unwrap();
-        assert!(matches!(err, RegistryError::Expired(_)), "{err}");
-        assert!(err.to_string().contains("idle timeout"), "{err}");
-        let err = r.acquire(&session("s"), "p").await.err().unwrap();
-        assert!(err.to_string().contains("reset_sandbox"), "{err}");
-        // reset gives the conversation a fresh sandbox.
-        let fresh = r.reset_conversation(&session("s"), "p").await.unwrap();
-        assert_eq!(fresh.sandbox().n, 3);
-        drop(fresh);
-        assert_eq!(r.acquire(&session("s"), "p").await.unwrap().sandbox().n, 3);
-        drop(held);
-    }
-
-    #[tokio::test]
-    async fn lifetime_ends_even_a_busy_sandbox() {
-        let limits = Limits {
-            max_lifetime: Duration::from_millis(300),
-            ..Limits::default()
-        };
-        let (r, _) = registry(limits);
-        let lease = r.acquire(&Conversation::Stdio, "p").await.unwrap();
-        // The running call is told to stop, and must let go.
-        tokio::time::timeout(Duration::from_secs(5), lease.cancelled())
-            .await
-            .unwrap();
-        drop(lease);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let err = r.acquire(&Conversation::Stdio, "p").await.err().unwrap();
-        assert!(
-            err.to_string().contains("maximum sandbox lifetime"),
-            "{err}"
-        );
-    }
-
-    #[tokio::test]
-    async fn reset_keeps_the_id_and_cancels_running_calls() {
-        let (r, fake) = registry(Limits::default());
-        let lease = r.create_explicit("p").await.unwrap();
-        let id = lease.id().to_string();
-        let r2 = r.clone();
-        let id2 = id.clone();
-        let reset =
-            tokio::spawn(async move { r2.reset_explicit(&id2, "p").await.map(|l| l.sandbox().n) });
-        tokio::time::timeout(Duration::from_secs(5), lease.cancelled())
-            .await
-            .unwrap();
-        drop(lease);
-        assert_eq!(reset.await.unwrap().unwrap(), 1);
-        assert_eq!(fake.destroyed.load(Ordering::SeqCst), 1);
-        let again = r.get(&id, "p").await.unwrap();
-        assert_eq!(again.sandbox().n, 1);
-        r.count_usage_check(&again);
-    }
-
-    impl Registry<Fake> {
-        fn count_usage_check(&self, lease: &Lease<FakeSandbox>) {
-            lease.count_run();
-            let info = self.info(lease);
-            assert_eq!(info.usage.runs, 1);
-            assert!(info.usage.memory_gb_seconds > 0.0);
-            assert!(info.usage.vcpu_seconds >= 0.0);
-            assert!(info.expires_in <= DEFAULT_IDLE_TIMEOUT);
-        }
-    }
 }

@@ -1,0 +1,212 @@
+//! One live sandbox's bookkeeping (its VM slot, clocks, usage) and the
+//! lease a tool call holds on it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
+use tokio_util::sync::CancellationToken;
+
+use super::{Hosted, KillSwitch};
+
+/// What a sandbox has used so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, schemars::JsonSchema)]
+pub struct Usage {
+    /// CPU time of the sandbox's VMM process (all its vCPUs and device threads).
+    pub vcpu_seconds: f64,
+    /// Configured guest memory in GB times the seconds the sandbox has lived.
+    pub memory_gb_seconds: f64,
+    /// run_code and run_command calls.
+    pub runs: u64,
+}
+
+/// A snapshot of one sandbox for `sandbox_info`.
+#[derive(Debug, Clone)]
+pub struct Info {
+    pub id: String,
+    pub age: Duration,
+    pub idle: Duration,
+    /// Time until it is destroyed if left idle from now (or reaches its lifetime).
+    pub expires_in: Duration,
+    pub lifetime_left: Duration,
+    pub usage: Usage,
+    pub active_calls: usize,
+}
+
+pub(super) struct Slot<S> {
+    pub(super) sandbox: S,
+    pub(super) cancel: CancellationToken,
+}
+
+/// One live sandbox and its bookkeeping. Its id stays the same across
+/// `reset`, which swaps the VM underneath.
+pub(super) struct Handle<S> {
+    pub(super) id: String,
+    pub(super) principal: String,
+    pub(super) slot: Arc<RwLock<Option<Slot<S>>>>,
+    /// Cancels the calls running in the current VM (reset, destroy).
+    pub(super) cancel: Mutex<CancellationToken>,
+    pub(super) bound_at: Instant,
+    pub(super) created: Mutex<Instant>,
+    pub(super) last_used: Mutex<Instant>,
+    pub(super) active: AtomicUsize,
+    pub(super) runs: AtomicU64,
+    pub(super) cpu: Mutex<CpuMeter>,
+    pub(super) memory_gb: f64,
+    pub(super) ended: AtomicBool,
+    /// Kills the current VM without its slot, which stalled calls may hold.
+    pub(super) kill: Mutex<KillSwitch>,
+    /// Held for the whole of a reset: resets of one sandbox run one at a time.
+    pub(super) resetting: tokio::sync::Mutex<()>,
+    /// Resets begun so far; a reset that finds one begun after it asked
+    /// has been served by it.
+    pub(super) resets_begun: AtomicU64,
+}
+
+#[derive(Default)]
+pub(super) struct CpuMeter {
+    pid: Option<u32>,
+    /// CPU time of `pid` when it was bound.
+    base: Duration,
+    /// CPU time of the VMs this handle had before a reset.
+    before: Duration,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<S: Hosted> Handle<S> {
+    /// A handle for `sandbox`, bound now to `principal`.
+    pub(super) fn new(id: String, principal: &str, sandbox: S, memory_gb: f64) -> Handle<S> {
+        let now = Instant::now();
+        let pid = sandbox.pid();
+        let kill = sandbox.kill_switch();
+        let cancel = CancellationToken::new();
+        let handle = Handle {
+            id,
+            principal: principal.to_string(),
+            slot: Arc::new(RwLock::new(Some(Slot {
+                sandbox,
+                cancel: cancel.clone(),
+            }))),
+            cancel: Mutex::new(cancel),
+            bound_at: now,
+            created: Mutex::new(now),
+            last_used: Mutex::new(now),
+            active: AtomicUsize::new(0),
+            runs: AtomicU64::new(0),
+            cpu: Mutex::new(CpuMeter::default()),
+            memory_gb,
+            ended: AtomicBool::new(false),
+            kill: Mutex::new(kill),
+            resetting: tokio::sync::Mutex::new(()),
+            resets_begun: AtomicU64::new(0),
+        };
+        handle.set_vm(pid);
+        handle
+    }
+
+    pub(super) fn idle(&self, now: Instant) -> Duration {
+        if self.active.load(Ordering::SeqCst) > 0 {
+            Duration::ZERO
+        } else {
+            now.saturating_duration_since(*lock(&self.last_used))
+        }
+    }
+
+    pub(super) fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(*lock(&self.created))
+    }
+
+    pub(super) fn usage(&self) -> Usage {
+        let cpu = {
+            let meter = lock(&self.cpu);
+            let current = meter
+                .pid
+                .and_then(process_cpu_time)
+                .map(|t| t.saturating_sub(meter.base))
+                .unwrap_or_default();
+            meter.before + current
+        };
+        Usage {
+            vcpu_seconds: cpu.as_secs_f64(),
+            memory_gb_seconds: self.memory_gb * self.bound_at.elapsed().as_secs_f64(),
+            runs: self.runs.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(super) fn set_vm(&self, pid: Option<u32>) {
+        let mut meter = lock(&self.cpu);
+        let current = meter
+            .pid
+            .and_then(process_cpu_time)
+            .map(|t| t.saturating_sub(meter.base))
+            .unwrap_or_default();
+        meter.before += current;
+        meter.pid = pid;
+        meter.base = pid.and_then(process_cpu_time).unwrap_or_default();
+    }
+}
+
+/// Use of one sandbox by one tool call. While any lease is held the sandbox
+/// is not idle; dropping it marks the sandbox used now.
+pub struct Lease<S: Hosted> {
+    pub(super) handle: Arc<Handle<S>>,
+    pub(super) guard: OwnedRwLockReadGuard<Option<Slot<S>>>,
+    pub(super) cancel: CancellationToken,
+}
+
+impl<S: Hosted> Lease<S> {
+    pub fn id(&self) -> &str {
+        &self.handle.id
+    }
+
+    pub fn sandbox(&self) -> &S {
+        // A lease is only made from a slot that holds a sandbox.
+        &self
+            .guard
+            .as_ref()
+            .expect("a leased slot holds a sandbox")
+            .sandbox
+    }
+
+    /// Fires when the sandbox is being reset or destroyed under this call.
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.cancel.cancelled()
+    }
+
+    /// Counts one run (run_code, run_command) for usage.
+    pub fn count_run(&self) {
+        self.handle.runs.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl<S: Hosted> Drop for Lease<S> {
+    fn drop(&mut self) {
+        *lock(&self.handle.last_used) = Instant::now();
+        self.handle.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// 128 random bits, hex.
+pub(super) fn new_id() -> Option<String> {
+    let mut bytes = [0u8; 16];
+    crate::vmm::devices::virtio::rng::fill_random(&mut bytes)
+        .then(|| bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// User plus system CPU time of a process, from /proc/<pid>/stat.
+fn process_cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it start at state.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0)?;
+    Some(Duration::from_micros((utime + stime) * 1_000_000 / ticks))
+}

@@ -1,0 +1,93 @@
+//! What the registry enforces and how it says no: limits, conversations,
+//! and the errors a model reads.
+
+use std::time::Duration;
+
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(8 * 3600);
+pub const DEFAULT_MAX_SANDBOXES: usize = 32;
+pub const DEFAULT_MAX_PER_PRINCIPAL: usize = 8;
+pub const DEFAULT_STALL_GRACE: Duration = Duration::from_secs(10);
+/// Ended sandboxes remembered for "expired" errors.
+pub(super) const REMEMBER_ENDED: usize = 10_000;
+
+/// Lifetimes and limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
+    /// Live sandboxes in all.
+    pub max_sandboxes: usize,
+    /// Live sandboxes per principal (token).
+    pub max_per_principal: usize,
+    /// How long ending or resetting a sandbox waits, after killing its VM,
+    /// for the calls holding it to let go. They are cancelled and their VM
+    /// is gone, so they end at once unless something is badly wrong; past
+    /// this an ended sandbox is dropped by its last call.
+    pub stall_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_lifetime: DEFAULT_MAX_LIFETIME,
+            max_sandboxes: DEFAULT_MAX_SANDBOXES,
+            max_per_principal: DEFAULT_MAX_PER_PRINCIPAL,
+            stall_grace: DEFAULT_STALL_GRACE,
+        }
+    }
+}
+
+/// A conversation with an implicit sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Conversation {
+    /// The one conversation of a stdio server.
+    Stdio,
+    /// An HTTP session, by its Mcp-Session-Id.
+    Session(String),
+}
+
+/// Why a sandbox cannot be had; the messages are meant for the model.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Expired(String),
+    #[error("{0}")]
+    Limit(String),
+    #[error(
+        "no sandbox has id {0:?}; call the tool without sandbox_id to create a new sandbox (its id comes back in the result)"
+    )]
+    Unknown(String),
+    #[error(
+        "sandbox {0:?} belongs to another client and cannot be used with this token; call the tool without sandbox_id to create your own"
+    )]
+    Forbidden(String),
+    #[error("the sandbox could not be started: {0}; try again in a moment")]
+    Start(String),
+    #[error("the server is shutting down; no new sandbox can be started")]
+    ShuttingDown,
+}
+
+impl RegistryError {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RegistryError::Expired(_) => "expired",
+            RegistryError::Limit(_) => "limit",
+            RegistryError::Unknown(_) => "unknown",
+            RegistryError::Forbidden(_) => "forbidden",
+            RegistryError::Start(_) => "start_failed",
+            RegistryError::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// `15m`, `8h`, `5s`, `1h 30m`.
+pub fn fmt_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs == 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}

@@ -1,0 +1,306 @@
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use super::*;
+
+struct Fake {
+    made: AtomicUsize,
+    destroyed: Arc<AtomicUsize>,
+    fail: AtomicBool,
+    /// How long a take takes.
+    slow: Mutex<Duration>,
+    /// VMs made and not destroyed, now and at most.
+    live: Arc<AtomicUsize>,
+    peak: AtomicUsize,
+}
+
+struct FakeSandbox {
+    n: usize,
+    destroyed: Arc<AtomicUsize>,
+    killed: Arc<AtomicBool>,
+    live: Arc<AtomicUsize>,
+}
+
+impl Hosted for FakeSandbox {
+    fn pid(&self) -> Option<u32> {
+        Some(std::process::id())
+    }
+    fn kill_switch(&self) -> KillSwitch {
+        let killed = self.killed.clone();
+        KillSwitch::new(move || killed.store(true, Ordering::SeqCst))
+    }
+    async fn destroy(self) {
+        self.live.fetch_sub(1, Ordering::SeqCst);
+        self.destroyed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Provider for Fake {
+    type Sandbox = FakeSandbox;
+    async fn take(&self) -> anyhow::Result<FakeSandbox> {
+        if self.fail.load(Ordering::SeqCst) {
+            anyhow::bail!("no VM today");
+        }
+        let slow = *lock(&self.slow);
+        tokio::time::sleep(slow).await;
+        let live = self.live.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(live, Ordering::SeqCst);
+        Ok(FakeSandbox {
+            n: self.made.fetch_add(1, Ordering::SeqCst),
+            destroyed: self.destroyed.clone(),
+            killed: Arc::new(AtomicBool::new(false)),
+            live: self.live.clone(),
+        })
+    }
+    async fn ready(&self) -> usize {
+        0
+    }
+    async fn close(&self) {}
+}
+
+fn registry(limits: Limits) -> (Arc<Registry<Fake>>, Arc<Fake>) {
+    let fake = Arc::new(Fake {
+        made: AtomicUsize::new(0),
+        destroyed: Arc::new(AtomicUsize::new(0)),
+        fail: AtomicBool::new(false),
+        slow: Mutex::new(Duration::ZERO),
+        live: Arc::new(AtomicUsize::new(0)),
+        peak: AtomicUsize::new(0),
+    });
+    (
+        Registry::start(fake.clone(), limits, 1024, Arc::new(Metrics::new())),
+        fake,
+    )
+}
+
+fn session(s: &str) -> Conversation {
+    Conversation::Session(s.into())
+}
+
+#[tokio::test]
+async fn one_sandbox_per_conversation() {
+    let (r, fake) = registry(Limits::default());
+    let a1 = r.acquire(&session("a"), "p").await.unwrap();
+    let a2 = r.acquire(&session("a"), "p").await.unwrap();
+    let b = r.acquire(&session("b"), "p").await.unwrap();
+    assert_eq!(a1.id(), a2.id());
+    assert_ne!(a1.id(), b.id());
+    assert_eq!(a1.id().len(), 32);
+    assert_eq!((a1.sandbox().n, b.sandbox().n), (0, 1));
+    assert_eq!(r.active(), 2);
+    drop((a1, a2, b));
+    r.release(&session("a")).await;
+    r.release(&session("a")).await;
+    assert_eq!(r.active(), 1);
+    assert_eq!(fake.destroyed.load(Ordering::SeqCst), 1);
+    assert!(r.existing(&session("a"), "p").await.unwrap().is_none());
+    r.shutdown().await;
+    assert_eq!(fake.destroyed.load(Ordering::SeqCst), 2);
+    assert!(matches!(
+        r.acquire(&session("c"), "p").await,
+        Err(RegistryError::ShuttingDown)
+    ));
+}
+
+#[tokio::test]
+async fn concurrent_first_calls_share_one_sandbox() {
+    let (r, fake) = registry(Limits::default());
+    let (x, y) = tokio::join!(
+        r.acquire(&Conversation::Stdio, "p"),
+        r.acquire(&Conversation::Stdio, "p")
+    );
+    assert_eq!(x.unwrap().id(), y.unwrap().id());
+    assert_eq!(fake.made.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn explicit_ids_are_bound_to_their_principal() {
+    let (r, _) = registry(Limits::default());
+    let id = r.create_explicit("alice").await.unwrap().id().to_string();
+    assert_eq!(r.get(&id, "alice").await.unwrap().id(), id);
+    let err = r.get(&id, "mallory").await.err().unwrap();
+    assert!(matches!(err, RegistryError::Forbidden(_)), "{err}");
+    let err = r.get("0123", "alice").await.err().unwrap();
+    assert!(matches!(err, RegistryError::Unknown(_)), "{err}");
+    assert!(err.to_string().contains("without sandbox_id"));
+}
+
+#[tokio::test]
+async fn limits_refuse_with_clear_errors() {
+    let (r, fake) = registry(Limits {
+        max_sandboxes: 3,
+        max_per_principal: 2,
+        ..Limits::default()
+    });
+    let _a = r.create_explicit("a").await.unwrap();
+    let _b = r.create_explicit("a").await.unwrap();
+    let err = r.create_explicit("a").await.err().unwrap();
+    assert!(
+        matches!(err, RegistryError::Limit(_)) && err.to_string().contains("limit"),
+        "{err}"
+    );
+    let c = r.acquire(&session("s"), "b").await.unwrap();
+    let err = r.acquire(&session("t"), "b").await.err().unwrap();
+    assert!(err.to_string().contains("limit of 3"), "{err}");
+    drop(c);
+    // A failed start frees its reservation.
+    r.release(&session("s")).await;
+    fake.fail.store(true, Ordering::SeqCst);
+    let err = r.acquire(&session("t"), "b").await.err().unwrap();
+    assert!(matches!(err, RegistryError::Start(_)), "{err}");
+    fake.fail.store(false, Ordering::SeqCst);
+    r.acquire(&session("t"), "b").await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_sandboxes_expire_with_a_clear_error() {
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let (r, fake) = registry(limits);
+    let id = r.create_explicit("p").await.unwrap().id().to_string();
+    drop(r.acquire(&session("s"), "p").await.unwrap());
+    // A held lease keeps its sandbox alive.
+    let held = r.acquire(&Conversation::Stdio, "p").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(fake.destroyed.load(Ordering::SeqCst), 2);
+    let err = r.get(&id, "p").await.err().unwrap();
+    assert!(matches!(err, RegistryError::Expired(_)), "{err}");
+    assert!(err.to_string().contains("idle timeout"), "{err}");
+    let err = r.acquire(&session("s"), "p").await.err().unwrap();
+    assert!(err.to_string().contains("reset_sandbox"), "{err}");
+    // reset gives the conversation a fresh sandbox.
+    let fresh = r.reset_conversation(&session("s"), "p").await.unwrap();
+    assert_eq!(fresh.sandbox().n, 3);
+    drop(fresh);
+    assert_eq!(r.acquire(&session("s"), "p").await.unwrap().sandbox().n, 3);
+    drop(held);
+}
+
+#[tokio::test]
+async fn lifetime_ends_even_a_busy_sandbox() {
+    let limits = Limits {
+        max_lifetime: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let (r, _) = registry(limits);
+    let lease = r.acquire(&Conversation::Stdio, "p").await.unwrap();
+    // The running call is told to stop, and must let go.
+    tokio::time::timeout(Duration::from_secs(5), lease.cancelled())
+        .await
+        .unwrap();
+    drop(lease);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let err = r.acquire(&Conversation::Stdio, "p").await.err().unwrap();
+    assert!(
+        err.to_string().contains("maximum sandbox lifetime"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn reset_keeps_the_id_and_cancels_running_calls() {
+    let (r, fake) = registry(Limits::default());
+    let lease = r.create_explicit("p").await.unwrap();
+    let id = lease.id().to_string();
+    let r2 = r.clone();
+    let id2 = id.clone();
+    let reset =
+        tokio::spawn(async move { r2.reset_explicit(&id2, "p").await.map(|l| l.sandbox().n) });
+    tokio::time::timeout(Duration::from_secs(5), lease.cancelled())
+        .await
+        .unwrap();
+    drop(lease);
+    assert_eq!(reset.await.unwrap().unwrap(), 1);
+    assert_eq!(fake.destroyed.load(Ordering::SeqCst), 1);
+    let again = r.get(&id, "p").await.unwrap();
+    assert_eq!(again.sandbox().n, 1);
+    r.count_usage_check(&again);
+}
+
+impl Registry<Fake> {
+    fn count_usage_check(&self, lease: &Lease<FakeSandbox>) {
+        lease.count_run();
+        let info = self.info(lease);
+        assert_eq!(info.usage.runs, 1);
+        assert!(info.usage.memory_gb_seconds > 0.0);
+        assert!(info.usage.vcpu_seconds >= 0.0);
+        assert!(info.expires_in <= DEFAULT_IDLE_TIMEOUT);
+    }
+}
+
+#[tokio::test]
+async fn twenty_resets_at_once_stay_within_the_limits() {
+    let (r, fake) = registry(Limits {
+        max_sandboxes: 2,
+        max_per_principal: 2,
+        ..Limits::default()
+    });
+    *lock(&fake.slow) = Duration::from_millis(30);
+    let a = r.create_explicit("p").await.unwrap().id().to_string();
+    let b = r.create_explicit("p").await.unwrap().id().to_string();
+    let resets = (0..20).map(|i| {
+        let (r, id) = (r.clone(), if i % 2 == 0 { a.clone() } else { b.clone() });
+        tokio::spawn(async move { r.reset_explicit(&id, "p").await.map(|l| l.sandbox().n) })
+    });
+    for reset in resets.collect::<Vec<_>>() {
+        reset.await.unwrap().unwrap();
+    }
+    assert!(
+        fake.peak.load(Ordering::SeqCst) <= 2,
+        "two sandboxes never hold more than two VMs"
+    );
+    // Resets that queued behind a running one are served by the next one.
+    let made = fake.made.load(Ordering::SeqCst);
+    assert!(
+        (4..=22).contains(&made),
+        "{made} VMs for 20 resets of 2 sandboxes"
+    );
+    assert_eq!(fake.live.load(Ordering::SeqCst), 2);
+    assert_ne!(r.get(&a, "p").await.unwrap().sandbox().n, 0);
+    // Another principal cannot reset them.
+    let err = r.reset_explicit(&a, "q").await.err().unwrap();
+    assert!(matches!(err, RegistryError::Forbidden(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_stalled_call_holds_up_neither_the_reaper_nor_shutdown() {
+    let (r, fake) = registry(Limits {
+        max_lifetime: Duration::from_millis(600),
+        stall_grace: Duration::from_secs(3),
+        ..Limits::default()
+    });
+    // A call stuck on its guest: it holds its lease and ignores the cancel.
+    let stalled = r.create_explicit("p").await.unwrap();
+    let killed = stalled.sandbox().killed.clone();
+    let started = Instant::now();
+    let other = r.create_explicit("p").await.unwrap().id().to_string();
+    while fake.destroyed.load(Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the other sandbox outlived its lifetime"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        killed.load(Ordering::SeqCst),
+        "the stalled sandbox's VM is killed at once"
+    );
+    let err = r.get(&other, "p").await.err().unwrap();
+    assert!(
+        err.to_string().contains("maximum sandbox lifetime"),
+        "{err}"
+    );
+    // Shutdown ends within the grace although the call never lets go.
+    let third = r.create_explicit("q").await.unwrap();
+    let held = third.sandbox().killed.clone();
+    let shutdown = Instant::now();
+    r.shutdown().await;
+    assert!(held.load(Ordering::SeqCst));
+    assert!(
+        shutdown.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        shutdown.elapsed()
+    );
+    drop((stalled, third));
+}
