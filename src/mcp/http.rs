@@ -14,6 +14,7 @@ use rmcp::transport::streamable_http_server::session::local::LocalSessionManager
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio_util::sync::CancellationToken;
 
+use super::admission::{Admission, SessionOwners, admit};
 use super::auth::{Tokens, require_token};
 use super::backend::LazyPool;
 use super::session::SandboxSessions;
@@ -70,7 +71,13 @@ pub async fn serve(addr: SocketAddr, app: App, options: &ServeOptions) -> Result
             .max(Duration::from_secs(30 * 60))
             .max(options.max_timeout + Duration::from_secs(60)),
     );
-    let sessions = Arc::new(SandboxSessions::new(sessions, app.registry.clone()));
+    let owners = SessionOwners::default();
+    let admission = Arc::new(Admission::new(
+        options.http_limits,
+        owners.clone(),
+        app.registry.metrics().clone(),
+    ));
+    let sessions = Arc::new(SandboxSessions::new(sessions, app.registry.clone(), owners));
     let config = StreamableHttpServerConfig::default()
         .with_legacy_session_mode(true)
         .with_allowed_hosts(hosts.clone())
@@ -98,6 +105,7 @@ pub async fn serve(addr: SocketAddr, app: App, options: &ServeOptions) -> Result
         .route("/metrics", get(metrics))
         .with_state(app.clone())
         .nest_service("/mcp", service)
+        .layer(axum::middleware::from_fn_with_state(admission, admit))
         .layer(axum::middleware::from_fn(delete_answers_no_content))
         .layer(axum::middleware::from_fn_with_state(
             app.tokens.clone(),

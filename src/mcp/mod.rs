@@ -8,6 +8,7 @@
 //! - [`auth`]: bearer tokens and principals.
 //! - [`http`]: the HTTP app (`/mcp`, `/healthz`, `/metrics`).
 
+pub mod admission;
 pub mod auth;
 pub mod backend;
 pub mod http;
@@ -52,6 +53,8 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// The longest timeout a call may ask for.
     pub max_timeout: Duration,
+    /// HTTP mode's bounds on requests and sessions.
+    pub http_limits: admission::HttpLimits,
 }
 
 /// Serves until stdin closes (stdio), or SIGINT/SIGTERM; then destroys every
@@ -63,6 +66,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     )?;
     if let Some(addr) = options.http {
         http::check_bind(addr, &tokens, options.insecure_no_auth)?;
+        options.http_limits.validate()?;
     } else if !tokens.is_empty() && options.tokens_file.is_some() {
         tracing::warn!("--tokens-file has no effect in stdio mode");
     }

@@ -1,6 +1,7 @@
 //! HTTP sessions: rmcp's in-memory session manager, plus one hook: when a
 //! session closes (client DELETE, idle session worker, server shutdown), the
-//! sandbox bound to it is destroyed.
+//! sandbox bound to it is destroyed and its owner forgets it. Sessions are
+//! never restored from an id alone: an unknown id is just unknown.
 
 use std::sync::Arc;
 
@@ -12,16 +13,26 @@ use rmcp::transport::streamable_http_server::session::{
 };
 
 use super::Registry;
+use super::admission::SessionOwners;
 use crate::sandbox::registry::Conversation;
 
 pub struct SandboxSessions {
     inner: LocalSessionManager,
     registry: Arc<Registry>,
+    owners: SessionOwners,
 }
 
 impl SandboxSessions {
-    pub fn new(inner: LocalSessionManager, registry: Arc<Registry>) -> SandboxSessions {
-        SandboxSessions { inner, registry }
+    pub fn new(
+        inner: LocalSessionManager,
+        registry: Arc<Registry>,
+        owners: SessionOwners,
+    ) -> SandboxSessions {
+        SandboxSessions {
+            inner,
+            registry,
+            owners,
+        }
     }
 }
 
@@ -51,6 +62,7 @@ impl SessionManager for SandboxSessions {
         self.registry
             .release(&Conversation::Session(id.to_string()))
             .await;
+        self.owners.forget(id);
         match self.inner.close_session(id).await {
             Ok(()) => Ok(()),
             // Already gone (the second close).
@@ -95,9 +107,9 @@ impl SessionManager for SandboxSessions {
 
     async fn restore_session(
         &self,
-        id: SessionId,
+        _id: SessionId,
     ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
-        self.inner.restore_session(id).await
+        Ok(RestoreOutcome::NotSupported)
     }
 
     fn event_store(&self) -> Option<Arc<dyn EventStore>> {
