@@ -334,6 +334,68 @@ mod guest {
         });
     }
 
+    /// File operations are the sandbox user's for real (a helper process,
+    /// not a thread of PID 1), and user code runs confined.
+    #[test]
+    fn guest_files_and_user_code_are_confined() {
+        RT.block_on(async {
+            let g = main_vm().await;
+            let _turn = TURN.lock().await;
+            let c = &g.client;
+            let sysctl = WriteFile {
+                path: "/proc/sys/kernel/randomize_va_space".into(),
+                mode: None,
+                create_parents: false,
+                append: false,
+            };
+            let err = c.write_file(sysctl, b"0".to_vec()).await.unwrap_err();
+            assert!(err.to_string().contains("ermission"), "{err}");
+            let err = c.read_file("/proc/1/maps", 1 << 20).await.unwrap_err();
+            assert!(err.to_string().contains("ermission"), "{err}");
+            let script = "grep -E '^(Uid|Gid|CapEff|CapPrm|NoNewPrivs)' /proc/self/status; \
+                          ulimit -c; awk '$2 == \"/\" {print $4}' /proc/mounts; \
+                          cat /sys/fs/cgroup/sandbox/cpu.weight";
+            let out = run(c, Language::Bash, script, CALL).await;
+            assert_ok(&out, "status");
+            let text = run_text(&out);
+            eprintln!("[{}] user code: {text}", g.name);
+            for want in [
+                "Uid:\t1000\t1000\t1000",
+                "CapEff:\t0000000000000000",
+                "CapPrm:\t0000000000000000",
+                "NoNewPrivs:\t1",
+                "\n0\n",
+                "nosuid",
+                "\n1\n",
+            ] {
+                assert!(text.contains(want), "{want:?} in {text}");
+            }
+            // The agent's port needs CAP_NET_BIND_SERVICE, which user code lacks.
+            let bind = "import socket\ns = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n\
+                        try:\n    s.bind((socket.VMADDR_CID_ANY, 1022))\n    print('bound')\n\
+                        except PermissionError:\n    print('refused')";
+            let out = run(c, Language::Python, bind, CALL).await;
+            assert_eq!(run_text(&out), "refused\n", "{:?}", out.result);
+            // Files still work, owned by the user.
+            let st = c
+                .write_file(
+                    WriteFile {
+                        path: "/home/sandbox/owned.txt".into(),
+                        mode: None,
+                        create_parents: false,
+                        append: false,
+                    },
+                    b"mine".to_vec(),
+                )
+                .await
+                .expect("write as the user");
+            assert_eq!((st.uid, st.gid), (1000, 1000));
+            c.remove_file("/home/sandbox/owned.txt", false)
+                .await
+                .unwrap();
+        });
+    }
+
     #[test]
     fn guest_two_requests_in_flight_and_one_cancelled() {
         RT.block_on(async {

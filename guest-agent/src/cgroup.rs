@@ -22,6 +22,9 @@ use crate::sys;
 
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const SANDBOX: &str = "sandbox";
+/// cpu.weight of all user code (the default, 100, is what the agent's own
+/// threads weigh each, as tasks of the root group).
+const SANDBOX_CPU_WEIGHT: &[u8] = b"1";
 
 /// The sandbox cgroup, parent of all user processes.
 pub struct Sandbox {
@@ -36,7 +39,7 @@ pub struct Cgroup {
 }
 
 impl Sandbox {
-    /// Enables the memory and pids controllers and creates `sandbox/` with
+    /// Enables the memory, pids and cpu controllers and creates `sandbox/` with
     /// the given limits. Fails if cgroup2 is not mounted.
     pub fn setup(memory_max: Option<u64>, pids_max: Option<u64>) -> io::Result<Sandbox> {
         let root = Path::new(CGROUP_ROOT);
@@ -46,7 +49,7 @@ impl Sandbox {
                 "cgroup2 is not mounted",
             ));
         }
-        for controller in ["+memory", "+pids"] {
+        for controller in ["+memory", "+pids", "+cpu"] {
             if let Err(e) =
                 sys::write_small(&root.join("cgroup.subtree_control"), controller.as_bytes())
             {
@@ -64,6 +67,11 @@ impl Sandbox {
         }
         if let Some(n) = pids_max {
             sandbox.set_pids_max(n)?;
+        }
+        // The agent (in the root group) weighs a hundred times more than all
+        // user code together: a CPU hog cannot starve it of its replies.
+        if let Err(e) = sys::write_small(&sandbox.dir.join("cpu.weight"), SANDBOX_CPU_WEIGHT) {
+            log!("no cpu weight for user code: {e}");
         }
         Ok(sandbox)
     }

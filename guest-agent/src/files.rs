@@ -1,7 +1,7 @@
-//! File operations, done by one dedicated thread whose file-system uid and
-//! gid are the sandbox user's: permission checks and ownership are the
-//! user's, not root's. The thread blocks on its queue while idle (no
-//! wake-ups) and keeps the runtime free while a big file is copied.
+//! File operations. One dedicated thread takes them off the runtime (it
+//! blocks on its queue while idle: no wake-ups) and, as init, hands them to
+//! a helper process that is the sandbox user for real (file_helper.rs):
+//! permission checks and ownership are the user's, not root's.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -16,9 +16,10 @@ use airlock_protocol::{
 };
 use tokio::sync::oneshot;
 
+use crate::file_helper::Helper;
 use crate::log::log;
 use crate::ops::resolve;
-use crate::sys::{self, Creds};
+use crate::sys::Creds;
 
 type Job = (Message, Vec<u8>, oneshot::Sender<(Message, Vec<u8>)>);
 
@@ -27,34 +28,28 @@ pub struct Files {
 }
 
 impl Files {
+    /// With `creds` (as init), requests go to a helper process running as
+    /// that user (see file_helper.rs); without (debug mode), this thread
+    /// does them as the current user.
     pub fn start(creds: Option<Creds>, home: PathBuf) -> Files {
         let (tx, rx) = mpsc::channel::<Job>();
         let spawned = std::thread::Builder::new()
             .name("files".into())
             .spawn(move || {
-                if let Some(creds) = creds
-                    && let Err(e) = sys::set_thread_fs_creds(creds)
-                {
-                    // Refuse to work as root rather than act with root's rights.
-                    log!("file operations disabled: cannot take the sandbox user's ids: {e}");
-                    for (_, _, reply) in rx {
-                        let _ = reply.send((
-                            Message::error(ErrorCode::Internal, "file operations are unavailable"),
-                            Vec::new(),
-                        ));
-                    }
-                    return;
-                }
+                let mut helper: Option<Helper> = None;
                 for (message, payload, reply) in rx {
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run(&home, message, payload)
-                    }))
-                    .unwrap_or_else(|_| {
-                        (
-                            Message::error(ErrorCode::Internal, "the file operation panicked"),
-                            Vec::new(),
-                        )
-                    });
+                    let result = match creds {
+                        Some(creds) => via_helper(&mut helper, creds, &home, message, payload),
+                        None => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            run(&home, message, payload)
+                        }))
+                        .unwrap_or_else(|_| {
+                            (
+                                Message::error(ErrorCode::Internal, "the file operation panicked"),
+                                Vec::new(),
+                            )
+                        }),
+                    };
                     let _ = reply.send(result);
                 }
             });
@@ -83,7 +78,46 @@ impl Files {
     }
 }
 
-fn run(home: &Path, message: Message, payload: Vec<u8>) -> (Message, Vec<u8>) {
+/// Hands one request to the helper, starting one if there is none; a
+/// helper that fails is dropped (killed) and the next request starts anew.
+/// A failed request is not retried: it may have half happened.
+fn via_helper(
+    helper: &mut Option<Helper>,
+    creds: Creds,
+    home: &Path,
+    message: Message,
+    payload: Vec<u8>,
+) -> (Message, Vec<u8>) {
+    let failed = |what: &str, e: io::Error| {
+        log!("file helper: {what}: {e}");
+        (
+            Message::error(
+                ErrorCode::Internal,
+                format!("the file operation failed ({what}: {e}); try again"),
+            ),
+            Vec::new(),
+        )
+    };
+    if helper.is_none() {
+        match Helper::start(creds, home) {
+            Ok(started) => *helper = Some(started),
+            Err(e) => return failed("cannot start the helper as the sandbox user", e),
+        }
+    }
+    let Some(running) = helper.as_mut() else {
+        return failed("no helper", io::Error::other("none running"));
+    };
+    match running.call(message, payload) {
+        Ok(answer) => answer,
+        Err(e) => {
+            *helper = None;
+            failed("the helper stopped answering", e)
+        }
+    }
+}
+
+/// Does one file request as the current process's user.
+pub fn run(home: &Path, message: Message, payload: Vec<u8>) -> (Message, Vec<u8>) {
     let result = match message {
         Message::WriteFile(req) => {
             write_file(home, req, &payload).map(|s| (Message::FileStat(s), Vec::new()))

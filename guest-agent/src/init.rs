@@ -43,6 +43,15 @@ pub fn setup() {
     if let Err(e) = crate::sys::write_small(Path::new("/proc/self/oom_score_adj"), b"-1000") {
         log!("oom_score_adj: {e}");
     }
+    // The kernel mounted the root read-only but with setuid honoured.
+    mount(
+        "",
+        "/",
+        "",
+        libc::MS_REMOUNT | libc::MS_RDONLY | NOSUID | NODEV,
+        "",
+        Required,
+    );
     mount(
         "proc",
         "/proc",

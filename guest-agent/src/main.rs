@@ -18,6 +18,7 @@ mod cgroup;
 mod config;
 mod conn;
 mod exec;
+mod file_helper;
 mod files;
 mod freshness;
 mod init;
@@ -51,6 +52,16 @@ fn main() {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some(file_helper::HELPER_ARG) => {
+            let home = args
+                .get(1)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/"));
+            if let Err(e) = file_helper::serve(&home) {
+                eprintln!("airlock-agent file helper: {e}");
+                std::process::exit(1);
+            }
+        }
         Some("--serve-unix") => {
             let Some(path) = args.get(1) else {
                 eprintln!("usage: airlock-agent --serve-unix PATH [--home DIR]");

@@ -18,7 +18,7 @@ use airlock_protocol::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
-use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
+use tokio_vsock::{VMADDR_CID_ANY, VMADDR_CID_HOST, VsockAddr, VsockListener};
 
 use crate::VERSION;
 use crate::conn::Conn;
@@ -103,6 +103,12 @@ pub async fn listen(agent: Arc<Agent>, port: u32) {
 
 async fn serve_vsock(agent: Arc<Agent>, fd: OwnedFd, addr: VsockAddr) {
     let peer = format!("cid {} port {}", addr.cid(), addr.port());
+    // Only the host speaks for the host: a loopback connection from inside
+    // the guest (user code) is dropped unheard.
+    if addr.cid() != VMADDR_CID_HOST {
+        log!("refused a connection from {peer}: not the host");
+        return;
+    }
     match Conn::new(fd) {
         Ok(conn) => serve_connection(agent, conn.clone(), conn, &peer).await,
         Err(e) => log!("connection from {peer}: {e}"),

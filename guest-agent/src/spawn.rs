@@ -108,6 +108,15 @@ pub fn spawn(reaper: &Reaper, spec: SpawnSpec) -> io::Result<Spawned> {
     Ok(Spawned { pid, exit })
 }
 
+/// What user code may hold: no core dumps (they would fill the tmpfs that
+/// holds the user's files), and bounded descriptors and processes per
+/// process tree (the cgroup bounds the whole sandbox too).
+const USER_RLIMITS: [(libc::__rlimit_resource_t, libc::rlim_t); 3] = [
+    (libc::RLIMIT_CORE, 0),
+    (libc::RLIMIT_NOFILE, 65_536),
+    (libc::RLIMIT_NPROC, 4_096),
+];
+
 /// Runs in the child between fork and exec.
 fn child_setup(
     cgroup_fd: RawFd,
@@ -165,6 +174,19 @@ fn child_setup(
                 || libc::syscall(libc::SYS_setresuid, c.uid, c.uid, c.uid) != 0
             {
                 return Err(io::Error::last_os_error());
+            }
+            // No setuid binary or file capability can give it back.
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for (resource, value) in USER_RLIMITS {
+                let limit = libc::rlimit {
+                    rlim_cur: value,
+                    rlim_max: value,
+                };
+                if libc::setrlimit(resource, &limit) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
         }
         if libc::chdir(cwd.as_ptr()) != 0 {

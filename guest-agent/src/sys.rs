@@ -135,27 +135,3 @@ pub fn total_memory() -> Option<u64> {
     }
     Some(info.totalram as u64 * info.mem_unit as u64)
 }
-
-/// Sets this thread's file-system uid/gid and supplementary groups (raw
-/// system calls, which on Linux change only the calling thread), so that its
-/// file operations are checked and owned as `creds`.
-pub fn set_thread_fs_creds(creds: Creds) -> io::Result<()> {
-    let groups = [creds.gid as libc::gid_t];
-    // SAFETY: raw system calls with a valid one-element array.
-    unsafe {
-        if libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        libc::syscall(libc::SYS_setfsgid, creds.gid);
-        libc::syscall(libc::SYS_setfsuid, creds.uid);
-        // setfsuid returns the previous value whatever happens: check it took.
-        let now = libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32;
-        if now != creds.uid {
-            return Err(io::Error::other(format!(
-                "setfsuid({}) did not take (still {now})",
-                creds.uid
-            )));
-        }
-    }
-    Ok(())
-}

@@ -50,8 +50,10 @@ pub use ops::*;
 /// Protocol version. Bump on any incompatible change to the framing or messages.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// The vsock port the guest agent listens on.
-pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// The vsock port the guest agent listens on. Below 1024, so binding it
+/// takes CAP_NET_BIND_SERVICE: user code cannot take it over, even while
+/// the agent re-creates its listener.
+pub const AGENT_VSOCK_PORT: u32 = 1023;
 
 /// The path of the agent inside the guest image; the kernel runs it as PID 1.
 pub const AGENT_GUEST_PATH: &str = "/usr/sbin/airlock-agent";
