@@ -90,6 +90,7 @@ pub struct Metrics {
     restores: AtomicU64,
     restore_failures: AtomicU64,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    http_refused: Mutex<BTreeMap<&'static str, u64>>,
     ended: Mutex<BTreeMap<EndReason, u64>>,
     /// Usage of sandboxes that have ended; live ones are added at render time.
     finished: Usage,
@@ -135,6 +136,12 @@ impl Metrics {
     /// A request for a sandbox was refused (`reason`: a short label such as `global_limit`).
     pub fn refused(&self, reason: &'static str) {
         *lock(&self.refused).entry(reason).or_default() += 1;
+    }
+
+    /// An HTTP request was refused or cut short (`reason`: `http_requests`,
+    /// `http_principal_requests`, `http_body_bytes`, `http_sessions`, `http_timeout`).
+    pub fn http_refused(&self, reason: &'static str) {
+        *lock(&self.http_refused).entry(reason).or_default() += 1;
     }
 
     /// A sandbox ended, with the usage it had accumulated.
@@ -201,6 +208,15 @@ impl Metrics {
             "Requests for a sandbox refused, by reason.",
         );
         for (reason, count) in lock(&self.refused).iter() {
+            let _ = writeln!(o, "{n}{{reason=\"{reason}\"}} {count}");
+        }
+        let n = header(
+            o,
+            "airlock_http_requests_refused_total",
+            "counter",
+            "HTTP requests refused (429, past a limit) or cut at the request timeout, by reason.",
+        );
+        for (reason, count) in lock(&self.http_refused).iter() {
             let _ = writeln!(o, "{n}{{reason=\"{reason}\"}} {count}");
         }
         let n = header(

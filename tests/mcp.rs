@@ -154,6 +154,11 @@ fn http_auth_isolation_big_files_sessions_and_sessionless_ids() {
 }
 
 #[test]
+fn http_admission_floods_sessions_owners_timeouts_and_resets() {
+    run_script("admission_test.py");
+}
+
+#[test]
 fn http_limits_and_idle_expiry() {
     run_script("expiry_test.py");
 }

@@ -227,7 +227,7 @@ impl Admission {
     }
 
     fn refuse(&self, label: &'static str, message: String) -> Response {
-        self.metrics.refused(label);
+        self.metrics.http_refused(label);
         (
             http::StatusCode::TOO_MANY_REQUESTS,
             [(http::header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())],
@@ -344,7 +344,7 @@ pub async fn admit(
             if opens_session {
                 admission.sessions.settle(&principal, None);
             }
-            admission.metrics.refused("http_timeout");
+            admission.metrics.http_refused("http_timeout");
             return (
                 http::StatusCode::GATEWAY_TIMEOUT,
                 format!(

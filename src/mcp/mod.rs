@@ -76,6 +76,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     if options.limits.max_sandboxes == 0 || options.limits.max_per_principal == 0 {
         bail!("--max-sandboxes and --max-sandboxes-per-principal must be at least 1");
     }
+    raise_open_file_limit();
     let cache = crate::paths::ensure_cache_root()?;
     let exe = std::env::current_exe().context("cannot find the airlock executable")?;
     let shape = TemplateShape::default();
@@ -144,5 +145,25 @@ pub async fn shutdown_signal() -> &'static str {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => "SIGINT",
         _ = term.recv() => "SIGTERM",
+    }
+}
+
+/// Each HTTP connection and each sandbox holds descriptors; the soft limit
+/// (often 1024) would turn a burst of connections into accept errors before
+/// admission could answer them with 429. The hard limit is the operator's.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max.min(1 << 20);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::debug!(err = %std::io::Error::last_os_error(), "cannot raise the open-file limit");
+            }
+        }
     }
 }

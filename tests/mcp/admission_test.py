@@ -1,0 +1,218 @@
+"""HTTP admission: 2000 concurrent requests from one token get 429s past its
+limit while another token is served; sessions belong to the token that
+opened them and are capped per token; a request's stream ends at the request
+timeout; 20 reset_sandbox calls at once stay within the sandbox limits."""
+
+from __future__ import annotations
+
+import json
+import resource
+import threading
+import time
+
+import anyio
+import httpx2
+from harness import FIRST_CALL_TIMEOUT, HttpServer, call, check, log, run, text_of, vmm_children
+
+PROTOCOL = "2025-06-18"
+FLOOD = 2000
+PER_PRINCIPAL = 16
+
+
+class RawSession:
+    """A legacy MCP session spoken in plain JSON-RPC over HTTP, so that
+    thousands of requests can be fired at once."""
+
+    def __init__(self, client: httpx2.AsyncClient, url: str, token: str):
+        self.client, self.url, self.token = client, url, token
+        self.id: str | None = None
+        self.next_id = 1
+
+    def headers(self, token: str | None = None) -> dict[str, str]:
+        h = {
+            "Authorization": f"Bearer {token or self.token}",
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+            "MCP-Protocol-Version": PROTOCOL,
+        }
+        if self.id:
+            h["Mcp-Session-Id"] = self.id
+        return h
+
+    async def open(self) -> int:
+        body = {
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "admission-test", "version": "1"}},
+        }
+        r = await self.client.post(self.url, json=body, headers=self.headers())
+        if r.status_code != 200:
+            return r.status_code
+        self.id = r.headers["mcp-session-id"]
+        r = await self.client.post(
+            self.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=self.headers()
+        )
+        check(r.status_code in (200, 202), f"initialized notification accepted ({r.status_code})")
+        return 200
+
+    async def post(self, method: str, params: dict, token: str | None = None) -> httpx2.Response:
+        self.next_id += 1
+        body = {"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params}
+        return await self.client.post(self.url, json=body, headers=self.headers(token))
+
+    async def tool(self, name: str, arguments: dict, token: str | None = None) -> httpx2.Response:
+        return await self.post("tools/call", {"name": name, "arguments": arguments}, token)
+
+    async def delete(self, token: str | None = None) -> int:
+        r = await self.client.delete(self.url, headers=self.headers(token))
+        return r.status_code
+
+
+def result_of(response: httpx2.Response) -> dict | None:
+    """The JSON-RPC result in a JSON or event-stream response, if any."""
+    text = response.text
+    if response.headers.get("content-type", "").startswith("application/json"):
+        return json.loads(text).get("result")
+    for line in text.splitlines():
+        if line.startswith("data:"):
+            message = json.loads(line[5:])
+            if "result" in message or "error" in message:
+                return message.get("result")
+    return None
+
+
+async def main() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    args = [
+        "--pool-size", "1",
+        "--max-requests-per-principal", str(PER_PRINCIPAL),
+        "--max-sessions-per-principal", "4",
+        "--max-sandboxes-per-principal", "2",
+        "--request-timeout", "25s",
+    ]
+    with HttpServer(*args) as server:
+        url = f"{server.url}/mcp"
+        alice, bob = server.tokens["alice"], server.tokens["bob"]
+        limits = httpx2.Limits(max_connections=FLOOD + 16, max_keepalive_connections=64)
+        timeout = httpx2.Timeout(60.0, read=FIRST_CALL_TIMEOUT, pool=120.0)
+        async with httpx2.AsyncClient(limits=limits, timeout=timeout) as client:
+            # A session of Alice's, its sandbox made (the first call may wait
+            # for the template).
+            a = RawSession(client, url, alice)
+            check(await a.open() == 200, "alice opens a session")
+            r = await a.tool("run_command", {"command": "echo warm"})
+            check(r.status_code == 200 and "warm" in json.dumps(result_of(r)), "alice's sandbox runs a command")
+
+            # Sessions belong to their principal.
+            stolen = RawSession(client, url, bob)
+            stolen.id = a.id
+            r = await stolen.post("tools/list", {})
+            check(r.status_code == 404, f"bob cannot use alice's session id ({r.status_code})")
+            r = await stolen.tool("run_command", {"command": "echo hijacked"})
+            check(r.status_code == 404, f"nor call tools in it ({r.status_code})")
+            check(await stolen.delete() == 404, "nor DELETE it")
+            r = await a.tool("run_command", {"command": "echo still mine"})
+            check(r.status_code == 200 and "still mine" in json.dumps(result_of(r)), "alice's session lives on")
+            ghost = RawSession(client, url, bob)
+            ghost.id = "00000000000000000000000000000000"
+            r = await ghost.post("tools/list", {})
+            check(r.status_code == 404, f"an unknown session id is unknown ({r.status_code})")
+
+            # Sessions per principal: alice has one; three more, then 429.
+            extra = [RawSession(client, url, alice) for _ in range(4)]
+            statuses = [await s.open() for s in extra]
+            check(statuses[:3] == [200, 200, 200] and statuses[3] == 429, f"a fifth session is refused with 429 ({statuses})")
+            check(await extra[0].delete() in (200, 202, 204), "alice closes one")
+            check(await extra[3].open() == 200, "and may open another")
+            for s in extra[1:]:
+                await s.delete()
+
+            # 2000 requests at once from alice; bob is served meanwhile.
+            statuses: dict[int, int] = {}
+            retry_after: set[str] = set()
+            errors: list[str] = []
+
+            async def flood_one() -> None:
+                try:
+                    r = await a.tool("run_command", {"command": "sleep 5", "timeout_seconds": 20})
+                except Exception as e:  # counted, then reported
+                    errors.append(f"{type(e).__name__}: {e}")
+                    return
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code == 429:
+                    retry_after.add(r.headers.get("retry-after", ""))
+
+            bob_result: dict = {}
+
+            async def bob_calls() -> None:
+                await anyio.sleep(1.0)
+                started = time.monotonic()
+                async with server.session("bob") as b:
+                    r = await run(b, "print(6 * 7)", timeout=FIRST_CALL_TIMEOUT)
+                bob_result["ok"] = not r.is_error and "42" in text_of(r)
+                bob_result["took"] = time.monotonic() - started
+
+            started = time.monotonic()
+            async with anyio.create_task_group() as tg:
+                for _ in range(FLOOD):
+                    tg.start_soon(flood_one)
+                tg.start_soon(bob_calls)
+            log(f"flood answered in {time.monotonic() - started:.1f} s: {statuses}, errors {len(errors)}: {errors[:3]}")
+            check(not errors, f"every flooding request got an HTTP answer ({len(errors)} did not)")
+            check(sum(statuses.values()) == FLOOD, "all 2000 were answered")
+            check(statuses.get(429, 0) >= FLOOD // 2, f"most were refused with 429 ({statuses.get(429, 0)})")
+            check(statuses.get(200, 0) >= PER_PRINCIPAL, f"at least the limit's worth ran ({statuses.get(200, 0)})")
+            check(set(statuses) <= {200, 429}, f"nothing but 200 and 429 ({statuses})")
+            check(retry_after == {"1"}, f"429s carry Retry-After ({retry_after})")
+            check(bob_result.get("ok"), f"bob's call ran during the flood ({bob_result})")
+            log(f"LATENCY bob's first call during alice's flood: {bob_result['took']:.2f} s")
+            refused = server.metric(bob, 'airlock_http_requests_refused_total{reason="http_principal_requests"}')
+            check(refused >= statuses.get(429, 0), f"the refusals are counted ({refused})")
+
+            # The request timeout ends a stream that runs past it.
+            started = time.monotonic()
+            r = await a.tool("run_command", {"command": "sleep 60", "timeout_seconds": 90})
+            took = time.monotonic() - started
+            check(result_of(r) is None, f"a call past --request-timeout gets no result ({took:.1f} s)")
+            r = await a.tool("run_command", {"command": "echo after"})
+            check("after" in json.dumps(result_of(r)), "and the session goes on")
+
+            # 20 resets at once by one token stay within the limits.
+            peak = {"vmms": 0}
+            sampling = threading.Event()
+
+            def sample() -> None:
+                while not sampling.is_set():
+                    peak["vmms"] = max(peak["vmms"], len(vmm_children(server.proc.pid)))
+                    time.sleep(0.05)
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            resets: list[int] = []
+
+            async def reset_one() -> None:
+                r = await a.tool("reset_sandbox", {})
+                resets.append(r.status_code if result_of(r) is not None else -1)
+
+            try:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(20):
+                        tg.start_soon(reset_one)
+            finally:
+                sampling.set()
+                sampler.join()
+            check(resets.count(200) == 20, f"all 20 resets answered ({resets})")
+            # One sandbox of alice's (its limit is 2) plus the pool of 1 and its refill.
+            check(peak["vmms"] <= 3, f"at most 3 VMMs at any moment during the resets ({peak['vmms']})")
+            active = server.metric(alice, "airlock_active_sandboxes")
+            check(active <= 2, f"alice holds at most her limit of sandboxes ({active})")
+            r = await a.tool("run_command", {"command": "echo fresh"})
+            check("fresh" in json.dumps(result_of(r)), "the reset sandbox answers")
+            await a.delete()
+        server.note_vmms()
+
+
+if __name__ == "__main__":
+    anyio.run(main)
