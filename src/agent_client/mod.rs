@@ -83,6 +83,9 @@ pub enum AgentError {
     /// The guest sent past the bounds of a call (see [`Budget`]).
     #[error("{0}")]
     Flood(String),
+    /// A well-formed reply whose values contradict the request.
+    #[error("the guest agent's reply makes no sense: {0}")]
+    BadReply(String),
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;

@@ -237,10 +237,12 @@ impl AgentClient {
         let frame = self
             .call_with(message, Vec::new(), "read file", self.long_request_timeout)
             .await?;
-        expect(frame, Kind::ReadFile, |m| match m {
+        let (data, bytes) = expect(frame, Kind::ReadFile, |m| match m {
             Message::FileData(d) => Some(d),
             _ => None,
-        })
+        })?;
+        check_file_range(&data, bytes.len(), offset, length)?;
+        Ok((data, bytes))
     }
 
     /// Reads a whole file, in ranges if it is bigger than one frame, up to
@@ -333,5 +335,47 @@ fn expect<T>(
     match pick(frame.message) {
         Some(v) => Ok((v, frame.payload)),
         None => Err(AgentError::UnexpectedReply { request, got }),
+    }
+}
+
+/// A range reply must be the range asked for: callers add its offset and
+/// length, and a hostile guest must not make that overflow or run past the
+/// request.
+fn check_file_range(data: &FileData, got: usize, offset: u64, length: Option<u64>) -> Result<()> {
+    let asked = length.unwrap_or(MAX_FILE_LEN).min(MAX_FILE_LEN);
+    let got = got as u64;
+    if data.offset != offset || got > asked || data.offset.checked_add(got).is_none() {
+        return Err(AgentError::BadReply(format!(
+            "asked for {asked} bytes at {offset}, got {got} at {} of a {}-byte file",
+            data.offset, data.size
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    #[test]
+    fn file_ranges_that_contradict_the_request_are_refused() {
+        let data = |offset, size| FileData {
+            offset,
+            size,
+            eof: false,
+        };
+        assert!(check_file_range(&data(10, 100), 20, 10, Some(20)).is_ok());
+        assert!(
+            check_file_range(&data(11, 100), 20, 10, Some(20)).is_err(),
+            "another offset"
+        );
+        assert!(
+            check_file_range(&data(10, 100), 21, 10, Some(20)).is_err(),
+            "more than asked"
+        );
+        assert!(
+            check_file_range(&data(u64::MAX, u64::MAX), 1, u64::MAX, None).is_err(),
+            "overflow"
+        );
     }
 }
