@@ -41,6 +41,7 @@ const RETRY_AFTER_SECS: u64 = 1;
 const BODY_UNIT: usize = 1024;
 
 const SESSION_HEADER: &str = "mcp-session-id";
+const PROTOCOL_HEADER: &str = "mcp-protocol-version";
 
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
@@ -319,7 +320,11 @@ pub async fn admit(
             "the server is receiving as many request bytes as it allows".to_string(),
         );
     };
-    let opens_session = request.method() == http::Method::POST && session.is_none();
+    // An initialize: a POST outside any session, before a protocol
+    // version was agreed (sessionless requests of later revisions carry one).
+    let opens_session = request.method() == http::Method::POST
+        && session.is_none()
+        && !request.headers().contains_key(PROTOCOL_HEADER);
     if opens_session
         && !admission
             .sessions

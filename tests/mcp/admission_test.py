@@ -33,10 +33,11 @@ class RawSession:
             "Authorization": f"Bearer {token or self.token}",
             "Content-Type": "application/json",
             "Accept": "application/json, text/event-stream",
-            "MCP-Protocol-Version": PROTOCOL,
         }
+        # As the SDK does: the version header once one was agreed.
         if self.id:
             h["Mcp-Session-Id"] = self.id
+            h["MCP-Protocol-Version"] = PROTOCOL
         return h
 
     async def open(self) -> int:
