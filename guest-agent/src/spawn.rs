@@ -168,6 +168,16 @@ fn child_setup(
             }
         }
         if let Some(c) = creds {
+            // While still root: past the drop, raising a hard limit fails.
+            for (resource, value) in USER_RLIMITS {
+                let limit = libc::rlimit {
+                    rlim_cur: value,
+                    rlim_max: value,
+                };
+                if libc::setrlimit(resource, &limit) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             let groups = [c.gid as libc::gid_t];
             if libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) != 0
                 || libc::syscall(libc::SYS_setresgid, c.gid, c.gid, c.gid) != 0
@@ -178,15 +188,6 @@ fn child_setup(
             // No setuid binary or file capability can give it back.
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
-            }
-            for (resource, value) in USER_RLIMITS {
-                let limit = libc::rlimit {
-                    rlim_cur: value,
-                    rlim_max: value,
-                };
-                if libc::setrlimit(resource, &limit) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
             }
         }
         if libc::chdir(cwd.as_ptr()) != 0 {
