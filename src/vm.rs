@@ -180,7 +180,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// stalled on its guest may hold that). It holds a pidfd, so it can never
 /// signal another process that reused the pid.
 #[derive(Clone)]
-pub struct VmKiller(Option<Arc<OwnedFd>>);
+pub struct VmKiller {
+    pidfd: Option<Arc<OwnedFd>>,
+    fired: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl VmKiller {
     fn open(pid: u32) -> VmKiller {
@@ -188,17 +191,33 @@ impl VmKiller {
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
         match i32::try_from(fd) {
             // SAFETY: a fresh fd that nothing else owns.
-            Ok(fd) if fd >= 0 => VmKiller(Some(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))),
+            Ok(fd) if fd >= 0 => VmKiller {
+                pidfd: Some(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })),
+                fired: Arc::default(),
+            },
             _ => {
                 tracing::warn!(pid, err = %std::io::Error::last_os_error(), "no pidfd for the VMM; it is killed only when stopped");
-                VmKiller(None)
+                VmKiller::none()
             }
         }
     }
 
+    fn none() -> VmKiller {
+        VmKiller {
+            pidfd: None,
+            fired: Arc::default(),
+        }
+    }
+
+    /// Whether `kill` was called (the VMM's end is then no surprise).
+    pub fn fired(&self) -> bool {
+        self.fired.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// SIGKILLs the VMM; harmless once it has ended.
     pub fn kill(&self) {
-        if let Some(fd) = &self.0 {
+        self.fired.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(fd) = &self.pidfd {
             // SAFETY: signals the process the pidfd refers to; no pointers passed.
             unsafe {
                 libc::syscall(
@@ -310,7 +329,7 @@ impl Vm {
             pid,
             exit_code: None,
             timing: StartTiming::default(),
-            killer: VmKiller(None),
+            killer: VmKiller::none(),
         };
         let first = tokio::time::timeout(START_TIMEOUT, vm.next_message())
             .await

@@ -104,6 +104,19 @@ async fn impostor(mode: &str, dir: &Path) -> (Vm, AgentClient) {
         confinement: airlock::confinement::Confinement::current(),
     };
     let vm = Vm::spawn(&spec).await.expect("the impostor's VM starts");
+    // It says when it listens (python starts slowly under emulation).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(vm.console_log())
+        .unwrap_or_default()
+        .contains("impostor listening")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the impostor never listened:\n{}",
+            std::fs::read_to_string(vm.console_log()).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let client = AgentClient::connect(
         vm.vsock_socket(),
         AGENT_VSOCK_PORT,

@@ -167,8 +167,12 @@ impl Sandbox {
 
     /// Ends the VM; the sandbox is gone for good.
     pub async fn destroy(mut self) {
-        if let Err(err) = self.vm.stop(STOP_DEADLINE).await {
-            tracing::warn!(id = %self.id, %err, "sandbox did not stop cleanly");
+        let killed = self.vm.killer().fired();
+        match self.vm.stop(STOP_DEADLINE).await {
+            Ok(_) => {}
+            // Killed on purpose (ended or reset): no report is expected.
+            Err(err) if killed => tracing::debug!(id = %self.id, %err, "killed sandbox reaped"),
+            Err(err) => tracing::warn!(id = %self.id, %err, "sandbox did not stop cleanly"),
         }
     }
 }

@@ -76,10 +76,12 @@ def result_of(response: httpx2.Response) -> dict | None:
     if response.headers.get("content-type", "").startswith("application/json"):
         return json.loads(text).get("result")
     for line in text.splitlines():
-        if line.startswith("data:"):
-            message = json.loads(line[5:])
-            if "result" in message or "error" in message:
-                return message.get("result")
+        data = line[5:].strip() if line.startswith("data:") else ""
+        if not data:
+            continue  # other fields, and the stream's empty priming event
+        message = json.loads(data)
+        if "result" in message or "error" in message:
+            return message.get("result")
     return None
 
 
