@@ -16,8 +16,8 @@ use airlock::sandbox::Sandbox;
 use airlock::sandbox::registry::{Hosted, KillSwitch, Limits, Provider, Registry};
 use airlock::vm::{Vm, VmSpec};
 use airlock_protocol::{
-    AGENT_VSOCK_PORT, Command, Exec, Frame, HelloOk, Message, Output, OutputLimits,
-    PROTOCOL_VERSION, Stream, WriteFile,
+    AGENT_VSOCK_PORT, Command, Exec, Frame, HelloOk, MAX_OUTPUT_LIMIT, Message, Output,
+    OutputLimits, PROTOCOL_VERSION, Stream, WriteFile,
 };
 use base64::Engine;
 use tokio::sync::Mutex;
@@ -183,8 +183,14 @@ async fn an_impostor_agent_flooding_output_is_cut_off_within_a_memory_bound() {
         answered
     };
     let started = Instant::now();
-    let (flooded, answered) =
-        tokio::join!(client.exec(shell("echo hello"), Vec::new()), others_calls);
+    // The largest output caps a caller may ask for: the host keeps up to
+    // them (8 MiB a stream), and no more.
+    let mut widest = shell("echo hello");
+    widest.output = OutputLimits {
+        stdout_max: Some(MAX_OUTPUT_LIMIT),
+        stderr_max: Some(MAX_OUTPUT_LIMIT),
+    };
+    let (flooded, answered) = tokio::join!(client.exec(widest, Vec::new()), others_calls);
     let took = started.elapsed();
     sampling.store(false, Ordering::SeqCst);
     sampler.join().unwrap();

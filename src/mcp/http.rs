@@ -111,9 +111,7 @@ pub async fn serve(addr: SocketAddr, app: App, options: &ServeOptions) -> Result
             app.tokens.clone(),
             require_token,
         ));
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
+    let listener = listen(addr).with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr().unwrap_or(addr);
     let auth = if app.tokens.is_empty() {
         "no auth".to_string()
@@ -146,6 +144,23 @@ pub async fn serve(addr: SocketAddr, app: App, options: &ServeOptions) -> Result
         tracing::warn!("some HTTP connections were still open after {DRAIN:?}; closing them");
     }
     Ok(())
+}
+
+/// Connections waiting to be accepted. A burst of connections past the
+/// backlog has its SYNs dropped and retried seconds later, which would make
+/// one tenant's flood delay every other tenant's connect; admission answers
+/// the flood with 429s only once it is accepted. (The kernel caps this at
+/// net.core.somaxconn.)
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// A session DELETE succeeds with 204 No Content: rmcp answers 202, which
