@@ -1,7 +1,8 @@
 //! airlock's developer tooling, run as `cargo xtask …` (the cargo-xtask
 //! convention): the nested test host and the whole test suite on a correct
-//! KVM. None of it is part of the airlock binary.
+//! KVM, and the fuzz targets. None of it is part of the airlock binary.
 
+mod fuzz;
 mod kvm;
 mod nested;
 mod shard;
@@ -71,6 +72,28 @@ enum Task {
         #[arg(last = true)]
         test_args: Vec<OsString>,
     },
+    /// Run the cargo-fuzz targets in fuzz/ one after another, on the stable
+    /// toolchain (with RUSTC_BOOTSTRAP=1), and report executions and
+    /// coverage of each; fails if any target crashes. Needs cargo-fuzz
+    /// (cargo install cargo-fuzz --locked). Default: 30 s per target.
+    Fuzz {
+        /// Seconds per target (libFuzzer's -max_total_time).
+        #[arg(long, value_name = "SECS")]
+        smoke: Option<u64>,
+        /// Executions per target (libFuzzer's -runs); with --smoke, the
+        /// run ends at whichever comes first.
+        #[arg(long, value_name = "N")]
+        runs: Option<u64>,
+        /// Only this target (repeatable; default: every target).
+        #[arg(long = "target", value_name = "NAME")]
+        targets: Vec<String>,
+        /// cargo-fuzz's sanitizer (address works on stable here).
+        #[arg(long, default_value = "address", value_parser = ["address", "none"])]
+        sanitizer: String,
+        /// Further libFuzzer options (e.g. -max_len=8192).
+        #[arg(last = true)]
+        libfuzzer_args: Vec<String>,
+    },
     /// Inside a nested host: run one host's share of the test binaries.
     #[command(hide = true)]
     RunShard { plan: std::path::PathBuf },
@@ -125,6 +148,19 @@ fn run(cli: Cli) -> Result<i32> {
             timeout,
             test_threads: test_threads.max(1),
             test_args,
+        }),
+        Task::Fuzz {
+            smoke,
+            runs,
+            targets,
+            sanitizer,
+            libfuzzer_args,
+        } => fuzz::run(fuzz::FuzzOptions {
+            seconds: smoke,
+            runs,
+            targets,
+            sanitizer,
+            libfuzzer_args,
         }),
         Task::RunShard { plan } => shard::run_plan(&plan),
     }
