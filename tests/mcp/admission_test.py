@@ -217,7 +217,8 @@ async def main() -> None:
 
             async def reset_one() -> None:
                 r = await a.tool("reset_sandbox", {})
-                resets.append(r.status_code if result_of(r) is not None else -1)
+                # 429: past alice's 16 requests in flight, which is fine too.
+                resets.append(r.status_code if r.status_code == 429 or result_of(r) is not None else -1)
 
             try:
                 async with anyio.create_task_group() as tg:
@@ -226,7 +227,10 @@ async def main() -> None:
             finally:
                 sampling.set()
                 sampler.join()
-            check(resets.count(200) == 20, f"all 20 resets answered ({resets})")
+            check(
+                set(resets) <= {200, 429} and resets.count(200) >= PER_PRINCIPAL - 4,
+                f"the resets were done, or refused past the request limit ({resets})",
+            )
             # One sandbox of alice's (its limit is 2) plus the pool of 1 and its refill.
             check(peak["vmms"] <= 3, f"at most 3 VMMs at any moment during the resets ({peak['vmms']})")
             active = server.metric(alice, "airlock_active_sandboxes")
