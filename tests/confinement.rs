@@ -184,7 +184,6 @@ async fn a_forbidden_syscall_ends_the_vmm_with_a_report_and_spares_the_others() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_console_stays_under_its_cap() {
     const CAP: u64 = 4096;
-    let image_dir = common::image_dir();
     let run_dir = tempfile::tempdir().unwrap();
     // A guest that only makes console exits takes all of a host CPU; on a
     // one-CPU test host that would starve this test. cpu.max bounds it
@@ -213,19 +212,9 @@ async fn an_endless_console_stays_under_its_cap() {
         ("/usr/bin/yes", String::new())
     };
     let spec = VmSpec {
-        airlock_exe: exe().into(),
-        kernel: image_dir.join("vmlinux"),
-        rootfs: image_dir.join("rootfs.ext4"),
-        vcpus: 1,
-        memory_mib: 256,
-        extra_cmdline,
-        init: Some(init.into()),
-        run_dir: run_dir.path().to_path_buf(),
-        restore: None,
-        snapshot_dir: None,
         console_max_bytes: CAP,
-        label: "console-flood".into(),
         confinement,
+        ..common::boot_spec(run_dir.path(), init, extra_cmdline, "console-flood")
     };
     let mut vm = Vm::spawn(&spec).await.expect("VMM starts");
     if cgrouped {

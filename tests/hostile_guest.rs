@@ -14,7 +14,7 @@ use airlock::agent_client::{AgentClient, AgentError};
 use airlock::metrics::Metrics;
 use airlock::sandbox::Sandbox;
 use airlock::sandbox::registry::{Hosted, KillSwitch, Limits, Provider, Registry};
-use airlock::vm::{Vm, VmSpec};
+use airlock::vm::Vm;
 use airlock_protocol::{
     AGENT_VSOCK_PORT, Command, Exec, Frame, HelloOk, MAX_OUTPUT_LIMIT, Message, Output,
     OutputLimits, PROTOCOL_VERSION, Stream, WriteFile,
@@ -87,22 +87,12 @@ fn impostor_script(mode: &str) -> String {
 /// Boots a VM whose PID 1 is the impostor, and connects to it as the host
 /// connects to an agent.
 async fn impostor(mode: &str, dir: &Path) -> (Vm, AgentClient) {
-    let image_dir = common::image_dir();
-    let spec = VmSpec {
-        airlock_exe: exe().into(),
-        kernel: image_dir.join("vmlinux"),
-        rootfs: image_dir.join("rootfs.ext4"),
-        vcpus: 1,
-        memory_mib: 256,
-        extra_cmdline: impostor_script(mode),
-        init: Some("/usr/bin/python3".into()),
-        run_dir: dir.to_path_buf(),
-        restore: None,
-        snapshot_dir: None,
-        console_max_bytes: 1 << 20,
-        label: format!("impostor-{mode}"),
-        confinement: airlock::confinement::Confinement::current(),
-    };
+    let spec = common::boot_spec(
+        dir,
+        "/usr/bin/python3",
+        impostor_script(mode),
+        &format!("impostor-{mode}"),
+    );
     let vm = Vm::spawn(&spec).await.expect("the impostor's VM starts");
     // It says when it listens (python starts slowly under emulation).
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -15,6 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
+use std::time::Duration;
 
 use airlock_protocol::{Decoder, Frame, Message};
 
@@ -22,6 +23,8 @@ use crate::sys::Creds;
 
 /// The helper's end of the socketpair.
 const HELPER_FD: i32 = 3;
+/// How long the helper may go without moving a byte of a request or answer.
+const STALL: Duration = Duration::from_secs(120);
 /// The argument that makes the agent binary a helper.
 pub const HELPER_ARG: &str = "--file-helper";
 
@@ -50,6 +53,10 @@ impl Helper {
         unsafe {
             cmd.pre_exec(move || drop_to(creds, their_fd));
         }
+        // A helper that makes no progress (a file operation stuck on a FIFO
+        // the user made, say) is given up on, killed and replaced.
+        ours.set_read_timeout(Some(STALL))?;
+        ours.set_write_timeout(Some(STALL))?;
         let child = cmd.spawn()?;
         drop(theirs);
         let pid = i32::try_from(child.id()).unwrap_or(-1);

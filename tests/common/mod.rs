@@ -67,3 +67,29 @@ pub async fn template() -> airlock::template::Template {
         .await
         .expect("template")
 }
+
+/// A VM booting the guest image with `init` as PID 1 (its arguments in
+/// `extra_cmdline`, after `--`), confined as this process's policy says.
+pub fn boot_spec(
+    run_dir: &std::path::Path,
+    init: &str,
+    extra_cmdline: String,
+    label: &str,
+) -> airlock::vm::VmSpec {
+    let image_dir = image_dir();
+    airlock::vm::VmSpec {
+        airlock_exe: env!("CARGO_BIN_EXE_airlock").into(),
+        kernel: image_dir.join("vmlinux"),
+        rootfs: image_dir.join("rootfs.ext4"),
+        vcpus: 1,
+        memory_mib: 256,
+        extra_cmdline,
+        init: Some(init.into()),
+        run_dir: run_dir.to_path_buf(),
+        restore: None,
+        snapshot_dir: None,
+        console_max_bytes: 1 << 20,
+        label: label.into(),
+        confinement: airlock::confinement::Confinement::current(),
+    }
+}
