@@ -271,6 +271,12 @@ fn make_read_only(path: &Path) -> Result<(), SealError> {
     // SAFETY: geteuid/getegid cannot fail.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let meta = std::fs::metadata(path).map_err(io("stat", path))?;
+    if trusted_root_file(&meta, uid) {
+        // An image built by root (`sudo airlock image build`) for a gateway
+        // that runs as a user: that user can neither chown nor chmod it,
+        // and needs not, as only root can write it.
+        return check_not_writable(path);
+    }
     if meta.uid() != uid {
         std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io("chown", path))?;
     }
@@ -279,9 +285,25 @@ fn make_read_only(path: &Path) -> Result<(), SealError> {
         .map_err(io("make read-only", path))
 }
 
+/// A file of root's, seen by a gateway that is not root.
+fn trusted_root_file(meta: &std::fs::Metadata, uid: u32) -> bool {
+    meta.uid() == 0 && uid != 0
+}
+
+/// Refuses a file that someone other than its trusted owner could write:
+/// the gateway's own sealed files carry no write bit at all; root's may
+/// carry root's own.
 fn check_not_writable(path: &Path) -> Result<(), SealError> {
-    let mode = std::fs::metadata(path).map_err(io("stat", path))?.mode();
-    if mode & 0o222 != 0 {
+    let meta = std::fs::metadata(path).map_err(io("stat", path))?;
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let forbidden = if trusted_root_file(&meta, uid) {
+        0o022
+    } else {
+        0o222
+    };
+    let mode = meta.mode();
+    if mode & forbidden != 0 {
         return Err(SealError::Writable {
             path: path.display().to_string(),
             mode: mode & 0o7777,

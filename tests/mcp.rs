@@ -7,6 +7,8 @@
 //! names another interpreter that has it. The MCP Inspector CLI, a second
 //! independent client, is installed with npm into target/inspector.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
@@ -108,6 +110,10 @@ fn inspector_call(args: &[&str]) -> serde_json::Value {
 /// Runs tests/mcp/<script> against the built binary; its output shows with
 /// `--nocapture`, and in the failure message.
 fn run_script(script: &str) {
+    run_script_with(script, &[]);
+}
+
+fn run_script_with(script: &str, env: &[(&str, &std::ffi::OsStr)]) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = manifest_dir().join("tests").join("mcp");
     let started = std::time::Instant::now();
@@ -116,6 +122,7 @@ fn run_script(script: &str) {
         .current_dir(&dir)
         .env("AIRLOCK_BIN", env!("CARGO_BIN_EXE_airlock"))
         .env("PYTHONUNBUFFERED", "1")
+        .envs(env.iter().copied())
         .env(
             "AIRLOCK_TEST_KVM_PVM",
             if airlock::host_kvm::KvmFlavor::detect()
@@ -161,6 +168,57 @@ fn http_admission_floods_sessions_owners_timeouts_and_resets() {
 #[test]
 fn http_limits_and_idle_expiry() {
     run_script("expiry_test.py");
+}
+
+/// The uid an unprivileged gateway runs as when the tests run as root.
+const UNPRIVILEGED_UID: u32 = 65534;
+
+#[test]
+fn stdio_as_an_unprivileged_user_jails_each_vmm_in_a_user_namespace() {
+    // The user's own cache, with the image root built linked in (as after
+    // `sudo airlock image build`), and no template: the gateway makes one.
+    let image = common::image_dir();
+    let home = tempfile::Builder::new()
+        .prefix("unprivileged-home-")
+        .tempdir_in(manifest_dir().join("target"))
+        .unwrap();
+    let images = home.path().join("images");
+    let linked = images.join(image.file_name().unwrap());
+    std::fs::create_dir_all(&linked).unwrap();
+    for name in ["vmlinux", "rootfs.ext4", "manifest.json"] {
+        let (from, to) = (image.join(name), linked.join(name));
+        if std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).unwrap();
+        }
+    }
+    // A KVM device node of its own, so the host's /dev/kvm stays as it is.
+    let dev = tempfile::tempdir().unwrap();
+    let as_root = airlock::confinement::Support::probe().root;
+    let kvm = if as_root {
+        dev.path().join("kvm")
+    } else {
+        airlock::host_kvm::kvm_device_path()
+    };
+    if as_root {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(kvm.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mknod of a character device at a path we own.
+        let made =
+            unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(10, 232)) };
+        assert_eq!(made, 0, "mknod: {}", std::io::Error::last_os_error());
+        for dir in [dev.path(), home.path(), &images, &linked, &kvm] {
+            std::os::unix::fs::chown(dir, Some(UNPRIVILEGED_UID), Some(UNPRIVILEGED_UID)).unwrap();
+        }
+    }
+    let uid = UNPRIVILEGED_UID.to_string();
+    let mut env: Vec<(&str, &std::ffi::OsStr)> = vec![
+        ("AIRLOCK_TEST_HOME", home.path().as_os_str()),
+        ("AIRLOCK_TEST_KVM_DEVICE", kvm.as_os_str()),
+    ];
+    if as_root {
+        env.push(("AIRLOCK_TEST_AS_UID", uid.as_ref()));
+    }
+    run_script_with("unprivileged_test.py", &env);
 }
 
 #[test]
