@@ -136,20 +136,41 @@ pub fn prepare_cgroup_parent() -> Result<PathBuf, String> {
         ));
     }
     let parent = root.join(CGROUP_NAME);
+    let not_delegated = |why: String| {
+        format!(
+            "{why}: run airlock as root, or delegate a cgroup to it \
+             (sudo mkdir {0} && sudo chown $USER {0} {0}/cgroup.procs {0}/cgroup.subtree_control, \
+             with +memory +pids +cpu in {CGROUP_ROOT}/cgroup.subtree_control)",
+            parent.display()
+        )
+    };
     if !parent.is_dir() {
-        std::fs::create_dir(&parent).map_err(|e| {
-            format!(
-                "cannot create {} ({e}): run airlock as root, or delegate a cgroup to it \
-                 (sudo mkdir {0} && sudo chown $USER {0} {0}/cgroup.procs {0}/cgroup.subtree_control, \
-                 with +memory +pids +cpu in {CGROUP_ROOT}/cgroup.subtree_control)",
-                parent.display()
-            )
-        })?;
+        std::fs::create_dir(&parent)
+            .map_err(|e| not_delegated(format!("cannot create {} ({e})", parent.display())))?;
+    }
+    // One made by root for a root gateway is no use to another user's: the
+    // VMMs' cgroups could not be made in it.
+    for path in [parent.clone(), parent.join("cgroup.procs")] {
+        if !writable(&path) {
+            return Err(not_delegated(format!(
+                "{} is not writable by this user",
+                path.display()
+            )));
+        }
     }
     enable_controllers(root)?;
     enable_controllers(&parent)?;
     remove_stale_cgroups(&parent);
     Ok(parent)
+}
+
+fn writable(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access reads a NUL-terminated path we own.
+    unsafe { libc::access(path.as_ptr(), libc::W_OK) == 0 }
 }
 
 /// Removes VMM cgroups whose supervisor is gone: one that was killed

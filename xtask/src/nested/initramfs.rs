@@ -1,5 +1,5 @@
 //! The nested host's initramfs: busybox, the modules that reach the 9p share
-//! and /dev/kvm, and an init that chroots into the shared host filesystem.
+//! and /dev/kvm, and an init that switches root to the shared host filesystem.
 //! Built from Debian packages only, and cached by a hash of its inputs.
 
 use std::collections::BTreeMap;
@@ -26,7 +26,7 @@ const MODULES: &[&str] = &[
 /// The nested host's PID 1. The command's stdout, stderr and exit status go
 /// to the virtio-serial ports QEMU names `stdout`, `stderr` and `status`,
 /// reached as /dev/airlock-NAME (devtmpfs is one instance, so the links show
-/// inside the chroot too).
+/// inside the new root too).
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -52,10 +52,10 @@ ip link set lo up || fail "cannot bring up loopback"
 [ -c /dev/kvm ] || fail "kvm_amd loaded but /dev/kvm is missing: this QEMU's CPU has no SVM"
 script=$(sed -n 's/.*airlock\.run=\([^ ]*\).*/\1/p' /proc/cmdline)
 [ -n "$script" ] || fail "no airlock.run= on the kernel command line"
-chroot /root /bin/sh "$script" </dev/null
-echo $? >/dev/airlock-status
-sync
-poweroff -f
+# switch_root, not chroot: a chrooted process may not make a user namespace
+# (unshare: EPERM), which an unprivileged airlock's jail needs. The rest runs
+# on the host's filesystem, with the host's static busybox.
+exec switch_root /root /bin/busybox sh -c '/bin/sh "$0" </dev/null; echo $? >/dev/airlock-status; sync; /bin/busybox poweroff -f' "$script"
 "#;
 
 /// Returns the cached initramfs for `kernel`, building it if needed.
