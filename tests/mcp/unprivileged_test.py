@@ -96,8 +96,10 @@ async def main() -> None:
             check(not r.is_error and text_of(r).splitlines()[0] == "42", f"run_code works: {text_of(r)!r}")
 
             vmms = [p for p in descendants(server) if "vmm" in cmdline(p) and ns(p, "pid") != ns("self", "pid")]
-            check(len(vmms) == 1, f"one jailed VMM runs the sandbox ({vmms})")
-            check_vmm(vmms[0], uid)
+            check(vmms, "the sandbox runs in a jail's PID namespace")
+            # The jail's supervisor and the VMM under it: the VMM has the vCPU threads.
+            vmm = max(vmms, key=lambda p: len(os.listdir(f"/proc/{p}/task")))
+            check_vmm(vmm, uid)
 
             r = await run(s, "print(x + 1)")
             check(not r.is_error and text_of(r).splitlines()[0] == "7", f"state survives between calls: {text_of(r)!r}")
