@@ -173,52 +173,102 @@ fn http_limits_and_idle_expiry() {
 /// The uid an unprivileged gateway runs as when the tests run as root.
 const UNPRIVILEGED_UID: u32 = 65534;
 
+/// Unmounts a bind mount when the test ends, however it ends.
+struct BindMount(std::ffi::CString);
+
+impl BindMount {
+    /// Binds `from` read-only at `to`: unlike a hard link, a bind changes
+    /// no inode's ctime, which would break the seals of root's templates.
+    fn read_only(from: &Path, to: &Path) -> BindMount {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+        let (src, dst) = (c(from), c(to));
+        let flags = libc::MS_BIND | libc::MS_RDONLY | libc::MS_REMOUNT;
+        // SAFETY: mount(2) with NUL-terminated paths we own.
+        unsafe {
+            let bound = libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            );
+            assert_eq!(bound, 0, "bind mount: {}", std::io::Error::last_os_error());
+            let ro = libc::mount(
+                std::ptr::null(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            );
+            assert_eq!(
+                ro,
+                0,
+                "read-only remount: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        BindMount(dst)
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        // SAFETY: umount2 of the path we mounted.
+        unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 #[test]
 fn stdio_as_an_unprivileged_user_jails_each_vmm_in_a_user_namespace() {
-    // The user's own cache, with the image root built linked in (as after
-    // `sudo airlock image build`), and no template: the gateway makes one.
     let image = common::image_dir();
+    let uid = UNPRIVILEGED_UID.to_string();
+    if !airlock::confinement::Support::probe().root {
+        // Not root: the gateway runs as this user, on this user's cache.
+        let cache = image.parent().and_then(Path::parent).unwrap();
+        let kvm = airlock::host_kvm::kvm_device_path();
+        run_script_with(
+            "unprivileged_test.py",
+            &[
+                ("AIRLOCK_TEST_HOME", cache.as_os_str()),
+                ("AIRLOCK_TEST_KVM_DEVICE", kvm.as_os_str()),
+            ],
+        );
+        return;
+    }
+    // Root: uid 65534 gets a cache of its own, with the image root built
+    // bound in (as after `sudo airlock image build`) and no template (the
+    // gateway makes one), and a KVM device node of its own, so the host's
+    // /dev/kvm stays as it is.
     let home = tempfile::Builder::new()
         .prefix("unprivileged-home-")
         .tempdir_in(manifest_dir().join("target"))
         .unwrap();
     let images = home.path().join("images");
-    let linked = images.join(image.file_name().unwrap());
-    std::fs::create_dir_all(&linked).unwrap();
-    for name in ["vmlinux", "rootfs.ext4", "manifest.json"] {
-        let (from, to) = (image.join(name), linked.join(name));
-        if std::fs::hard_link(&from, &to).is_err() {
-            std::fs::copy(&from, &to).unwrap();
-        }
-    }
-    // A KVM device node of its own, so the host's /dev/kvm stays as it is.
+    let bound = images.join(image.file_name().unwrap());
+    std::fs::create_dir_all(&bound).unwrap();
     let dev = tempfile::tempdir().unwrap();
-    let as_root = airlock::confinement::Support::probe().root;
-    let kvm = if as_root {
-        dev.path().join("kvm")
-    } else {
-        airlock::host_kvm::kvm_device_path()
-    };
-    if as_root {
+    let kvm = dev.path().join("kvm");
+    {
         use std::os::unix::ffi::OsStrExt;
         let path = std::ffi::CString::new(kvm.as_os_str().as_bytes()).unwrap();
         // SAFETY: mknod of a character device at a path we own.
         let made =
             unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(10, 232)) };
         assert_eq!(made, 0, "mknod: {}", std::io::Error::last_os_error());
-        for dir in [dev.path(), home.path(), &images, &linked, &kvm] {
-            std::os::unix::fs::chown(dir, Some(UNPRIVILEGED_UID), Some(UNPRIVILEGED_UID)).unwrap();
-        }
     }
-    let uid = UNPRIVILEGED_UID.to_string();
-    let mut env: Vec<(&str, &std::ffi::OsStr)> = vec![
-        ("AIRLOCK_TEST_HOME", home.path().as_os_str()),
-        ("AIRLOCK_TEST_KVM_DEVICE", kvm.as_os_str()),
-    ];
-    if as_root {
-        env.push(("AIRLOCK_TEST_AS_UID", uid.as_ref()));
+    for path in [dev.path(), home.path(), &images, &kvm] {
+        std::os::unix::fs::chown(path, Some(UNPRIVILEGED_UID), Some(UNPRIVILEGED_UID)).unwrap();
     }
-    run_script_with("unprivileged_test.py", &env);
+    let _bind = BindMount::read_only(&image, &bound);
+    run_script_with(
+        "unprivileged_test.py",
+        &[
+            ("AIRLOCK_TEST_HOME", home.path().as_os_str()),
+            ("AIRLOCK_TEST_KVM_DEVICE", kvm.as_os_str()),
+            ("AIRLOCK_TEST_AS_UID", uid.as_ref()),
+        ],
+    );
 }
 
 #[test]
