@@ -185,30 +185,35 @@ impl BindMount {
         let (src, dst) = (c(from), c(to));
         let flags = libc::MS_BIND | libc::MS_RDONLY | libc::MS_REMOUNT;
         // SAFETY: mount(2) with NUL-terminated paths we own.
-        unsafe {
-            let bound = libc::mount(
+        let bound = unsafe {
+            libc::mount(
                 src.as_ptr(),
                 dst.as_ptr(),
                 std::ptr::null(),
                 libc::MS_BIND,
                 std::ptr::null(),
-            );
-            assert_eq!(bound, 0, "bind mount: {}", std::io::Error::last_os_error());
-            let ro = libc::mount(
+            )
+        };
+        assert_eq!(bound, 0, "bind mount: {}", std::io::Error::last_os_error());
+        // Unmounted from here on, even if the remount fails.
+        let mount = BindMount(dst);
+        // SAFETY: as above.
+        let ro = unsafe {
+            libc::mount(
                 std::ptr::null(),
-                dst.as_ptr(),
+                mount.0.as_ptr(),
                 std::ptr::null(),
                 flags,
                 std::ptr::null(),
-            );
-            assert_eq!(
-                ro,
-                0,
-                "read-only remount: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        BindMount(dst)
+            )
+        };
+        assert_eq!(
+            ro,
+            0,
+            "read-only remount: {}",
+            std::io::Error::last_os_error()
+        );
+        mount
     }
 }
 
