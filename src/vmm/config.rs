@@ -42,6 +42,10 @@ pub struct VmmConfig {
     /// be the image it was made from).
     #[arg(long)]
     pub restore: Option<PathBuf>,
+    /// With --restore: resume the VM saved in this diff snapshot, taken
+    /// over the --restore snapshot (its state, and the pages it wrote).
+    #[arg(long, requires = "restore")]
+    pub resume: Option<PathBuf>,
     /// Confine each thread with its seccomp allow-list (on unless debugging
     /// the VMM itself).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]

@@ -103,6 +103,18 @@ pub struct Machine {
     /// MSRs a snapshot saves.
     pub msr_indices: Arc<Vec<u32>>,
     pub identity: ImageIdentity,
+    /// Set when memory maps a snapshot copy-on-write: its snapshots are
+    /// then diffs over that one.
+    pub diff_base: Option<DiffBase>,
+}
+
+/// What a diff snapshot of a restored VM needs.
+pub struct DiffBase {
+    /// The checksum of the base snapshot's state file.
+    pub state_checksum: String,
+    /// Where the written pages are found; `None` if it could not be opened
+    /// (a diff snapshot then fails, saying why).
+    pub pagemap: Option<snapshot::dirty::PageMap>,
 }
 
 impl Machine {
@@ -198,18 +210,63 @@ pub fn build(
         vsock: devices.vsock,
         msr_indices: Arc::new(snapshot::vcpu_state::msr_indices(&kvm)?),
         identity,
+        diff_base: None,
     })
+}
+
+/// The state saved in the diff snapshot `resume`, checked against its base.
+fn resumed_state(
+    base: &MachineState,
+    base_checksum: &str,
+    resume: &std::path::Path,
+) -> Result<MachineState, SnapshotError> {
+    let state = snapshot::read_state(resume)?;
+    let Some(overlay) = &state.overlay else {
+        return Err(SnapshotError::Invalid(format!(
+            "{} is not a diff snapshot",
+            resume.display()
+        )));
+    };
+    if overlay.base_state_checksum != base_checksum {
+        return Err(SnapshotError::Invalid(format!(
+            "{} was taken over another template than this one",
+            resume.display()
+        )));
+    }
+    if state.memory_bytes != base.memory_bytes {
+        return Err(SnapshotError::Invalid(format!(
+            "{} has {} bytes of memory, its base {}",
+            resume.display(),
+            state.memory_bytes,
+            base.memory_bytes
+        )));
+    }
+    Ok(state)
 }
 
 /// Restores a VM from the snapshot in `dir` instead of booting it. The VM
 /// state goes in before the vCPUs', as KVM wants the irqchip before LAPICs.
+/// Restores the snapshot in `dir`, or with `config.resume` the diff
+/// snapshot taken over it. `pagemap` is the jail's (or `None`: opened here).
 pub fn restore(
     config: &VmmConfig,
     dir: &std::path::Path,
     kvm: Option<OwnedFd>,
+    pagemap: Option<OwnedFd>,
     events: VmEventSender,
 ) -> Result<Machine, BuildError> {
-    let state = snapshot::read_state(dir)?;
+    let (base, base_checksum) = snapshot::read_state_and_checksum(dir)?;
+    let state = match &config.resume {
+        Some(resume) => resumed_state(&base, &base_checksum, resume)?,
+        None if base.overlay.is_some() => {
+            return Err(SnapshotError::Invalid(format!(
+                "{} is a diff snapshot; restore its base and resume it",
+                dir.display()
+            ))
+            .into());
+        }
+        None => base,
+    };
     let identity = ImageIdentity::of(&config.kernel, &config.rootfs)?;
     state.image.check_matches(&identity)?;
     if state.vcpus.is_empty() || state.vcpus.len() > usize::from(crate::vmm::config::MAX_VCPUS) {
@@ -220,7 +277,16 @@ pub fn restore(
     let kvm = open_kvm(kvm)?;
     let vm = create_vm(&kvm)?;
     let mem = snapshot::memory::map_private(&snapshot::memory_path(dir), state.memory_bytes)?;
+    if let (Some(resume), Some(overlay)) = (&config.resume, &state.overlay) {
+        snapshot::overlay::apply(&mem, overlay, &resume.join(snapshot::overlay::OVERLAY_FILE))?;
+    }
     register_memory(&vm, &mem)?;
+    let pagemap = match pagemap {
+        Some(fd) => Some(snapshot::dirty::PageMap::from_fd(fd)),
+        None => snapshot::dirty::PageMap::open()
+            .inspect_err(|e| tracing::warn!("no page map, so no diff snapshots: {e}"))
+            .ok(),
+    };
 
     let console_tail = ConsoleTail::default();
     let devices = create_devices(
@@ -255,6 +321,10 @@ pub fn restore(
         vsock: devices.vsock,
         msr_indices: Arc::new(snapshot::vcpu_state::msr_indices(&kvm)?),
         identity,
+        diff_base: Some(DiffBase {
+            state_checksum: base_checksum,
+            pagemap,
+        }),
     })
 }
 

@@ -33,18 +33,23 @@ pub fn run(config: &VmmConfig) -> i32 {
     // Read before the jail hides /sys.
     let flavor = KvmFlavor::detect();
     let host_config = config;
-    let (config, kvm, pid) = if config.jail.jail {
+    let (config, kvm, pagemap, pid) = if config.jail.jail {
         match jail::enter(config) {
-            Ok(jailed) => (jailed.config, Some(jailed.kvm), jailed.host_pid),
+            Ok(jailed) => (
+                jailed.config,
+                Some(jailed.kvm),
+                jailed.pagemap,
+                jailed.host_pid,
+            ),
             Err(err) => return finish(ExitReason::Fatal, err.to_string(), Vec::new()),
         }
     } else {
-        (config.clone(), None, std::process::id())
+        (config.clone(), None, None, std::process::id())
     };
     let config = &config;
     let (events, receiver) = event::channel();
     let built = match &config.restore {
-        Some(dir) => machine::restore(config, dir, kvm, events.clone()),
+        Some(dir) => machine::restore(config, dir, kvm, pagemap, events.clone()),
         None => machine::build(config, flavor, kvm, events.clone()),
     };
     let mut machine = match built {
@@ -209,6 +214,7 @@ fn save_snapshot(
         .lock()
         .map_err(|_| "the serial lock is poisoned")?
         .snapshot();
+    let (written, overlay) = save_memory(machine, dir)?;
     let state = MachineState {
         image: machine.identity.clone(),
         memory_bytes: machine.memory_bytes(),
@@ -217,9 +223,8 @@ fn save_snapshot(
         serial,
         transports,
         cmdline: machine.cmdline.clone(),
+        overlay,
     };
-    let written = snapshot::memory::save(&machine.mem, &snapshot::memory_path(dir))
-        .map_err(|e| e.to_string())?;
     snapshot::write_state(dir, &state).map_err(|e| e.to_string())?;
     emit(&VmmMessage::SnapshotSaved {
         dir: dir.display().to_string(),
@@ -228,6 +233,32 @@ fn save_snapshot(
         save_micros: save_started.elapsed().as_micros() as u64,
     });
     Ok(())
+}
+
+/// Saves guest memory into `dir`: a restored VM's as a diff over its base
+/// (the pages it wrote), a booted VM's whole. Returns the bytes saved (of
+/// written pages for a diff, of non-zero pages otherwise).
+fn save_memory(
+    machine: &Machine,
+    dir: &Path,
+) -> Result<(u64, Option<snapshot::overlay::Overlay>), String> {
+    let Some(base) = &machine.diff_base else {
+        let written = snapshot::memory::save(&machine.mem, &snapshot::memory_path(dir))
+            .map_err(|e| e.to_string())?;
+        return Ok((written, None));
+    };
+    let pagemap = base
+        .pagemap
+        .as_ref()
+        .ok_or("a diff snapshot needs /proc/self/pagemap, which could not be opened")?;
+    let path = dir.join(snapshot::overlay::OVERLAY_FILE);
+    let ranges =
+        snapshot::overlay::save(&machine.mem, pagemap, &path).map_err(|e| e.to_string())?;
+    let overlay = snapshot::overlay::Overlay {
+        base_state_checksum: base.state_checksum.clone(),
+        ranges,
+    };
+    Ok((overlay.bytes(), Some(overlay)))
 }
 
 /// Ends the process from any thread with a fatal report (for what must not

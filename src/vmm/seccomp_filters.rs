@@ -106,6 +106,8 @@ fn rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
                     // Saving a snapshot into its directory.
                     libc::SYS_openat,
                     libc::SYS_pwrite64,
+                    // A diff snapshot reads the page map.
+                    libc::SYS_pread64,
                     libc::SYS_ftruncate,
                     libc::SYS_fsync,
                     libc::SYS_fstat,

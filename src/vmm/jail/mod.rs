@@ -6,9 +6,11 @@
 //!    namespace when not root), then fork: the child is PID 1 of the new
 //!    PID namespace and becomes the VMM; the parent stays outside as a small
 //!    supervisor that forwards stop signals and reports the child's end;
-//! 3. in the child: join the cgroup, pivot_root into a fresh tmpfs that
-//!    holds only the kernel, rootfs and template (read-only binds) and the
-//!    run directory (its sockets and console log), with no /proc;
+//! 3. in the child: join the cgroup, open its own page map (diff
+//!    snapshots read it), pivot_root into a fresh tmpfs that holds only the
+//!    kernel, rootfs, template and a paused state to resume (read-only
+//!    binds), the run directory (its sockets and console log) and a
+//!    snapshot directory, with no /proc;
 //! 4. drop to the unprivileged uid/gid, no capabilities, no_new_privs, not
 //!    dumpable, rlimits set.
 //!
@@ -34,6 +36,7 @@ pub const ROOTFS: &str = "/rootfs";
 pub const TEMPLATE: &str = "/template";
 pub const RUN: &str = "/run";
 pub const SNAPSHOT: &str = "/snapshot";
+pub const RESUME: &str = "/resume";
 
 /// The uid and gid a VMM runs as when airlock is root: `nobody`. Each VMM is
 /// alone in its namespaces, so sharing the id does not let one reach another.
@@ -92,6 +95,9 @@ pub struct Jailed {
     pub config: VmmConfig,
     /// /dev/kvm, opened before the jail hides it.
     pub kvm: OwnedFd,
+    /// The VMM's own /proc/self/pagemap (a restored VM's diff snapshots
+    /// read it), opened before the jail hides /proc.
+    pub pagemap: Option<OwnedFd>,
     /// This process's pid as the host sees it (it is 1 inside).
     pub host_pid: u32,
 }
@@ -101,6 +107,7 @@ struct Binds {
     kernel: PathBuf,
     rootfs: PathBuf,
     template: Option<PathBuf>,
+    resume: Option<PathBuf>,
     run_dir: PathBuf,
     snapshot: Option<PathBuf>,
 }
@@ -127,6 +134,14 @@ pub fn enter(config: &VmmConfig) -> Result<Jailed, JailError> {
     if let Some(cgroup) = &cgroup {
         cgroup.join()?;
     }
+    // This process's own page map: the fd is bound to the memory of the
+    // process that opens it.
+    let pagemap = match &binds.template {
+        Some(_) => Some(OwnedFd::from(
+            File::open("/proc/self/pagemap").map_err(os_error("cannot open /proc/self/pagemap"))?,
+        )),
+        None => None,
+    };
     mounts::pivot_into_new_root(&binds)?;
     privileges::set_hostname("airlock-vmm")?;
     let console_bytes = config.console_max_bytes;
@@ -147,6 +162,7 @@ pub fn enter(config: &VmmConfig) -> Result<Jailed, JailError> {
     inside.kernel = KERNEL.into();
     inside.rootfs = ROOTFS.into();
     inside.restore = binds.template.as_ref().map(|_| TEMPLATE.into());
+    inside.resume = binds.resume.as_ref().map(|_| RESUME.into());
     inside.snapshot_dir = binds.snapshot.as_ref().map(|_| SNAPSHOT.into());
     inside.vsock_socket = in_run_dir(&config.vsock_socket)?;
     inside.console_log = match &config.console_log {
@@ -156,6 +172,7 @@ pub fn enter(config: &VmmConfig) -> Result<Jailed, JailError> {
     Ok(Jailed {
         config: inside,
         kvm,
+        pagemap,
         host_pid,
     })
 }
@@ -182,6 +199,7 @@ fn binds_of(config: &VmmConfig) -> Result<Binds, JailError> {
         kernel: canonical(&config.kernel)?,
         rootfs: canonical(&config.rootfs)?,
         template: config.restore.as_deref().map(canonical).transpose()?,
+        resume: config.resume.as_deref().map(canonical).transpose()?,
         run_dir: canonical(run_dir)?,
         snapshot: config.snapshot_dir.as_deref().map(canonical).transpose()?,
     };
@@ -191,6 +209,10 @@ fn binds_of(config: &VmmConfig) -> Result<Binds, JailError> {
         if let Some(template) = &binds.template {
             files.push(template.join(crate::vmm::snapshot::STATE_FILE));
             files.push(template.join(crate::vmm::snapshot::MEMORY_FILE));
+        }
+        if let Some(resume) = &binds.resume {
+            files.push(resume.join(crate::vmm::snapshot::STATE_FILE));
+            files.push(resume.join(crate::vmm::snapshot::overlay::OVERLAY_FILE));
         }
         for file in files {
             check_readable_by(&file, uid, gid)?;
@@ -233,6 +255,7 @@ pub fn host_paths_note(host: &VmmConfig, detail: &str) -> String {
     note(KERNEL, Some(&host.kernel));
     note(ROOTFS, Some(&host.rootfs));
     note(TEMPLATE, host.restore.as_deref());
+    note(RESUME, host.resume.as_deref());
     note(RUN, host.vsock_socket.parent());
     if notes.is_empty() {
         String::new()

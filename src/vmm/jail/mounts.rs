@@ -39,6 +39,9 @@ pub(super) fn pivot_into_new_root(binds: &Binds) -> Result<(), JailError> {
     if let Some(template) = &binds.template {
         bind_dir(template, &root.join(&TEMPLATE[1..]), true)?;
     }
+    if let Some(resume) = &binds.resume {
+        bind_dir(resume, &root.join(&super::RESUME[1..]), true)?;
+    }
     if let Some(snapshot) = &binds.snapshot {
         bind_dir(snapshot, &root.join(&SNAPSHOT[1..]), false)?;
     }

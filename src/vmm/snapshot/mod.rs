@@ -2,8 +2,10 @@
 //! versioned, checksummed state file, and guest memory as one file that a
 //! restore maps copy-on-write.
 
+pub mod dirty;
 pub mod identity;
 pub mod memory;
+pub mod overlay;
 pub mod vcpu_state;
 pub mod vm_state;
 
@@ -34,6 +36,10 @@ pub struct MachineState {
     /// One per virtio-mmio device, in bus order (blk, rng, vsock).
     pub transports: Vec<TransportState>,
     pub cmdline: String,
+    /// A diff snapshot: memory is its base snapshot's plus these pages, in
+    /// [`overlay::OVERLAY_FILE`]. Absent: memory is all in [`MEMORY_FILE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<overlay::Overlay>,
 }
 
 /// The state file: version and checksum around the state.
@@ -114,13 +120,27 @@ pub fn write_state(dir: &Path, state: &MachineState) -> Result<(), SnapshotError
 
 /// Reads and verifies the state file.
 pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
+    read_state_and_checksum(dir).map(|(state, _)| state)
+}
+
+/// The state file's state and its checksum (which names this snapshot: a
+/// diff snapshot records its base's).
+pub fn read_state_and_checksum(dir: &Path) -> Result<(MachineState, String), SnapshotError> {
     let path = state_path(dir);
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(&path).map_err(io_error("read", &path))?;
-    parse_state(&text, &shown)
+    parse_state_and_checksum(&text, &shown)
 }
 
+#[cfg(test)]
 fn parse_state(text: &str, shown: &str) -> Result<MachineState, SnapshotError> {
+    parse_state_and_checksum(text, shown).map(|(state, _)| state)
+}
+
+fn parse_state_and_checksum(
+    text: &str,
+    shown: &str,
+) -> Result<(MachineState, String), SnapshotError> {
     let corrupt = |reason: String| SnapshotError::Corrupt {
         path: shown.to_string(),
         reason,
@@ -138,7 +158,8 @@ fn parse_state(text: &str, shown: &str) -> Result<MachineState, SnapshotError> {
             "checksum mismatch (the file was damaged or edited)".into(),
         ));
     }
-    serde_json::from_str(body).map_err(|e| corrupt(e.to_string()))
+    let state = serde_json::from_str(body).map_err(|e| corrupt(e.to_string()))?;
+    Ok((state, file.checksum))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -162,6 +183,7 @@ mod tests {
             serial: SerialSnapshot::default(),
             transports: Vec::new(),
             cmdline: "console=ttyS0".into(),
+            overlay: None,
         }
     }
 
