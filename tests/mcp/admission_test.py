@@ -38,13 +38,16 @@ PER_PRINCIPAL = 16
 class AcceptQueue:
     """Samples the server's listening socket in /proc/net/tcp: for a LISTEN
     socket the kernel shows the connections waiting to be accepted
-    (rx_queue) and the backlog (tx_queue). A queue that never fills means
+    (rx_queue). Its backlog is the server's (8192, src/mcp/http.rs) capped
+    at net.core.somaxconn. A queue that never fills means
     the server kept accepting, so a client connect that is slow to complete
     is the client's own event loop falling behind, not the server."""
 
     def __init__(self, port: int):
         self.local = f"0100007F:{port:04X}"
-        self.peak, self.backlog, self.samples = 0, 0, 0
+        with open("/proc/sys/net/core/somaxconn") as f:
+            self.backlog = min(8192, int(f.read()))
+        self.peak, self.samples = 0, 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
@@ -53,8 +56,8 @@ class AcceptQueue:
             for line in f.readlines()[1:]:
                 fields = line.split()
                 if fields[1] == self.local and fields[3] == "0A":
-                    tx, rx = (int(x, 16) for x in fields[4].split(":"))
-                    self.peak, self.backlog = max(self.peak, rx), tx
+                    rx = int(fields[4].split(":")[1], 16)
+                    self.peak = max(self.peak, rx)
                     self.samples += 1
 
     def run(self) -> None:
