@@ -184,6 +184,7 @@ async fn create(
         init: None,
         run_dir: run_dir.path().to_path_buf(),
         restore: None,
+        resume: None,
         snapshot_dir: Some(out.clone()),
         console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
         label: "template".into(),

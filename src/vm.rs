@@ -31,6 +31,9 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// Restore from this snapshot directory instead of booting.
     pub restore: Option<PathBuf>,
+    /// With `restore`: resume the paused VM saved here (a diff snapshot
+    /// over `restore`).
+    pub resume: Option<PathBuf>,
     /// The most bytes its console log holds.
     pub console_max_bytes: u64,
     /// Where a snapshot of this VM will be saved, if one will (it must
@@ -54,6 +57,7 @@ impl VmSpec {
             init: None,
             run_dir: run_dir.to_path_buf(),
             restore: None,
+            resume: None,
             snapshot_dir: None,
             console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
             label: "vm".into(),
@@ -290,6 +294,9 @@ impl Vm {
         }
         if let Some(dir) = &spec.restore {
             cmd.arg("--restore").arg(dir);
+        }
+        if let Some(dir) = &spec.resume {
+            cmd.arg("--resume").arg(dir);
         }
         if let Some(dir) = &spec.snapshot_dir {
             cmd.arg("--snapshot-dir").arg(dir);

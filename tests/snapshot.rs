@@ -24,6 +24,7 @@ fn spec(run_dir: &std::path::Path) -> VmSpec {
         init: None,
         run_dir: run_dir.to_path_buf(),
         restore: None,
+        resume: None,
         snapshot_dir: None,
         console_max_bytes: airlock::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
         label: "test".into(),

@@ -56,8 +56,14 @@ const RUN_TIMEOUT_MS: u64 = 600_000;
 
 /// Runs `code` in the warm Python interpreter; returns its stdout.
 pub async fn run_python(client: &AgentClient, code: &str) -> Result<String> {
+    run_in(client, Language::Python, code).await
+}
+
+/// Runs `code` in the warm interpreter of `language`; its stdout, or an
+/// error if it failed.
+pub async fn run_in(client: &AgentClient, language: Language, code: &str) -> Result<String> {
     let message = Message::RunCode(RunCode {
-        language: Language::Python,
+        language,
         timeout_ms: Some(RUN_TIMEOUT_MS),
         output: Default::default(),
     });
@@ -187,6 +193,7 @@ async fn cold_boot(
         init: None,
         run_dir: run_dir.path().to_path_buf(),
         restore: None,
+        resume: None,
         snapshot_dir: None,
         console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
         label: "bench-cold-boot".into(),

@@ -1,8 +1,12 @@
-//! A sandbox: one microVM restored from the warm template, with its agent
-//! connection, made fresh (entropy, clock) before anyone uses it.
+//! A sandbox: one microVM restored from the warm template (or resumed from
+//! its own paused state over it), with its agent connection, made fresh
+//! (entropy, clock) before anyone uses it.
 
+mod pause;
 pub mod pool;
 pub mod registry;
+
+pub use pause::Paused;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -38,15 +42,36 @@ pub struct Sandbox {
     client: AgentClient,
     // Holds the VM's sockets and console log until the sandbox goes.
     _run_dir: tempfile::TempDir,
+    /// Where a pause saves this VM (made at start: the jail binds it).
+    staging: Option<PathBuf>,
     created: Instant,
     timing: RestoreTiming,
+}
+
+/// How to start a sandbox's VM.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    pub confinement: Confinement,
+    /// A sandbox that can be paused saves itself into a directory made
+    /// under here (on the disk that keeps paused sandboxes, so the saved
+    /// state moves into place by a rename).
+    pub staging_root: Option<PathBuf>,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        StartOptions {
+            confinement: Confinement::current(),
+            staging_root: None,
+        }
+    }
 }
 
 impl Sandbox {
     /// Restores a new sandbox from `template`, confined as this process's
     /// policy says.
     pub async fn restore(template: &Template, airlock_exe: &std::path::Path) -> Result<Sandbox> {
-        Self::restore_confined(template, airlock_exe, Confinement::current()).await
+        Self::start(template, airlock_exe, &StartOptions::default(), None).await
     }
 
     /// Restores a new sandbox from `template` under `confinement` (the
@@ -55,6 +80,21 @@ impl Sandbox {
         template: &Template,
         airlock_exe: &std::path::Path,
         confinement: Confinement,
+    ) -> Result<Sandbox> {
+        let options = StartOptions {
+            confinement,
+            ..StartOptions::default()
+        };
+        Self::start(template, airlock_exe, &options, None).await
+    }
+
+    /// Restores a new sandbox from `template`, or with `resume` the paused
+    /// sandbox saved there over it.
+    pub async fn start(
+        template: &Template,
+        airlock_exe: &std::path::Path,
+        options: &StartOptions,
+        resume: Option<&std::path::Path>,
     ) -> Result<Sandbox> {
         let started = Instant::now();
         template
@@ -66,6 +106,10 @@ impl Sandbox {
             .prefix("airlock-")
             .tempdir()
             .context("cannot create a sandbox run directory")?;
+        let staging = match &options.staging_root {
+            Some(root) => Some(pause::make_staging(root, &id)?),
+            None => None,
+        };
         let spec = VmSpec {
             airlock_exe: airlock_exe.to_path_buf(),
             kernel: template.image.vmlinux(),
@@ -76,14 +120,25 @@ impl Sandbox {
             init: None,
             run_dir: run_dir.path().to_path_buf(),
             restore: Some(template.dir.clone()),
-            snapshot_dir: None,
+            resume: resume.map(std::path::Path::to_path_buf),
+            snapshot_dir: staging.clone(),
             console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
             label: id.clone(),
-            confinement,
+            confinement: options.confinement.clone(),
         };
-        let mut vm = Vm::spawn(&spec)
-            .await
-            .context("cannot restore the template")?;
+        let spawned = Vm::spawn(&spec).await;
+        let mut vm = match spawned {
+            Ok(vm) => vm,
+            Err(err) => {
+                pause::remove_staging(staging.as_deref());
+                let what = if resume.is_some() {
+                    "cannot resume the paused sandbox"
+                } else {
+                    "cannot restore the template"
+                };
+                return Err(anyhow::Error::new(err).context(what));
+            }
+        };
         let running = Instant::now();
         let client = match AgentClient::connect(
             vm.vsock_socket(),
@@ -95,6 +150,7 @@ impl Sandbox {
             Ok(client) => client,
             Err(err) => {
                 let _ = vm.stop(STOP_DEADLINE).await;
+                pause::remove_staging(staging.as_deref());
                 return Err(err).context("the restored agent does not answer");
             }
         };
@@ -108,6 +164,7 @@ impl Sandbox {
             });
         if let Err(err) = refreshed {
             let _ = vm.stop(STOP_DEADLINE).await;
+            pause::remove_staging(staging.as_deref());
             return Err(err);
         }
         let timing = RestoreTiming {
@@ -121,6 +178,7 @@ impl Sandbox {
             vm,
             client,
             _run_dir: run_dir,
+            staging,
             created: Instant::now(),
             timing,
         })
@@ -161,12 +219,14 @@ impl Sandbox {
 
     /// Splits the sandbox into its VM, its agent connection and the run
     /// directory that holds the VM's sockets (keep it while the VM lives).
-    pub fn into_parts(self) -> (Vm, AgentClient, tempfile::TempDir) {
+    pub fn into_parts(mut self) -> (Vm, AgentClient, tempfile::TempDir) {
+        pause::remove_staging(self.staging.take().as_deref());
         (self.vm, self.client, self._run_dir)
     }
 
     /// Ends the VM; the sandbox is gone for good.
     pub async fn destroy(mut self) {
+        pause::remove_staging(self.staging.take().as_deref());
         let killed = self.vm.killer().fired();
         match self.vm.stop(STOP_DEADLINE).await {
             Ok(_) => {}

@@ -87,6 +87,7 @@ pub fn boot_spec(
         init: Some(init.into()),
         run_dir: run_dir.to_path_buf(),
         restore: None,
+        resume: None,
         snapshot_dir: None,
         console_max_bytes: 1 << 20,
         label: label.into(),

@@ -1,0 +1,125 @@
+//! Pausing a sandbox to disk. The host lets go of the agent, the VMM saves
+//! a diff snapshot (vCPU and device state, and only the guest pages written
+//! since the template) into the sandbox's staging directory, and exits: a
+//! paused sandbox holds no host memory. Resuming is [`Sandbox::start`] with
+//! the saved directory.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::Sandbox;
+
+/// Staging directories live here, under the caller's root; what is left in
+/// it after a crash is garbage.
+pub const STAGING_DIR: &str = ".staging";
+
+/// A sandbox saved to disk, its VM gone.
+#[derive(Debug)]
+pub struct Paused {
+    /// The directory holding the snapshot, durable on disk; the caller
+    /// moves it where paused sandboxes are kept.
+    pub dir: PathBuf,
+    /// Guest memory written since the template (the diff's pages).
+    pub dirty_bytes: u64,
+    /// What the saved state takes on disk.
+    pub disk_bytes: u64,
+    /// From the pause being asked for to the state being durable.
+    pub took: Duration,
+}
+
+impl Sandbox {
+    /// Saves the sandbox to disk and ends its VM. On error the VM is gone
+    /// too and nothing is left in the staging directory.
+    pub async fn pause(mut self) -> Result<Paused> {
+        let Some(dir) = self.staging.take() else {
+            bail!(
+                "sandbox {} was not started with a place to pause to",
+                self.id
+            );
+        };
+        let started = Instant::now();
+        let Sandbox {
+            id,
+            mut vm,
+            client,
+            _run_dir,
+            ..
+        } = self;
+        // Nothing of the host's is in flight when the guest stops; the
+        // resumed guest's connections are reset by its vsock device.
+        drop(client);
+        let saved = vm.snapshot(&dir).await;
+        drop(vm);
+        let info = match saved {
+            Ok(info) => info,
+            Err(err) => {
+                remove_staging(Some(&dir));
+                return Err(anyhow::Error::new(err).context(format!("cannot pause sandbox {id}")));
+            }
+        };
+        let disk_bytes = match make_durable(&dir) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                remove_staging(Some(&dir));
+                return Err(err.context(format!("cannot pause sandbox {id}")));
+            }
+        };
+        Ok(Paused {
+            dir,
+            dirty_bytes: info.memory_bytes_written,
+            disk_bytes,
+            took: started.elapsed(),
+        })
+    }
+}
+
+/// Makes `root/.staging/<id>`, empty, for a VM's pause to save into.
+pub(super) fn make_staging(root: &Path, id: &str) -> Result<PathBuf> {
+    let dir = root.join(STAGING_DIR).join(id);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the pause directory {}", dir.display()))?;
+    Ok(dir)
+}
+
+pub(super) fn remove_staging(dir: Option<&Path>) {
+    if let Some(dir) = dir
+        && let Err(err) = std::fs::remove_dir_all(dir)
+        && err.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), %err, "cannot remove a pause directory");
+    }
+}
+
+/// Flushes every file of `dir` and the directory itself to disk (the VMM
+/// flushed the memory, not its state file); returns the bytes they take.
+fn make_durable(dir: &Path) -> Result<u64> {
+    let mut bytes = 0u64;
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .path();
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        file.sync_all()
+            .with_context(|| format!("cannot flush {}", path.display()))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("cannot stat {}", path.display()))?;
+        bytes += meta.blocks() * 512;
+    }
+    sync_dir(dir)?;
+    Ok(bytes)
+}
+
+/// fsync of a directory: its entries (a rename into it, a new file) are on
+/// disk once this returns.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot flush the directory {}", dir.display()))
+}
