@@ -96,9 +96,17 @@ struct ServeArgs {
     /// stdio, 2 for HTTP).
     #[arg(long, value_name = "N")]
     pool_size: Option<usize>,
-    /// Destroy a sandbox after this long without tool calls.
-    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
+    /// Destroy a sandbox after this long without tool calls (paused or not).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     idle_timeout: std::time::Duration,
+    /// Pause a sandbox to disk after this long without tool calls: its VM
+    /// ends and its memory is freed; the next call resumes it with every
+    /// file, variable and process. 0 never pauses.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pause_after: std::time::Duration,
+    /// Where paused sandboxes are kept (default: sessions/ in airlock's cache).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<std::path::PathBuf>,
     /// Destroy a sandbox this long after it was created, however busy.
     #[arg(long, value_name = "DURATION", default_value = "8h", value_parser = humantime::parse_duration)]
     max_lifetime: std::time::Duration,
@@ -186,12 +194,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 pool_size: args.pool_size,
                 limits: airlock::sandbox::registry::Limits {
                     idle_timeout: args.idle_timeout,
+                    pause_after: args.pause_after,
                     max_lifetime: args.max_lifetime,
                     max_sandboxes: args.max_sandboxes,
                     max_per_principal: args.max_sandboxes_per_principal,
                     ..Default::default()
                 },
                 max_timeout: args.max_timeout,
+                state_dir: args.state_dir,
                 http_limits: airlock::mcp::admission::HttpLimits {
                     max_requests: args.max_requests,
                     max_requests_per_principal: args.max_requests_per_principal,

@@ -94,6 +94,20 @@ pub struct Metrics {
     ended: Mutex<BTreeMap<EndReason, u64>>,
     /// Usage of sandboxes that have ended; live ones are added at render time.
     finished: Usage,
+    pausing: Pausing,
+}
+
+/// Pauses to disk and resumes.
+#[derive(Default)]
+struct Pausing {
+    pauses: AtomicU64,
+    pause_micros: AtomicU64,
+    pause_failures: AtomicU64,
+    resumes: AtomicU64,
+    resume_micros: AtomicU64,
+    resume_failures: AtomicU64,
+    /// Bytes written to disk by pauses.
+    bytes_written: AtomicU64,
 }
 
 /// Values read at render time.
@@ -131,6 +145,30 @@ impl Metrics {
 
     pub fn restore_failed(&self) {
         self.restore_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A sandbox was paused to disk, its state taking `bytes`.
+    pub fn paused(&self, took: Duration, bytes: u64) {
+        let p = &self.pausing;
+        p.pauses.fetch_add(1, Ordering::Relaxed);
+        p.pause_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        p.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn pause_failed(&self) {
+        self.pausing.pause_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn resumed(&self, took: Duration) {
+        let p = &self.pausing;
+        p.resumes.fetch_add(1, Ordering::Relaxed);
+        p.resume_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn resume_failed(&self) {
+        self.pausing.resume_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A request for a sandbox was refused (`reason`: a short label such as `global_limit`).
@@ -192,6 +230,48 @@ impl Metrics {
             "Sandboxes that could not be restored for a conversation.",
         );
         let _ = writeln!(o, "{n} {}", self.restore_failures.load(Ordering::Relaxed));
+        let p = &self.pausing;
+        let seconds = |micros: &AtomicU64| micros.load(Ordering::Relaxed) as f64 / 1e6;
+        for (name, help, value) in [
+            (
+                "airlock_sandbox_pauses_total",
+                "Sandboxes paused to disk.",
+                p.pauses.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "airlock_sandbox_pause_seconds_total",
+                "Time spent pausing sandboxes.",
+                seconds(&p.pause_micros),
+            ),
+            (
+                "airlock_sandbox_pause_failures_total",
+                "Pauses that failed (the error is logged).",
+                p.pause_failures.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "airlock_sandbox_pause_bytes_total",
+                "Bytes of saved state written by pauses.",
+                p.bytes_written.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "airlock_sandbox_resumes_total",
+                "Paused sandboxes resumed.",
+                p.resumes.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "airlock_sandbox_resume_seconds_total",
+                "Time spent resuming sandboxes.",
+                seconds(&p.resume_micros),
+            ),
+            (
+                "airlock_sandbox_resume_failures_total",
+                "Resumes that failed.",
+                p.resume_failures.load(Ordering::Relaxed) as f64,
+            ),
+        ] {
+            let n = header(o, name, "counter", help);
+            let _ = writeln!(o, "{n} {value}");
+        }
         let n = header(
             o,
             "airlock_sandboxes_ended_total",

@@ -233,7 +233,21 @@ impl TestBox {
     }
 }
 
+/// This test's registry never pauses (its `pause_after` is zero).
 impl Hosted for TestBox {
+    type Saved = ();
+
+    async fn pause(self) -> anyhow::Result<()> {
+        self.destroy().await;
+        anyhow::bail!("this test's sandboxes are not paused")
+    }
+
+    fn saved_bytes(_: &()) -> u64 {
+        0
+    }
+
+    fn discard(_: ()) {}
+
     fn pid(&self) -> Option<u32> {
         match self {
             TestBox::Restored(s) => Some(s.pid()),
@@ -282,6 +296,10 @@ impl Provider for Boxes {
     }
 
     async fn close(&self) {}
+
+    async fn resume(&self, _: &()) -> anyhow::Result<TestBox> {
+        anyhow::bail!("this test's sandboxes are not paused")
+    }
 }
 
 fn alive(pid: u32) -> bool {

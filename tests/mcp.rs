@@ -156,6 +156,11 @@ fn stdio_one_sandbox_state_timeout_cancel_and_clean_exit() {
 }
 
 #[test]
+fn stdio_idle_sandboxes_pause_to_disk_and_resume_without_loss() {
+    run_script("pause_test.py");
+}
+
+#[test]
 fn http_auth_isolation_big_files_sessions_and_sessionless_ids() {
     run_script("http_test.py");
 }

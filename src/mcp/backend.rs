@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::watch;
 
-use crate::sandbox::Sandbox;
 use crate::sandbox::pool::WarmPool;
 use crate::sandbox::registry::Provider;
+use crate::sandbox::{Sandbox, SavedSandbox, StartOptions};
 use crate::template::TemplateShape;
 
 /// After a failed preparation, the next call that needs a sandbox tries
@@ -32,6 +32,7 @@ struct Recipe {
     airlock_exe: PathBuf,
     shape: TemplateShape,
     pool_size: usize,
+    options: StartOptions,
 }
 
 /// The warm pool, once the image and the template exist.
@@ -49,6 +50,7 @@ impl LazyPool {
         airlock_exe: PathBuf,
         shape: TemplateShape,
         pool_size: usize,
+        options: StartOptions,
     ) -> LazyPool {
         let (state, _) = watch::channel(Readiness::Preparing);
         let lazy = LazyPool {
@@ -58,6 +60,7 @@ impl LazyPool {
                 airlock_exe,
                 shape,
                 pool_size,
+                options,
             }),
             closed: Arc::new(AtomicBool::new(false)),
         };
@@ -152,6 +155,7 @@ async fn prepare(recipe: &Recipe) -> Result<Arc<WarmPool>> {
     Ok(WarmPool::start(
         template,
         recipe.airlock_exe.clone(),
+        recipe.options.clone(),
         recipe.pool_size,
     ))
 }
@@ -169,6 +173,10 @@ impl Provider for LazyPool {
             _ => return 0,
         };
         pool.ready_count().await
+    }
+
+    async fn resume(&self, saved: &SavedSandbox) -> Result<Sandbox> {
+        self.pool().await?.resume(saved).await
     }
 
     async fn close(&self) {

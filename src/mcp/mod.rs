@@ -55,6 +55,8 @@ pub struct ServeOptions {
     pub max_timeout: Duration,
     /// HTTP mode's bounds on requests and sessions.
     pub http_limits: admission::HttpLimits,
+    /// Where paused sandboxes are kept; `None`: `<cache>/sessions`.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Serves until stdin closes (stdio), or SIGINT/SIGTERM; then destroys every
@@ -84,7 +86,14 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         Some(_) => DEFAULT_POOL_SIZE_HTTP,
         None => DEFAULT_POOL_SIZE_STDIO,
     });
-    let backend = Arc::new(backend::LazyPool::start(cache, exe, shape, pool_size));
+    let sessions = PausedSessions::open(&options, &cache)?;
+    let start = crate::sandbox::StartOptions {
+        staging_root: sessions.as_ref().map(|s| s.dir.clone()),
+        ..Default::default()
+    };
+    let backend = Arc::new(backend::LazyPool::start(
+        cache, exe, shape, pool_size, start,
+    ));
     let metrics = Arc::new(Metrics::new());
     let registry = Registry::start(backend.clone(), options.limits, shape.memory_mib, metrics);
     let call_limits = tools::CallLimits {
@@ -106,7 +115,46 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     };
     tracing::info!("shutting down: destroying every sandbox");
     registry.shutdown().await;
+    drop(sessions);
     served
+}
+
+/// This server's directory of paused sandboxes, under --state-dir. Each
+/// run has its own (several servers may share a state directory) and
+/// removes it at exit: without a durable registry, nothing in it could be
+/// found again by a later run.
+struct PausedSessions {
+    dir: std::path::PathBuf,
+}
+
+impl PausedSessions {
+    fn open(options: &ServeOptions, cache: &std::path::Path) -> Result<Option<PausedSessions>> {
+        if options.limits.pause_after.is_zero() {
+            return Ok(None);
+        }
+        let root = options
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| cache.join("sessions"));
+        let mut id = [0u8; 8];
+        if !crate::vmm::devices::virtio::rng::fill_random(&mut id) {
+            bail!("the host has no entropy for a state directory name");
+        }
+        let name: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = root.join(format!("run-{name}"));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+        tracing::info!(dir = %dir.display(), pause_after = ?options.limits.pause_after, "idle sandboxes pause to disk");
+        Ok(Some(PausedSessions { dir }))
+    }
+}
+
+impl Drop for PausedSessions {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), %err, "cannot remove the state directory");
+        }
+    }
 }
 
 async fn serve_stdio(registry: Arc<Registry>, call_limits: tools::CallLimits) -> Result<()> {

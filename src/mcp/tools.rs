@@ -298,6 +298,20 @@ pub struct InfoResult {
     pub vcpus: u8,
     pub memory_mib: u32,
     pub usage: crate::sandbox::registry::Usage,
+    /// "running", or "paused" (saved to disk; the next call resumes it).
+    pub state: &'static str,
+    /// Seconds without tool calls after which the sandbox is paused to
+    /// disk (0: never).
+    pub pause_after_seconds: f64,
+    pub pauses: u64,
+    pub resumes: u64,
+    pub pause_seconds_total: f64,
+    pub resume_seconds_total: f64,
+    /// When the sandbox was last resumed (Unix seconds), and how long it took.
+    pub last_resumed_unix: Option<f64>,
+    pub last_resume_seconds: Option<f64>,
+    /// Bytes its saved state takes on disk (kept from its last pause).
+    pub stored_bytes: u64,
 }
 
 /// A tool error for the model.
@@ -710,9 +724,10 @@ impl AirlockServer {
         python and javascript variables, imports and functions survive from one call to the next, and \
         bash keeps its working directory and exported variables; files persist too. A trailing expression's \
         value is printed. numpy, pandas and matplotlib are preinstalled; matplotlib figures come back as PNG \
-        images. The sandbox lives as long as the conversation, but is destroyed after a period without tool \
-        calls (15 minutes by default) or at its maximum lifetime (8 hours by default); sandbox_info shows the \
-        exact limits. A timeout or a cancellation stops the code and leaves the sandbox usable.",
+        images. The sandbox lives as long as the conversation: idle for a while (5 minutes by default) it is \
+        paused to disk and the next call resumes it with every file, variable and process; it is destroyed \
+        after 1 hour without tool calls or at its maximum lifetime (8 hours), by default; sandbox_info shows \
+        the exact limits. A timeout or a cancellation stops the code and leaves the sandbox usable.",
         output_schema = portable_output_schema::<RunResult>(),
         annotations(
             title = "Run code",
@@ -736,8 +751,8 @@ impl AirlockServer {
         description = "Run a shell command line (bash -c) in this conversation's sandbox, a private Linux \
         microVM (no network), as the unprivileged user `sandbox` in /home/sandbox. Returns stdout, stderr and \
         the exit code. Each call is a new shell (use run_code with language bash for a shell whose cd and \
-        variables persist); files persist for the life of the sandbox (destroyed after 15 minutes without \
-        tool calls or 8 hours in all, by default; see sandbox_info). A timeout or a cancellation kills the \
+        variables persist); files persist for the life of the sandbox (paused to disk when idle and resumed \
+        intact; destroyed after 1 hour without tool calls or 8 hours in all, by default; see sandbox_info). A timeout or a cancellation kills the \
         command and everything it started.",
         output_schema = portable_output_schema::<RunResult>(),
         annotations(
@@ -1296,6 +1311,15 @@ impl AirlockServer {
             vcpus: self.limits.vcpus,
             memory_mib: self.limits.memory_mib,
             usage: Default::default(),
+            state: "running",
+            pause_after_seconds: limits.pause_after.as_secs_f64(),
+            pauses: 0,
+            resumes: 0,
+            pause_seconds_total: 0.0,
+            resume_seconds_total: 0.0,
+            last_resumed_unix: None,
+            last_resume_seconds: None,
+            stored_bytes: 0,
         };
         let mut text = String::new();
         match &lease {
@@ -1306,6 +1330,27 @@ impl AirlockServer {
                 info.expires_in_seconds = i.expires_in.as_secs_f64();
                 info.lifetime_left_seconds = i.lifetime_left.as_secs_f64();
                 info.usage = i.usage;
+                let p = &i.pauses;
+                info.state = if p.paused { "paused" } else { "running" };
+                info.pauses = p.pauses;
+                info.resumes = p.resumes;
+                info.pause_seconds_total = p.pause_seconds;
+                info.resume_seconds_total = p.resume_seconds;
+                info.last_resumed_unix = p.last_resumed.and_then(|t| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_secs_f64())
+                });
+                info.last_resume_seconds = p.last_resume_seconds;
+                info.stored_bytes = p.stored_bytes;
+                if p.pauses > 0 {
+                    text.push_str(&format!(
+                        "Paused to disk {} time(s) and resumed {} time(s) with every file, variable and process; its saved state takes {} KiB.\n",
+                        p.pauses,
+                        p.resumes,
+                        p.stored_bytes / 1024
+                    ));
+                }
                 text.push_str(&format!(
                     "Sandbox {}: {} old; destroyed after {} without tool calls, and in any case in {} (maximum lifetime).\n\
                      Usage so far: {:.2} vCPU-seconds, {:.1} memory GB-seconds, {} runs.\n",
@@ -1347,7 +1392,8 @@ impl ServerHandler for AirlockServer {
                 "airlock runs code in a private Linux microVM (a sandbox) that belongs to this conversation: \
                  Python (numpy, pandas, matplotlib), JavaScript (Node.js) and bash, with a file system and no \
                  network. Variables, imports and files persist between calls. The sandbox is created at the \
-                 first tool call and destroyed after {} without tool calls, or {} after it was created; \
+                 first tool call; idle, it is paused to disk and resumed intact at the next call; it is \
+                 destroyed after {} without tool calls, or {} after it was created; \
                  reset_sandbox starts over. Clients without MCP sessions get a sandbox_id from their first call \
                  and pass it to later calls.",
                 fmt_duration(limits.idle_timeout),

@@ -123,3 +123,51 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .and_then(|d| d.sync_all())
         .with_context(|| format!("cannot flush the directory {}", dir.display()))
 }
+
+/// A paused sandbox as a server keeps it: the saved state, moved out of
+/// staging into the directory of paused sandboxes.
+#[derive(Debug)]
+pub struct SavedSandbox {
+    pub dir: PathBuf,
+    pub dirty_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+impl SavedSandbox {
+    /// Pauses `sandbox` and keeps its state beside its staging directory's
+    /// parent (a rename on one disk, then flushed).
+    pub async fn pause(sandbox: Sandbox) -> Result<SavedSandbox> {
+        let paused = sandbox.pause().await?;
+        let kept = match keep(&paused.dir) {
+            Ok(dir) => dir,
+            Err(err) => {
+                remove_staging(Some(&paused.dir));
+                return Err(err);
+            }
+        };
+        Ok(SavedSandbox {
+            dir: kept,
+            dirty_bytes: paused.dirty_bytes,
+            disk_bytes: paused.disk_bytes,
+        })
+    }
+
+    /// Removes the saved state.
+    pub fn discard(self) {
+        remove_staging(Some(&self.dir));
+    }
+}
+
+/// Moves `root/.staging/<id>` to `root/paused-<random>`.
+fn keep(staging: &Path) -> Result<PathBuf> {
+    let root = staging
+        .parent()
+        .and_then(Path::parent)
+        .context("a staging directory outside its root")?;
+    let name = format!("paused-{}", super::new_id()?);
+    let kept = root.join(name);
+    std::fs::rename(staging, &kept)
+        .with_context(|| format!("cannot move {} to {}", staging.display(), kept.display()))?;
+    sync_dir(root)?;
+    Ok(kept)
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use tokio::sync::{Mutex, Notify};
 
-use super::Sandbox;
+use super::{Sandbox, SavedSandbox, StartOptions};
 use crate::template::Template;
 
 pub const DEFAULT_POOL_SIZE: usize = 2;
@@ -17,6 +17,7 @@ pub const DEFAULT_POOL_SIZE: usize = 2;
 pub struct WarmPool {
     template: Template,
     airlock_exe: PathBuf,
+    options: StartOptions,
     target: usize,
     ready: Mutex<VecDeque<Sandbox>>,
     wake: Notify,
@@ -24,11 +25,18 @@ pub struct WarmPool {
 }
 
 impl WarmPool {
-    /// Starts a pool that keeps `target` sandboxes ready (0 disables it).
-    pub fn start(template: Template, airlock_exe: PathBuf, target: usize) -> Arc<WarmPool> {
+    /// Starts a pool that keeps `target` sandboxes ready (0 disables it),
+    /// started with `options`.
+    pub fn start(
+        template: Template,
+        airlock_exe: PathBuf,
+        options: StartOptions,
+        target: usize,
+    ) -> Arc<WarmPool> {
         let pool = Arc::new(WarmPool {
             template,
             airlock_exe,
+            options,
             target,
             ready: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
@@ -46,8 +54,23 @@ impl WarmPool {
         self.wake.notify_one();
         match ready {
             Some(sandbox) => Ok(sandbox),
-            None => Sandbox::restore(&self.template, &self.airlock_exe).await,
+            None => self.restore().await,
         }
+    }
+
+    async fn restore(&self) -> Result<Sandbox> {
+        Sandbox::start(&self.template, &self.airlock_exe, &self.options, None).await
+    }
+
+    /// A paused sandbox, resumed over this pool's template.
+    pub async fn resume(&self, saved: &SavedSandbox) -> Result<Sandbox> {
+        Sandbox::start(
+            &self.template,
+            &self.airlock_exe,
+            &self.options,
+            Some(&saved.dir),
+        )
+        .await
     }
 
     pub async fn ready_count(&self) -> usize {
@@ -79,7 +102,7 @@ async fn refill(p: Arc<WarmPool>) {
             p.wake.notified().await;
             continue;
         }
-        match Sandbox::restore(&p.template, &p.airlock_exe).await {
+        match p.restore().await {
             Ok(sandbox) if !p.closed.load(std::sync::atomic::Ordering::SeqCst) => {
                 p.ready.lock().await.push_back(sandbox);
             }

@@ -48,7 +48,7 @@ async def main() -> None:
                 check(a[name].read_only_hint, f"{name} is read-only")
             check(a["reset_sandbox"].destructive_hint, "reset_sandbox is destructive")
             check(tools["run_code"].output_schema is not None, "run_code has an output schema")
-            check("15 minutes" in tools["run_code"].description, "run_code's description says how long the sandbox lives")
+            check("1 hour" in tools["run_code"].description, "run_code's description says how long the sandbox lives")
 
             info = await call(s, "sandbox_info")
             check(not info.is_error and info.structured_content["sandbox_id"] is None, "sandbox_info before any call creates nothing")
@@ -167,7 +167,7 @@ async def main() -> None:
 
             info = await call(s, "sandbox_info")
             sc = info.structured_content
-            check(sc["sandbox_id"] and sc["idle_timeout_seconds"] == 900 and sc["max_lifetime_seconds"] == 8 * 3600, f"sandbox_info names the sandbox and its limits: {text_of(info)!r}")
+            check(sc["sandbox_id"] and sc["idle_timeout_seconds"] == 3600 and sc["max_lifetime_seconds"] == 8 * 3600, f"sandbox_info names the sandbox and its limits: {text_of(info)!r}")
             check(sc["usage"]["runs"] >= 10 and sc["usage"]["memory_gb_seconds"] > 0, f"sandbox_info reports usage {sc['usage']}")
 
             r = await call(s, "reset_sandbox")

@@ -32,6 +32,26 @@ pub struct Info {
     pub lifetime_left: Duration,
     pub usage: Usage,
     pub active_calls: usize,
+    pub pauses: PauseRecord,
+}
+
+/// A sandbox's pauses and resumes so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PauseRecord {
+    /// Its VM is gone and its state is on disk, to resume at the next call.
+    pub paused: bool,
+    pub pauses: u64,
+    pub resumes: u64,
+    pub pause_seconds: f64,
+    pub resume_seconds: f64,
+    /// When it was last resumed, and how long that took.
+    pub last_resumed: Option<std::time::SystemTime>,
+    pub last_resume_seconds: Option<f64>,
+    /// What its saved state takes on disk (the last pause's, kept until the
+    /// next one replaces it).
+    pub stored_bytes: u64,
+    /// Guest memory written since the template, at the last pause.
+    pub dirty_bytes: u64,
 }
 
 pub(super) struct Slot<S> {
@@ -41,7 +61,7 @@ pub(super) struct Slot<S> {
 
 /// One live sandbox and its bookkeeping. Its id stays the same across
 /// `reset`, which swaps the VM underneath.
-pub(super) struct Handle<S> {
+pub(super) struct Handle<S: Hosted> {
     pub(super) id: String,
     pub(super) principal: String,
     pub(super) slot: Arc<RwLock<Option<Slot<S>>>>,
@@ -62,6 +82,11 @@ pub(super) struct Handle<S> {
     /// Resets begun so far; a reset that finds one begun after it asked
     /// has been served by it.
     pub(super) resets_begun: AtomicU64,
+    /// The state its last pause saved (kept after a resume, until a newer
+    /// one replaces it), and whether the sandbox is paused now.
+    pub(super) saved: Mutex<Option<S::Saved>>,
+    pub(super) paused: AtomicBool,
+    pub(super) record: Mutex<PauseRecord>,
 }
 
 #[derive(Default)]
@@ -103,6 +128,9 @@ impl<S: Hosted> Handle<S> {
             kill: Mutex::new(kill),
             resetting: tokio::sync::Mutex::new(()),
             resets_begun: AtomicU64::new(0),
+            saved: Mutex::new(None),
+            paused: AtomicBool::new(false),
+            record: Mutex::new(PauseRecord::default()),
         };
         handle.set_vm(pid);
         handle
@@ -135,6 +163,22 @@ impl<S: Hosted> Handle<S> {
             memory_gb_seconds: self.memory_gb * self.bound_at.elapsed().as_secs_f64(),
             runs: self.runs.load(Ordering::Relaxed),
         }
+    }
+
+    pub(super) fn pause_record(&self) -> PauseRecord {
+        let mut record = lock(&self.record).clone();
+        record.paused = self.paused.load(Ordering::SeqCst);
+        record
+    }
+
+    /// Drops the saved state (the sandbox was reset or ended).
+    pub(super) fn forget_saved(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        if let Some(saved) = lock(&self.saved).take() {
+            S::discard(saved);
+        }
+        let mut record = lock(&self.record);
+        record.stored_bytes = 0;
     }
 
     pub(super) fn set_vm(&self, pid: Option<u32>) {

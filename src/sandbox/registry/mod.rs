@@ -34,12 +34,13 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::{EndReason, Metrics};
 
 mod handle;
+mod pausing;
 mod policy;
 #[cfg(test)]
 mod tests;
 
 use handle::{Handle, Slot, lock, new_id};
-pub use handle::{Info, Lease, Usage};
+pub use handle::{Info, Lease, PauseRecord, Usage};
 pub use policy::*;
 
 /// Where sandboxes come from.
@@ -51,16 +52,30 @@ pub trait Provider: Send + Sync + 'static {
     fn ready(&self) -> impl Future<Output = usize> + Send;
     /// Stops making sandboxes and destroys the ones not handed out.
     fn close(&self) -> impl Future<Output = ()> + Send;
+    /// A sandbox again from the state a pause saved (which stays as it is:
+    /// the registry discards it once a newer one is saved).
+    fn resume(
+        &self,
+        saved: &<Self::Sandbox as Hosted>::Saved,
+    ) -> impl Future<Output = anyhow::Result<Self::Sandbox>> + Send;
 }
 
 /// A sandbox as the registry sees it.
 pub trait Hosted: Send + Sync + 'static {
+    /// What a pause leaves: the sandbox's state, saved.
+    type Saved: Send + Sync + 'static;
     /// The VMM process, for CPU accounting.
     fn pid(&self) -> Option<u32>;
     /// Kills the VM at once from anywhere, without the sandbox itself.
     fn kill_switch(&self) -> KillSwitch;
     /// Ends it for good (no VMM process left behind).
     fn destroy(self) -> impl Future<Output = ()> + Send;
+    /// Saves it and ends its VM. On error the VM is gone too.
+    fn pause(self) -> impl Future<Output = anyhow::Result<Self::Saved>> + Send;
+    /// Bytes the saved state takes on disk.
+    fn saved_bytes(saved: &Self::Saved) -> u64;
+    /// Removes saved state no one will resume.
+    fn discard(saved: Self::Saved);
 }
 
 impl Provider for super::pool::WarmPool {
@@ -77,9 +92,15 @@ impl Provider for super::pool::WarmPool {
     async fn close(&self) {
         super::pool::WarmPool::close(self).await
     }
+
+    async fn resume(&self, saved: &super::SavedSandbox) -> anyhow::Result<super::Sandbox> {
+        super::pool::WarmPool::resume(self, saved).await
+    }
 }
 
 impl Hosted for super::Sandbox {
+    type Saved = super::SavedSandbox;
+
     fn pid(&self) -> Option<u32> {
         Some(super::Sandbox::pid(self))
     }
@@ -91,6 +112,18 @@ impl Hosted for super::Sandbox {
 
     async fn destroy(self) {
         super::Sandbox::destroy(self).await
+    }
+
+    async fn pause(self) -> anyhow::Result<super::SavedSandbox> {
+        super::SavedSandbox::pause(self).await
+    }
+
+    fn saved_bytes(saved: &super::SavedSandbox) -> u64 {
+        saved.disk_bytes
+    }
+
+    fn discard(saved: super::SavedSandbox) {
+        saved.discard();
     }
 }
 
@@ -123,7 +156,7 @@ struct Ended {
     after: Duration,
 }
 
-struct State<S> {
+struct State<S: Hosted> {
     handles: HashMap<String, Arc<Handle<S>>>,
     conversations: HashMap<Conversation, Arc<tokio::sync::Mutex<Option<String>>>>,
     ended: HashMap<String, Ended>,
@@ -132,7 +165,7 @@ struct State<S> {
     creating: HashMap<String, usize>,
 }
 
-impl<S> State<S> {
+impl<S: Hosted> State<S> {
     fn live(&self, principal: Option<&str>) -> usize {
         match principal {
             None => self.handles.len() + self.creating.values().sum::<usize>(),
@@ -198,8 +231,11 @@ impl<P: Provider> Registry<P> {
             closed: AtomicBool::new(false),
             reaper_stop: CancellationToken::new(),
         });
-        let tick = (limits.idle_timeout.min(limits.max_lifetime) / 5)
-            .clamp(Duration::from_millis(200), Duration::from_secs(30));
+        let mut soonest = limits.idle_timeout.min(limits.max_lifetime);
+        if !limits.pause_after.is_zero() {
+            soonest = soonest.min(limits.pause_after);
+        }
+        let tick = (soonest / 5).clamp(Duration::from_millis(200), Duration::from_secs(30));
         let weak = Arc::downgrade(&registry);
         let stop = registry.reaper_stop.clone();
         tokio::spawn(async move {
@@ -354,7 +390,21 @@ impl<P: Provider> Registry<P> {
     ) -> Result<Lease<P::Sandbox>, RegistryError> {
         let handle = self.find(id, principal, conversation).await?;
         handle.active.fetch_add(1, Ordering::SeqCst);
-        let guard = handle.slot.clone().read_owned().await;
+        // A pause begun before this call counted may hold the slot; once it
+        // lets go the sandbox is paused, and is resumed on the next round
+        // (no new pause starts while this call counts as active).
+        let mut rounds = 0;
+        let guard = loop {
+            if let Err(err) = self.resume_if_paused(&handle).await {
+                handle.active.fetch_sub(1, Ordering::SeqCst);
+                return Err(err);
+            }
+            let guard = handle.slot.clone().read_owned().await;
+            rounds += 1;
+            if guard.is_some() || !handle.paused.load(Ordering::SeqCst) || rounds >= 3 {
+                break guard;
+            }
+        };
         // The token of the VM this lease holds (a reset may have replaced
         // the VM while we waited).
         let cancel = guard
@@ -380,7 +430,7 @@ impl<P: Provider> Registry<P> {
         if lease.guard.is_none() {
             drop(lease);
             return Err(RegistryError::Start(format!(
-                "sandbox {id} has no VM because its last reset failed; call reset_sandbox again"
+                "sandbox {id} has no VM: its last reset or pause failed; call reset_sandbox for a fresh one"
             )));
         }
         Ok(lease)
@@ -536,6 +586,7 @@ impl<P: Provider> Registry<P> {
         if let Some(old) = slot.take() {
             old.sandbox.destroy().await;
         }
+        handle.forget_saved();
         let fresh = match self.provider.take().await {
             Ok(sandbox) => sandbox,
             Err(err) => {
@@ -592,6 +643,7 @@ impl<P: Provider> Registry<P> {
             lifetime_left,
             usage: handle.usage(),
             active_calls: handle.active.load(Ordering::SeqCst).saturating_sub(1),
+            pauses: handle.pause_record(),
         }
     }
 
@@ -643,6 +695,7 @@ impl<P: Provider> Registry<P> {
             let registry = self.clone();
             tokio::spawn(async move { registry.end(&handle, reason).await });
         }
+        self.pause_idle(now);
     }
 
     /// Removes a handle, cancels its calls, kills its VM, and destroys it
@@ -678,6 +731,7 @@ impl<P: Provider> Registry<P> {
             slot.cancel.cancel();
             slot.sandbox.destroy().await;
         }
+        handle.forget_saved();
         tracing::info!(sandbox = %handle.id, reason = reason.label(), ?usage, "sandbox destroyed");
     }
 

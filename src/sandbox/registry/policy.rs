@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Idle this long, a sandbox is paused to disk (its VM ends, its state stays).
+pub const DEFAULT_PAUSE_AFTER: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(8 * 3600);
 pub const DEFAULT_MAX_SANDBOXES: usize = 32;
 pub const DEFAULT_MAX_PER_PRINCIPAL: usize = 8;
@@ -14,7 +16,11 @@ pub(super) const REMEMBER_ENDED: usize = 10_000;
 /// Lifetimes and limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Idle this long (counted from the last call, paused or not), a
+    /// sandbox is destroyed.
     pub idle_timeout: Duration,
+    /// Idle this long, a sandbox is paused to disk; zero: never.
+    pub pause_after: Duration,
     pub max_lifetime: Duration,
     /// Live sandboxes in all.
     pub max_sandboxes: usize,
@@ -31,6 +37,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            pause_after: Duration::ZERO,
             max_lifetime: DEFAULT_MAX_LIFETIME,
             max_sandboxes: DEFAULT_MAX_SANDBOXES,
             max_per_principal: DEFAULT_MAX_PER_PRINCIPAL,

@@ -20,7 +20,31 @@ struct FakeSandbox {
     live: Arc<AtomicUsize>,
 }
 
+/// A fake pause keeps the sandbox's number, as a real one keeps its state.
+struct FakeSaved {
+    n: usize,
+    discarded: Arc<AtomicUsize>,
+}
+
 impl Hosted for FakeSandbox {
+    type Saved = FakeSaved;
+
+    async fn pause(self) -> anyhow::Result<FakeSaved> {
+        self.live.fetch_sub(1, Ordering::SeqCst);
+        Ok(FakeSaved {
+            n: self.n,
+            discarded: self.destroyed.clone(),
+        })
+    }
+
+    fn saved_bytes(_: &FakeSaved) -> u64 {
+        4096
+    }
+
+    fn discard(saved: FakeSaved) {
+        saved.discarded.fetch_add(1000, Ordering::SeqCst);
+    }
+
     fn pid(&self) -> Option<u32> {
         Some(std::process::id())
     }
@@ -55,6 +79,18 @@ impl Provider for Fake {
         0
     }
     async fn close(&self) {}
+    async fn resume(&self, saved: &FakeSaved) -> anyhow::Result<FakeSandbox> {
+        if self.fail.load(Ordering::SeqCst) {
+            anyhow::bail!("no VM today");
+        }
+        self.live.fetch_add(1, Ordering::SeqCst);
+        Ok(FakeSandbox {
+            n: saved.n,
+            destroyed: self.destroyed.clone(),
+            killed: Arc::new(AtomicBool::new(false)),
+            live: self.live.clone(),
+        })
+    }
 }
 
 fn registry(limits: Limits) -> (Arc<Registry<Fake>>, Arc<Fake>) {
@@ -303,4 +339,51 @@ async fn a_stalled_call_holds_up_neither_the_reaper_nor_shutdown() {
         shutdown.elapsed()
     );
     drop((stalled, third));
+}
+
+#[tokio::test]
+async fn an_idle_sandbox_pauses_and_the_next_call_resumes_it() {
+    let limits = Limits {
+        pause_after: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let (registry, fake) = registry(limits);
+    let lease = registry.acquire(&session("a"), "p").await.unwrap();
+    let n = lease.sandbox().n;
+    // Held by a call, it is busy, not idle.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!registry.info(&lease).pauses.paused);
+    assert_eq!(fake.live.load(Ordering::SeqCst), 1);
+    drop(lease);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(fake.live.load(Ordering::SeqCst), 0, "paused: no VM");
+
+    let lease = registry.acquire(&session("a"), "p").await.unwrap();
+    assert_eq!(lease.sandbox().n, n, "the same sandbox came back");
+    let record = registry.info(&lease).pauses;
+    assert!(!record.paused);
+    assert_eq!((record.pauses, record.resumes), (1, 1));
+    assert_eq!(record.stored_bytes, 4096);
+    assert!(record.last_resumed.is_some());
+    drop(lease);
+
+    // A failed resume keeps the saved state, so a later call gets it back.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    fake.fail.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        registry.acquire(&session("a"), "p").await,
+        Err(RegistryError::Start(_))
+    ));
+    fake.fail.store(false, Ordering::SeqCst);
+    let lease = registry.acquire(&session("a"), "p").await.unwrap();
+    assert_eq!(lease.sandbox().n, n);
+    // Two pauses: the first state was discarded when the second was saved.
+    assert_eq!(fake.destroyed.load(Ordering::SeqCst), 1000);
+    drop(lease);
+    registry.release(&session("a")).await;
+    assert_eq!(
+        fake.destroyed.load(Ordering::SeqCst),
+        2001,
+        "ending discards the saved state"
+    );
 }

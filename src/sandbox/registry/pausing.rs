@@ -1,0 +1,130 @@
+//! Pausing idle sandboxes to disk and resuming them at their next call.
+//!
+//! A sandbox idle for `pause_after` is paused by the reaper: its VM saves
+//! itself and ends, and the handle keeps the saved state. The next lease
+//! resumes it before the call runs, under the slot's write lock, so calls
+//! never see a half-resumed sandbox. The saved state outlives the resume
+//! (it is the last durable state) until a newer pause replaces it, or the
+//! sandbox is reset or ends.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use super::handle::{Handle, Slot, lock};
+use super::{Hosted, Provider, Registry, RegistryError};
+
+impl<P: Provider> Registry<P> {
+    /// Starts a pause, each in a task of its own, of every running sandbox
+    /// idle for `pause_after`.
+    pub(super) fn pause_idle(self: &Arc<Self>, now: Instant) {
+        let after = self.limits.pause_after;
+        if after.is_zero() {
+            return;
+        }
+        let due: Vec<_> = self
+            .state()
+            .handles
+            .values()
+            .filter(|h| !h.paused.load(Ordering::SeqCst) && h.idle(now) >= after)
+            .cloned()
+            .collect();
+        for handle in due {
+            let registry = self.clone();
+            tokio::spawn(async move { registry.pause(&handle).await });
+        }
+    }
+
+    /// Pauses `handle` if no call holds it (one that does makes it busy,
+    /// not idle: it is paused later).
+    async fn pause(&self, handle: &Arc<Handle<P::Sandbox>>) {
+        let Ok(mut slot) = handle.slot.clone().try_write_owned() else {
+            return;
+        };
+        if handle.active.load(Ordering::SeqCst) > 0 || handle.ended.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(current) = slot.take() else {
+            return;
+        };
+        let started = Instant::now();
+        match current.sandbox.pause().await {
+            Ok(saved) => {
+                let took = started.elapsed();
+                let bytes = P::Sandbox::saved_bytes(&saved);
+                if let Some(old) = lock(&handle.saved).replace(saved) {
+                    P::Sandbox::discard(old);
+                }
+                handle.set_vm(None);
+                handle.paused.store(true, Ordering::SeqCst);
+                {
+                    let mut record = lock(&handle.record);
+                    record.pauses += 1;
+                    record.pause_seconds += took.as_secs_f64();
+                    record.stored_bytes = bytes;
+                }
+                self.metrics.paused(took, bytes);
+                tracing::info!(sandbox = %handle.id, ?took, bytes, "sandbox paused");
+            }
+            Err(err) => {
+                // The VM is gone; a state saved before, if any, is what a
+                // call resumes now.
+                handle.set_vm(None);
+                let fallback = lock(&handle.saved).is_some();
+                handle.paused.store(fallback, Ordering::SeqCst);
+                self.metrics.pause_failed();
+                tracing::error!(sandbox = %handle.id, err = %format!("{err:#}"), fallback, "sandbox pause failed");
+            }
+        }
+    }
+
+    /// Resumes `handle` if it is paused, before a call uses it.
+    pub(super) async fn resume_if_paused(
+        &self,
+        handle: &Arc<Handle<P::Sandbox>>,
+    ) -> Result<(), RegistryError> {
+        if !handle.paused.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut slot = handle.slot.write().await;
+        if slot.is_some() || !handle.paused.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Out of the handle while it resumes (no lock is held across the
+        // await), and back in after, as the last durable state.
+        let Some(saved) = lock(&handle.saved).take() else {
+            handle.paused.store(false, Ordering::SeqCst);
+            return Ok(());
+        };
+        let started = Instant::now();
+        let resumed = self.provider.resume(&saved).await;
+        *lock(&handle.saved) = Some(saved);
+        let sandbox = match resumed {
+            Ok(sandbox) => sandbox,
+            Err(err) => {
+                self.metrics.resume_failed();
+                tracing::error!(sandbox = %handle.id, err = %format!("{err:#}"), "sandbox resume failed");
+                return Err(RegistryError::Start(format!(
+                    "sandbox {} is paused and could not be resumed ({err:#}); its saved state is kept, so try again",
+                    handle.id
+                )));
+            }
+        };
+        let took = started.elapsed();
+        handle.set_vm(sandbox.pid());
+        *lock(&handle.kill) = sandbox.kill_switch();
+        let cancel = lock(&handle.cancel).clone();
+        *slot = Some(Slot { sandbox, cancel });
+        handle.paused.store(false, Ordering::SeqCst);
+        {
+            let mut record = lock(&handle.record);
+            record.resumes += 1;
+            record.resume_seconds += took.as_secs_f64();
+            record.last_resumed = Some(SystemTime::now());
+            record.last_resume_seconds = Some(took.as_secs_f64());
+        }
+        self.metrics.resumed(took);
+        tracing::info!(sandbox = %handle.id, ?took, "sandbox resumed");
+        Ok(())
+    }
+}
