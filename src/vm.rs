@@ -95,6 +95,9 @@ pub enum VmError {
     Timeout(Duration, &'static str),
     #[error("cannot talk to the VMM process: {0}")]
     Control(std::io::Error),
+    /// The snapshot was not written; the VM runs on.
+    #[error("the snapshot could not be written: {0}")]
+    SnapshotFailed(String),
 }
 
 fn tail_text(tail: &[String]) -> String {
@@ -380,6 +383,8 @@ impl Vm {
 
     /// Pauses the VM and saves it into `dir` (created if missing); the VM
     /// ends afterwards. The host must have closed its vsock connections.
+    /// If the save cannot be written ([`VmError::SnapshotFailed`]) the VM
+    /// runs on and `dir` holds nothing of it.
     pub async fn snapshot(&mut self, dir: &Path) -> Result<SnapshotInfo, VmError> {
         std::fs::create_dir_all(dir).map_err(VmError::Control)?;
         let dir = dir.canonicalize().map_err(VmError::Control)?;
@@ -403,6 +408,9 @@ impl Vm {
                         return Err(report.into());
                     }
                     return Ok(info);
+                }
+                Some(VmmMessage::SnapshotFailed { detail }) => {
+                    return Err(VmError::SnapshotFailed(detail));
                 }
                 Some(VmmMessage::Exit(report)) => return Err(report.into()),
                 Some(_) => {}

@@ -237,9 +237,11 @@ impl TestBox {
 impl Hosted for TestBox {
     type Saved = ();
 
-    async fn pause(self) -> anyhow::Result<()> {
-        self.destroy().await;
-        anyhow::bail!("this test's sandboxes are not paused")
+    async fn pause(self) -> Result<(), (anyhow::Error, Option<Self>)> {
+        Err((
+            anyhow::anyhow!("this test's sandboxes are not paused"),
+            Some(self),
+        ))
     }
 
     fn saved_bytes(_: &()) -> u64 {

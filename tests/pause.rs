@@ -147,3 +147,67 @@ async fn a_paused_sandbox_resumes_with_files_interpreters_cwd_and_background_pro
         .collect();
     assert!(left.is_empty(), "no staging directory is left: {left:?}");
 }
+
+/// Unmounts (lazily: the VMM's own mount namespace held a bind of it) when
+/// the test ends, however it ends.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_the_disk_cannot_hold_leaves_the_sandbox_running_and_nothing_half_written() {
+    let template = common::template().await;
+    let store = tempfile::tempdir().unwrap();
+    // A 1 MiB disk: a restored sandbox has written more than that.
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(store.path())
+        .status()
+        .expect("mount runs");
+    assert!(
+        mounted.success(),
+        "mounting a tmpfs (the VM tests run as root)"
+    );
+    let _unmount = Tmpfs(store.path().to_path_buf());
+    let options = StartOptions {
+        staging_root: Some(store.path().to_path_buf()),
+        ..StartOptions::default()
+    };
+    let sandbox = Sandbox::start(&template, exe(), &options, None)
+        .await
+        .expect("restore");
+    run_in(
+        sandbox.client(),
+        Language::Python,
+        "import os\nkept = 7\nblob = os.urandom(4 << 20)",
+    )
+    .await
+    .unwrap();
+    let pid = sandbox.pid();
+    let failed = sandbox
+        .pause()
+        .await
+        .expect_err("a full disk fails the pause");
+    eprintln!("pause failed as it should: {:#}", failed.error);
+    let sandbox = failed.sandbox.expect("the sandbox runs on");
+    assert!(pid_alive(pid), "its VMM is the same, still running");
+    let out = run_in(sandbox.client(), Language::Python, "print(kept, len(blob))")
+        .await
+        .unwrap();
+    assert_eq!(out.trim(), format!("7 {}", 4 << 20));
+    let staged: Vec<_> = std::fs::read_dir(store.path().join(".staging"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    let left: Vec<_> = std::fs::read_dir(&staged[0]).unwrap().collect();
+    assert!(left.is_empty(), "nothing half-written is left: {left:?}");
+    sandbox.destroy().await;
+}

@@ -6,7 +6,7 @@ mod pause;
 pub mod pool;
 pub mod registry;
 
-pub use pause::{Paused, SavedSandbox};
+pub use pause::{PauseFailed, Paused, SavedSandbox};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};

@@ -8,9 +8,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow};
 
 use super::Sandbox;
+use crate::agent_client::AgentClient;
+use crate::vm::VmError;
 
 /// Staging directories live here, under the caller's root; what is left in
 /// it after a crash is garbage.
@@ -30,15 +32,44 @@ pub struct Paused {
     pub took: Duration,
 }
 
+/// A pause that did not happen. If the save could not be written (a full
+/// disk, say) the sandbox runs on and comes back here; otherwise its VM is
+/// gone. Nothing is left in the staging directory either way.
+pub struct PauseFailed {
+    pub error: anyhow::Error,
+    pub sandbox: Option<Sandbox>,
+}
+
+impl std::fmt::Debug for PauseFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PauseFailed")
+            .field("error", &self.error)
+            .field("running", &self.sandbox.is_some())
+            .finish()
+    }
+}
+
+impl PauseFailed {
+    fn gone(error: anyhow::Error) -> PauseFailed {
+        PauseFailed {
+            error,
+            sandbox: None,
+        }
+    }
+}
+
 impl Sandbox {
-    /// Saves the sandbox to disk and ends its VM. On error the VM is gone
-    /// too and nothing is left in the staging directory.
-    pub async fn pause(mut self) -> Result<Paused> {
-        let Some(dir) = self.staging.take() else {
-            bail!(
+    /// Saves the sandbox to disk and ends its VM.
+    pub async fn pause(self) -> Result<Paused, PauseFailed> {
+        let Some(dir) = self.staging.clone() else {
+            let error = anyhow!(
                 "sandbox {} was not started with a place to pause to",
                 self.id
             );
+            return Err(PauseFailed {
+                error,
+                sandbox: Some(self),
+            });
         };
         let started = Instant::now();
         let Sandbox {
@@ -46,25 +77,63 @@ impl Sandbox {
             mut vm,
             client,
             _run_dir,
-            ..
+            staging,
+            created,
+            timing,
         } = self;
         // Nothing of the host's is in flight when the guest stops; the
         // resumed guest's connections are reset by its vsock device.
         drop(client);
-        let saved = vm.snapshot(&dir).await;
-        drop(vm);
-        let info = match saved {
+        let info = match vm.snapshot(&dir).await {
             Ok(info) => info,
+            Err(VmError::SnapshotFailed(detail)) => {
+                // The VM runs on: connect to its agent again.
+                let error = anyhow!("cannot pause sandbox {id}: {detail}");
+                let connected = AgentClient::connect(
+                    vm.vsock_socket(),
+                    airlock_protocol::AGENT_VSOCK_PORT,
+                    super::CONNECT_TIMEOUT,
+                )
+                .await;
+                let client = match connected {
+                    Ok(client) => client,
+                    Err(err) => {
+                        tracing::error!(%err, "the agent does not answer after a failed pause");
+                        let _ = vm.stop(super::STOP_DEADLINE).await;
+                        remove_staging(staging.as_deref());
+                        return Err(PauseFailed::gone(error));
+                    }
+                };
+                let sandbox = Sandbox {
+                    id,
+                    vm,
+                    client,
+                    _run_dir,
+                    staging,
+                    created,
+                    timing,
+                };
+                return Err(PauseFailed {
+                    error,
+                    sandbox: Some(sandbox),
+                });
+            }
             Err(err) => {
+                let _ = vm.stop(super::STOP_DEADLINE).await;
                 remove_staging(Some(&dir));
-                return Err(anyhow::Error::new(err).context(format!("cannot pause sandbox {id}")));
+                return Err(PauseFailed::gone(
+                    anyhow::Error::new(err).context(format!("cannot pause sandbox {id}")),
+                ));
             }
         };
+        drop(vm);
         let disk_bytes = match make_durable(&dir) {
             Ok(bytes) => bytes,
             Err(err) => {
                 remove_staging(Some(&dir));
-                return Err(err.context(format!("cannot pause sandbox {id}")));
+                return Err(PauseFailed::gone(
+                    err.context(format!("cannot pause sandbox {id}")),
+                ));
             }
         };
         Ok(Paused {
@@ -136,13 +205,13 @@ pub struct SavedSandbox {
 impl SavedSandbox {
     /// Pauses `sandbox` and keeps its state beside its staging directory's
     /// parent (a rename on one disk, then flushed).
-    pub async fn pause(sandbox: Sandbox) -> Result<SavedSandbox> {
+    pub async fn pause(sandbox: Sandbox) -> Result<SavedSandbox, PauseFailed> {
         let paused = sandbox.pause().await?;
         let kept = match keep(&paused.dir) {
             Ok(dir) => dir,
             Err(err) => {
                 remove_staging(Some(&paused.dir));
-                return Err(err);
+                return Err(PauseFailed::gone(err));
             }
         };
         Ok(SavedSandbox {

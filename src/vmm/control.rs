@@ -36,6 +36,11 @@ pub enum VmmMessage {
         pause_micros: u64,
         save_micros: u64,
     },
+    /// A snapshot could not be saved (what it wrote is removed); the VM
+    /// runs on.
+    SnapshotFailed {
+        detail: String,
+    },
     /// The agent announced it listens; connecting now will succeed.
     AgentReadyHint,
     Stats {

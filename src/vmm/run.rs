@@ -141,13 +141,28 @@ pub fn run(config: &VmmConfig) -> i32 {
                     // SAFETY: the thread is alive (it parks, never exits, once paused).
                     unsafe { libc::pthread_kill(handle.as_pthread_t(), vcpu::kick_signal()) };
                 }
-                break match save_snapshot(&machine, &receiver, vcpu_count, &dir) {
-                    Ok(()) => (
-                        ExitReason::Snapshotted,
-                        format!("saved to {}", dir.display()),
-                    ),
-                    Err(err) => (ExitReason::Fatal, format!("snapshot failed: {err}")),
-                };
+                match save_snapshot(&machine, &receiver, vcpu_count, &dir) {
+                    Ok(()) => {
+                        break (
+                            ExitReason::Snapshotted,
+                            format!("saved to {}", dir.display()),
+                        );
+                    }
+                    Err(SaveError::Vm(detail)) => {
+                        break (ExitReason::Fatal, format!("snapshot failed: {detail}"));
+                    }
+                    Err(SaveError::Write(detail)) => {
+                        // The disk said no (full, say): nothing half-written
+                        // stays, and the guest goes on as if never paused.
+                        remove_partial_snapshot(&dir);
+                        tracing::error!(%detail, "snapshot not saved; the VM runs on");
+                        emit(&VmmMessage::SnapshotFailed { detail });
+                        pause.clear();
+                        for handle in &vcpu_threads {
+                            handle.thread().unpark();
+                        }
+                    }
+                }
             }
         }
     };
@@ -173,13 +188,46 @@ fn finish(reason: ExitReason, detail: String, console_tail: Vec<String>) -> i32 
     code
 }
 
+/// Why a snapshot was not saved.
+enum SaveError {
+    /// The VM's state could not be had: it cannot go on either.
+    Vm(String),
+    /// Writing it failed; the VM is intact and can run on.
+    Write(String),
+}
+
+impl From<String> for SaveError {
+    fn from(detail: String) -> Self {
+        SaveError::Vm(detail)
+    }
+}
+
+impl From<&str> for SaveError {
+    fn from(detail: &str) -> Self {
+        SaveError::Vm(detail.to_string())
+    }
+}
+
+/// Removes what a failed save may have left in `dir`.
+fn remove_partial_snapshot(dir: &Path) {
+    let files = [
+        snapshot::MEMORY_FILE.to_string(),
+        snapshot::overlay::OVERLAY_FILE.to_string(),
+        snapshot::STATE_FILE.to_string(),
+        format!("{}.tmp", snapshot::STATE_FILE),
+    ];
+    for name in files {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+}
+
 /// Waits for every vCPU to save itself, then saves the rest of the VM.
 fn save_snapshot(
     machine: &Machine,
     receiver: &Receiver<VmEvent>,
     vcpu_count: usize,
     dir: &Path,
-) -> Result<(), String> {
+) -> Result<(), SaveError> {
     let pause_started = Instant::now();
     let mut vcpus: Vec<Option<snapshot::vcpu_state::VcpuState>> =
         (0..vcpu_count).map(|_| None).collect();
@@ -192,7 +240,7 @@ fn save_snapshot(
                     .ok_or("a vCPU index out of range")?;
                 *slot = Some(state);
             }
-            Ok(VmEvent::Fatal(detail)) => return Err(detail),
+            Ok(VmEvent::Fatal(detail)) => return Err(SaveError::Vm(detail)),
             Ok(VmEvent::GuestReset) => return Err("the guest reset while pausing".into()),
             Ok(_) => {}
             Err(_) => return Err("the vCPUs went away while pausing".into()),
@@ -214,7 +262,7 @@ fn save_snapshot(
         .lock()
         .map_err(|_| "the serial lock is poisoned")?
         .snapshot();
-    let (written, overlay) = save_memory(machine, dir)?;
+    let (written, overlay) = save_memory(machine, dir).map_err(SaveError::Write)?;
     let state = MachineState {
         image: machine.identity.clone(),
         memory_bytes: machine.memory_bytes(),
@@ -225,7 +273,7 @@ fn save_snapshot(
         cmdline: machine.cmdline.clone(),
         overlay,
     };
-    snapshot::write_state(dir, &state).map_err(|e| e.to_string())?;
+    snapshot::write_state(dir, &state).map_err(|e| SaveError::Write(e.to_string()))?;
     emit(&VmmMessage::SnapshotSaved {
         dir: dir.display().to_string(),
         memory_bytes_written: written,

@@ -21,6 +21,11 @@ impl PauseRequest {
         self.0.store(true, Ordering::SeqCst);
     }
 
+    /// The save failed: the vCPUs run on (once unparked).
+    pub fn clear(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+
     fn requested(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
@@ -153,10 +158,12 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
                         index,
                         state: Box::new(saved),
                     });
-                    // Paused for good: the VMM exits after the snapshot.
-                    loop {
+                    // The VMM exits after the snapshot; if the save fails, it
+                    // clears the request and unparks us, and the guest goes on.
+                    while pause.requested() {
                         std::thread::park();
                     }
+                    IMMEDIATE_EXIT.with(|p| p.set(&mut vcpu.get_kvm_run().immediate_exit));
                 }
             }
             Err(err) => break VmEvent::Fatal(format!("KVM_RUN failed on vCPU {index}: {err}")),

@@ -70,8 +70,13 @@ pub trait Hosted: Send + Sync + 'static {
     fn kill_switch(&self) -> KillSwitch;
     /// Ends it for good (no VMM process left behind).
     fn destroy(self) -> impl Future<Output = ()> + Send;
-    /// Saves it and ends its VM. On error the VM is gone too.
-    fn pause(self) -> impl Future<Output = anyhow::Result<Self::Saved>> + Send;
+    /// Saves it and ends its VM. On error it comes back if it runs on (its
+    /// state could not be written), and is gone otherwise.
+    fn pause(
+        self,
+    ) -> impl Future<Output = Result<Self::Saved, (anyhow::Error, Option<Self>)>> + Send
+    where
+        Self: Sized;
     /// Bytes the saved state takes on disk.
     fn saved_bytes(saved: &Self::Saved) -> u64;
     /// Removes saved state no one will resume.
@@ -114,8 +119,10 @@ impl Hosted for super::Sandbox {
         super::Sandbox::destroy(self).await
     }
 
-    async fn pause(self) -> anyhow::Result<super::SavedSandbox> {
-        super::SavedSandbox::pause(self).await
+    async fn pause(self) -> Result<super::SavedSandbox, (anyhow::Error, Option<Self>)> {
+        super::SavedSandbox::pause(self)
+            .await
+            .map_err(|failed| (failed.error, failed.sandbox))
     }
 
     fn saved_bytes(saved: &super::SavedSandbox) -> u64 {

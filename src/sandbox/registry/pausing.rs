@@ -48,7 +48,8 @@ impl<P: Provider> Registry<P> {
             return;
         };
         let started = Instant::now();
-        match current.sandbox.pause().await {
+        let Slot { sandbox, cancel } = current;
+        match sandbox.pause().await {
             Ok(saved) => {
                 let took = started.elapsed();
                 let bytes = P::Sandbox::saved_bytes(&saved);
@@ -66,7 +67,14 @@ impl<P: Provider> Registry<P> {
                 self.metrics.paused(took, bytes);
                 tracing::info!(sandbox = %handle.id, ?took, bytes, "sandbox paused");
             }
-            Err(err) => {
+            Err((err, Some(sandbox))) => {
+                // Not written (a full disk, say): it runs on as it was.
+                self.metrics.pause_failed();
+                tracing::error!(sandbox = %handle.id, err = %format!("{err:#}"), "sandbox pause failed; it keeps running");
+                *lock(&handle.kill) = sandbox.kill_switch();
+                *slot = Some(Slot { sandbox, cancel });
+            }
+            Err((err, None)) => {
                 // The VM is gone; a state saved before, if any, is what a
                 // call resumes now.
                 handle.set_vm(None);

@@ -29,7 +29,7 @@ struct FakeSaved {
 impl Hosted for FakeSandbox {
     type Saved = FakeSaved;
 
-    async fn pause(self) -> anyhow::Result<FakeSaved> {
+    async fn pause(self) -> Result<FakeSaved, (anyhow::Error, Option<Self>)> {
         self.live.fetch_sub(1, Ordering::SeqCst);
         Ok(FakeSaved {
             n: self.n,
