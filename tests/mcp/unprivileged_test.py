@@ -65,7 +65,10 @@ def check_vmm(pid: int, uid: int) -> None:
         check(ns(pid, kind) != ns("self", kind), f"the VMM has its own {kind} namespace")
     root, host = os.stat(f"/proc/{pid}/root"), os.stat("/")
     check((root.st_dev, root.st_ino) != (host.st_dev, host.st_ino), "the VMM's root is the jail's")
-    check(sorted(os.listdir(f"/proc/{pid}/root")) == ["kernel", "rootfs", "run", "template"], "the jail holds only the VM's files")
+    # snapshot/: where a pause to disk saves this VM, empty until one does.
+    jail = f"/proc/{pid}/root"
+    check(sorted(os.listdir(jail)) == ["kernel", "rootfs", "run", "snapshot", "template"], f"the jail holds only the VM's files: {sorted(os.listdir(jail))}")
+    check(os.listdir(f"{jail}/snapshot") == [], "its pause directory is empty while it runs")
     if os.geteuid() == 0:
         with open(f"/proc/{pid}/environ", "rb") as f:
             check(CANARY.encode() not in f.read(), f"the VMM's environment has no {CANARY}")
