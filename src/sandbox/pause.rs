@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 
 use super::Sandbox;
 use crate::agent_client::AgentClient;
@@ -162,23 +162,46 @@ pub(super) fn remove_staging(dir: Option<&Path>) {
     }
 }
 
-/// Flushes every file of `dir` and the directory itself to disk (the VMM
+/// What a diff snapshot holds; anything else in a pause directory was put
+/// there by something other than a healthy VMM.
+const SAVED_FILES: [&str; 2] = [
+    crate::vmm::snapshot::STATE_FILE,
+    crate::vmm::snapshot::overlay::OVERLAY_FILE,
+];
+
+/// Flushes the saved files and the directory itself to disk (the VMM
 /// flushed the memory, not its state file); returns the bytes they take.
+/// The VMM could write this directory, so nothing in it is trusted: only
+/// the expected names, each a regular file (opened without following a
+/// link and without blocking, so a FIFO cannot hang the gateway).
 fn make_durable(dir: &Path) -> Result<u64> {
-    let mut bytes = 0u64;
-    let entries =
+    use std::os::unix::fs::OpenOptionsExt;
+    let listed =
         std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
-    for entry in entries {
-        let path = entry
+    for entry in listed {
+        let name = entry
             .with_context(|| format!("cannot list {}", dir.display()))?
-            .path();
-        let file = std::fs::File::open(&path)
+            .file_name();
+        if !SAVED_FILES.iter().any(|f| name == *f) {
+            bail!("{} holds an unexpected entry {name:?}", dir.display());
+        }
+    }
+    let mut bytes = 0u64;
+    for name in SAVED_FILES {
+        let path = dir.join(name);
+        let file = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        file.sync_all()
-            .with_context(|| format!("cannot flush {}", path.display()))?;
         let meta = file
             .metadata()
             .with_context(|| format!("cannot stat {}", path.display()))?;
+        if !meta.is_file() {
+            bail!("{} is not a regular file", path.display());
+        }
+        file.sync_all()
+            .with_context(|| format!("cannot flush {}", path.display()))?;
         bytes += meta.blocks() * 512;
     }
     sync_dir(dir)?;
@@ -239,4 +262,35 @@ fn keep(staging: &Path) -> Result<PathBuf> {
         .with_context(|| format!("cannot move {} to {}", staging.display(), kept.display()))?;
     sync_dir(root)?;
     Ok(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_saved_files_as_regular_files_are_made_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in SAVED_FILES {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert!(make_durable(dir.path()).unwrap() > 0);
+
+        // A FIFO in place of the state file: refused at once, not a hang.
+        let state = dir.path().join(SAVED_FILES[0]);
+        std::fs::remove_file(&state).unwrap();
+        let c = std::ffi::CString::new(state.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(make_durable(dir.path()).is_err());
+
+        // A link, or anything unexpected, is refused too.
+        std::fs::remove_file(&state).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &state).unwrap();
+        assert!(make_durable(dir.path()).is_err());
+        std::fs::remove_file(&state).unwrap();
+        std::fs::write(&state, b"x").unwrap();
+        std::fs::write(dir.path().join("extra"), b"x").unwrap();
+        assert!(make_durable(dir.path()).is_err());
+    }
 }
