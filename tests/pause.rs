@@ -22,6 +22,14 @@ fn now_unix() -> f64 {
         .as_secs_f64()
 }
 
+/// Sandboxes that pause into `root`.
+fn pausable_into(root: &Path) -> StartOptions {
+    StartOptions {
+        staging_root: Some(root.to_path_buf()),
+        ..StartOptions::default()
+    }
+}
+
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -45,10 +53,7 @@ async fn ticks(sandbox: &Sandbox) -> (usize, f64) {
 async fn a_paused_sandbox_resumes_with_files_interpreters_cwd_and_background_processes() {
     let template = common::template().await;
     let store = tempfile::tempdir().unwrap();
-    let options = StartOptions {
-        staging_root: Some(store.path().to_path_buf()),
-        ..StartOptions::default()
-    };
+    let options = pausable_into(store.path());
     let sandbox = Sandbox::start(&template, exe(), &options, None)
         .await
         .expect("restore");
@@ -176,10 +181,7 @@ async fn a_pause_the_disk_cannot_hold_leaves_the_sandbox_running_and_nothing_hal
         "mounting a tmpfs (the VM tests run as root)"
     );
     let _unmount = Tmpfs(store.path().to_path_buf());
-    let options = StartOptions {
-        staging_root: Some(store.path().to_path_buf()),
-        ..StartOptions::default()
-    };
+    let options = pausable_into(store.path());
     let sandbox = Sandbox::start(&template, exe(), &options, None)
         .await
         .expect("restore");

@@ -50,8 +50,6 @@ pub struct PauseRecord {
     /// What its saved state takes on disk (the last pause's, kept until the
     /// next one replaces it).
     pub stored_bytes: u64,
-    /// Guest memory written since the template, at the last pause.
-    pub dirty_bytes: u64,
 }
 
 pub(super) struct Slot<S> {
