@@ -62,6 +62,8 @@ pub enum EndReason {
     Lifetime,
     /// Its conversation ended (session closed, reset, shutdown).
     Closed,
+    /// Running when the server stopped without saving it, and never saved.
+    Lost,
 }
 
 impl EndReason {
@@ -70,6 +72,7 @@ impl EndReason {
             EndReason::Idle => "idle_timeout",
             EndReason::Lifetime => "max_lifetime",
             EndReason::Closed => "closed",
+            EndReason::Lost => "lost",
         }
     }
 }

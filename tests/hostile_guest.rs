@@ -250,6 +250,10 @@ impl Hosted for TestBox {
 
     fn discard(_: ()) {}
 
+    fn saved_name(_: &()) -> String {
+        String::new()
+    }
+
     fn pid(&self) -> Option<u32> {
         match self {
             TestBox::Restored(s) => Some(s.pid()),
@@ -298,6 +302,10 @@ impl Provider for Boxes {
     }
 
     async fn close(&self) {}
+
+    fn load_saved(&self, _: &str) -> anyhow::Result<()> {
+        anyhow::bail!("the test boxes are never paused")
+    }
 
     async fn resume(&self, _: &()) -> anyhow::Result<TestBox> {
         anyhow::bail!("this test's sandboxes are not paused")

@@ -179,6 +179,16 @@ impl Provider for LazyPool {
         self.pool().await?.resume(saved).await
     }
 
+    fn load_saved(&self, name: &str) -> Result<SavedSandbox> {
+        let root = self
+            .recipe
+            .options
+            .staging_root
+            .as_deref()
+            .context("this server keeps no paused sandboxes")?;
+        SavedSandbox::load(root, name)
+    }
+
     async fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         let pool = match &*self.state.borrow() {

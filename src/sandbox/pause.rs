@@ -248,7 +248,38 @@ impl SavedSandbox {
     pub fn discard(self) {
         remove_staging(Some(&self.dir));
     }
+
+    /// Its directory's name under the root it was kept in.
+    pub fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The saved state kept as `root/name` by an earlier run: checked as a
+    /// pause checks what its VMM wrote, since it has been on disk since.
+    pub fn load(root: &Path, name: &str) -> Result<SavedSandbox> {
+        if !name.starts_with(KEPT_PREFIX) || name.contains('/') || name.contains("..") {
+            bail!("{name:?} is not the name of a saved sandbox");
+        }
+        let dir = root.join(name);
+        let meta = std::fs::symlink_metadata(&dir)
+            .with_context(|| format!("the saved sandbox {} is missing", dir.display()))?;
+        if !meta.is_dir() {
+            bail!("{} is not a directory", dir.display());
+        }
+        let disk_bytes = make_durable(&dir)?;
+        Ok(SavedSandbox {
+            dir,
+            dirty_bytes: 0,
+            disk_bytes,
+        })
+    }
 }
+
+/// Kept states are `root/<KEPT_PREFIX><random>`.
+const KEPT_PREFIX: &str = "paused-";
 
 /// Moves `root/.staging/<id>` to `root/paused-<random>`.
 fn keep(staging: &Path) -> Result<PathBuf> {
@@ -256,7 +287,7 @@ fn keep(staging: &Path) -> Result<PathBuf> {
         .parent()
         .and_then(Path::parent)
         .context("a staging directory outside its root")?;
-    let name = format!("paused-{}", super::new_id()?);
+    let name = format!("{KEPT_PREFIX}{}", super::new_id()?);
     let kept = root.join(name);
     std::fs::rename(staging, &kept)
         .with_context(|| format!("cannot move {} to {}", staging.display(), kept.display()))?;

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tokio::sync::{Mutex, Notify};
 
 use super::{Sandbox, SavedSandbox, StartOptions};
@@ -71,6 +71,16 @@ impl WarmPool {
             Some(&saved.dir),
         )
         .await
+    }
+
+    /// A paused sandbox kept by an earlier run, found by its name.
+    pub fn load_saved(&self, name: &str) -> Result<SavedSandbox> {
+        let root = self
+            .options
+            .staging_root
+            .as_deref()
+            .context("this server keeps no paused sandboxes")?;
+        SavedSandbox::load(root, name)
     }
 
     pub async fn ready_count(&self) -> usize {

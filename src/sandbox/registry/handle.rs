@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +50,27 @@ pub struct PauseRecord {
     /// What its saved state takes on disk (the last pause's, kept until the
     /// next one replaces it).
     pub stored_bytes: u64,
+    /// Since when `stored_bytes` has been stored, and the byte-seconds
+    /// stored before that.
+    pub stored_since: Option<Instant>,
+    pub byte_seconds_before: f64,
+}
+
+impl PauseRecord {
+    /// What is stored now changes to `bytes`.
+    pub(super) fn set_stored(&mut self, bytes: u64) {
+        self.byte_seconds_before = self.stored_byte_seconds();
+        self.stored_bytes = bytes;
+        self.stored_since = Some(Instant::now());
+    }
+
+    /// Bytes stored times seconds, so far (snapshot storage metering).
+    pub fn stored_byte_seconds(&self) -> f64 {
+        let current = self.stored_since.map_or(0.0, |t| {
+            self.stored_bytes as f64 * t.elapsed().as_secs_f64()
+        });
+        self.byte_seconds_before + current
+    }
 }
 
 pub(super) struct Slot<S> {
@@ -65,7 +86,6 @@ pub(super) struct Handle<S: Hosted> {
     pub(super) slot: Arc<RwLock<Option<Slot<S>>>>,
     /// Cancels the calls running in the current VM (reset, destroy).
     pub(super) cancel: Mutex<CancellationToken>,
-    pub(super) bound_at: Instant,
     pub(super) created: Mutex<Instant>,
     pub(super) last_used: Mutex<Instant>,
     pub(super) active: AtomicUsize,
@@ -83,13 +103,26 @@ pub(super) struct Handle<S: Hosted> {
     /// The state its last pause saved (kept after a resume, until a newer
     /// one replaces it), and whether the sandbox is paused now.
     pub(super) saved: Mutex<Option<S::Saved>>,
+    pub(super) saved_at: Mutex<Option<SystemTime>>,
     pub(super) paused: AtomicBool,
     pub(super) record: Mutex<PauseRecord>,
+    /// Bound to the stdio conversation (what `--persist` brings back).
+    pub(super) stdio: bool,
+    /// `created` on the wall clock, for the durable record.
+    pub(super) created_wall: Mutex<SystemTime>,
+    /// Said once, with the next call's result (it came back older than it was).
+    pub(super) notice: Mutex<Option<String>>,
 }
 
 #[derive(Default)]
 pub(super) struct CpuMeter {
     pid: Option<u32>,
+    /// Since when a VM has been held, and for how long VMs were held before
+    /// (memory is metered only while a VM holds it, not while paused).
+    vm_since: Option<Instant>,
+    vm_time_before: Duration,
+    /// Memory GB-seconds of earlier runs of the server.
+    memory_before: f64,
     /// CPU time of `pid` when it was bound.
     base: Duration,
     /// CPU time of the VMs this handle had before a reset.
@@ -102,20 +135,39 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl<S: Hosted> Handle<S> {
     /// A handle for `sandbox`, bound now to `principal`.
-    pub(super) fn new(id: String, principal: &str, sandbox: S, memory_gb: f64) -> Handle<S> {
-        let now = Instant::now();
+    pub(super) fn new(
+        id: String,
+        principal: &str,
+        sandbox: S,
+        memory_gb: f64,
+        stdio: bool,
+    ) -> Handle<S> {
         let pid = sandbox.pid();
         let kill = sandbox.kill_switch();
+        let handle = Handle::empty(id, principal, Some(sandbox), kill, memory_gb, stdio);
+        handle.set_vm(pid);
+        handle
+    }
+
+    /// A handle with no VM yet (one restored from the durable record).
+    pub(super) fn empty(
+        id: String,
+        principal: &str,
+        sandbox: Option<S>,
+        kill: KillSwitch,
+        memory_gb: f64,
+        stdio: bool,
+    ) -> Handle<S> {
+        let now = Instant::now();
         let cancel = CancellationToken::new();
-        let handle = Handle {
+        Handle {
             id,
             principal: principal.to_string(),
-            slot: Arc::new(RwLock::new(Some(Slot {
+            slot: Arc::new(RwLock::new(sandbox.map(|sandbox| Slot {
                 sandbox,
                 cancel: cancel.clone(),
             }))),
             cancel: Mutex::new(cancel),
-            bound_at: now,
             created: Mutex::new(now),
             last_used: Mutex::new(now),
             active: AtomicUsize::new(0),
@@ -127,11 +179,13 @@ impl<S: Hosted> Handle<S> {
             resetting: tokio::sync::Mutex::new(()),
             resets_begun: AtomicU64::new(0),
             saved: Mutex::new(None),
+            saved_at: Mutex::new(None),
             paused: AtomicBool::new(false),
             record: Mutex::new(PauseRecord::default()),
-        };
-        handle.set_vm(pid);
-        handle
+            stdio,
+            created_wall: Mutex::new(SystemTime::now()),
+            notice: Mutex::new(None),
+        }
     }
 
     pub(super) fn idle(&self, now: Instant) -> Duration {
@@ -147,20 +201,59 @@ impl<S: Hosted> Handle<S> {
     }
 
     pub(super) fn usage(&self) -> Usage {
-        let cpu = {
+        let (cpu, memory_gb_seconds) = {
             let meter = lock(&self.cpu);
             let current = meter
                 .pid
                 .and_then(process_cpu_time)
                 .map(|t| t.saturating_sub(meter.base))
                 .unwrap_or_default();
-            meter.before + current
+            let held =
+                meter.vm_time_before + meter.vm_since.map(|t| t.elapsed()).unwrap_or_default();
+            (
+                meter.before + current,
+                meter.memory_before + self.memory_gb * held.as_secs_f64(),
+            )
         };
         Usage {
             vcpu_seconds: cpu.as_secs_f64(),
-            memory_gb_seconds: self.memory_gb * self.bound_at.elapsed().as_secs_f64(),
+            memory_gb_seconds,
             runs: self.runs.load(Ordering::Relaxed),
         }
+    }
+
+    /// Everything the durable record keeps of its counters.
+    pub(super) fn counters(&self) -> super::store::Counters {
+        let usage = self.usage();
+        let record = lock(&self.record).clone();
+        super::store::Counters {
+            vcpu_seconds: usage.vcpu_seconds,
+            memory_gb_seconds: usage.memory_gb_seconds,
+            runs: usage.runs,
+            pauses: record.pauses,
+            resumes: record.resumes,
+            pause_seconds: record.pause_seconds,
+            resume_seconds: record.resume_seconds,
+            snapshot_writes: record.pauses,
+            snapshot_restores: record.resumes,
+            snapshot_byte_seconds: record.stored_byte_seconds(),
+        }
+    }
+
+    /// Takes up the counters of an earlier run of the server.
+    pub(super) fn carry_over(&self, c: &super::store::Counters) {
+        {
+            let mut meter = lock(&self.cpu);
+            meter.before += Duration::from_secs_f64(c.vcpu_seconds.clamp(0.0, 1e12));
+            meter.memory_before += c.memory_gb_seconds.max(0.0);
+        }
+        self.runs.fetch_add(c.runs, Ordering::Relaxed);
+        let mut record = lock(&self.record);
+        record.pauses += c.pauses;
+        record.resumes += c.resumes;
+        record.pause_seconds += c.pause_seconds;
+        record.resume_seconds += c.resume_seconds;
+        record.byte_seconds_before += c.snapshot_byte_seconds.max(0.0);
     }
 
     pub(super) fn pause_record(&self) -> PauseRecord {
@@ -175,8 +268,8 @@ impl<S: Hosted> Handle<S> {
         if let Some(saved) = lock(&self.saved).take() {
             S::discard(saved);
         }
-        let mut record = lock(&self.record);
-        record.stored_bytes = 0;
+        *lock(&self.saved_at) = None;
+        lock(&self.record).set_stored(0);
     }
 
     pub(super) fn set_vm(&self, pid: Option<u32>) {
@@ -187,6 +280,10 @@ impl<S: Hosted> Handle<S> {
             .map(|t| t.saturating_sub(meter.base))
             .unwrap_or_default();
         meter.before += current;
+        if let Some(since) = meter.vm_since.take() {
+            meter.vm_time_before += since.elapsed();
+        }
+        meter.vm_since = pid.map(|_| Instant::now());
         meter.pid = pid;
         meter.base = pid.and_then(process_cpu_time).unwrap_or_default();
     }

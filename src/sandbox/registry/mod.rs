@@ -33,15 +33,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{EndReason, Metrics};
 
+mod durable;
 mod handle;
 mod pausing;
 mod policy;
+mod store;
 #[cfg(test)]
 mod tests;
 
 use handle::{Handle, Slot, lock, new_id};
 pub use handle::{Info, Lease, PauseRecord, Usage};
 pub use policy::*;
+pub use store::Store;
 
 /// Where sandboxes come from.
 pub trait Provider: Send + Sync + 'static {
@@ -58,6 +61,9 @@ pub trait Provider: Send + Sync + 'static {
         &self,
         saved: &<Self::Sandbox as Hosted>::Saved,
     ) -> impl Future<Output = anyhow::Result<Self::Sandbox>> + Send;
+    /// The saved state a durable record names (by [`Hosted::saved_name`]),
+    /// found again after a restart.
+    fn load_saved(&self, name: &str) -> anyhow::Result<<Self::Sandbox as Hosted>::Saved>;
 }
 
 /// A sandbox as the registry sees it.
@@ -81,6 +87,8 @@ pub trait Hosted: Send + Sync + 'static {
     fn saved_bytes(saved: &Self::Saved) -> u64;
     /// Removes saved state no one will resume.
     fn discard(saved: Self::Saved);
+    /// The saved state's name in the durable store (its directory).
+    fn saved_name(saved: &Self::Saved) -> String;
 }
 
 impl Provider for super::pool::WarmPool {
@@ -100,6 +108,10 @@ impl Provider for super::pool::WarmPool {
 
     async fn resume(&self, saved: &super::SavedSandbox) -> anyhow::Result<super::Sandbox> {
         super::pool::WarmPool::resume(self, saved).await
+    }
+
+    fn load_saved(&self, name: &str) -> anyhow::Result<super::SavedSandbox> {
+        super::pool::WarmPool::load_saved(self, name)
     }
 }
 
@@ -131,6 +143,10 @@ impl Hosted for super::Sandbox {
 
     fn discard(saved: super::SavedSandbox) {
         saved.discard();
+    }
+
+    fn saved_name(saved: &super::SavedSandbox) -> String {
+        saved.name()
     }
 }
 
@@ -212,6 +228,10 @@ pub struct Registry<P: Provider> {
     state: Mutex<State<P::Sandbox>>,
     closed: AtomicBool,
     reaper_stop: CancellationToken,
+    /// The durable record, if sandboxes outlive this process.
+    store: Option<Arc<Store>>,
+    /// At shutdown, pause every sandbox into the store instead of ending it.
+    keep_on_shutdown: bool,
 }
 
 impl<P: Provider> Registry<P> {
@@ -222,6 +242,40 @@ impl<P: Provider> Registry<P> {
         limits: Limits,
         memory_mib: u32,
         metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Self::build(provider, limits, memory_mib, metrics, None, false)
+    }
+
+    /// A registry kept in `store`: the sandboxes an earlier run recorded
+    /// are taken up (paused, or reported as lost), and with
+    /// `keep_on_shutdown` a shutdown pauses every sandbox into it.
+    pub fn start_durable(
+        provider: Arc<P>,
+        limits: Limits,
+        memory_mib: u32,
+        metrics: Arc<Metrics>,
+        store: Arc<Store>,
+        keep_on_shutdown: bool,
+    ) -> anyhow::Result<Arc<Self>> {
+        let registry = Self::build(
+            provider,
+            limits,
+            memory_mib,
+            metrics,
+            Some(store),
+            keep_on_shutdown,
+        );
+        registry.recover()?;
+        Ok(registry)
+    }
+
+    fn build(
+        provider: Arc<P>,
+        limits: Limits,
+        memory_mib: u32,
+        metrics: Arc<Metrics>,
+        store: Option<Arc<Store>>,
+        keep_on_shutdown: bool,
     ) -> Arc<Self> {
         let registry = Arc::new(Registry {
             provider,
@@ -237,6 +291,8 @@ impl<P: Provider> Registry<P> {
             }),
             closed: AtomicBool::new(false),
             reaper_stop: CancellationToken::new(),
+            store,
+            keep_on_shutdown,
         });
         let mut soonest = limits.idle_timeout.min(limits.max_lifetime);
         if !limits.pause_after.is_zero() {
@@ -293,7 +349,9 @@ impl<P: Provider> Registry<P> {
         if let Some(id) = bound.as_ref() {
             return self.lease(id, principal, Some(conversation)).await;
         }
-        let handle = self.create(principal).await?;
+        let handle = self
+            .create(principal, *conversation == Conversation::Stdio)
+            .await?;
         *bound = Some(handle.id.clone());
         let still_there = self
             .state()
@@ -337,7 +395,7 @@ impl<P: Provider> Registry<P> {
         principal: &str,
     ) -> Result<Lease<P::Sandbox>, RegistryError> {
         self.check_open()?;
-        let handle = self.create(principal).await?;
+        let handle = self.create(principal, false).await?;
         self.lease(&handle.id, principal, None).await
     }
 
@@ -454,6 +512,10 @@ impl<P: Provider> Registry<P> {
                 fmt_duration(self.limits.max_lifetime)
             ),
             EndReason::Closed => "its conversation was closed".to_string(),
+            EndReason::Lost => {
+                "the server stopped while it was running, before it had ever been saved to disk"
+                    .to_string()
+            }
         };
         let next = if implicit {
             "Call reset_sandbox to start a fresh sandbox for this conversation, then recreate any files or variables you need."
@@ -467,7 +529,11 @@ impl<P: Provider> Registry<P> {
     }
 
     /// Makes a new handle for `principal`, within the limits.
-    async fn create(&self, principal: &str) -> Result<Arc<Handle<P::Sandbox>>, RegistryError> {
+    async fn create(
+        &self,
+        principal: &str,
+        stdio: bool,
+    ) -> Result<Arc<Handle<P::Sandbox>>, RegistryError> {
         {
             let mut state = self.state();
             if state.live(None) >= self.limits.max_sandboxes {
@@ -503,12 +569,22 @@ impl<P: Provider> Registry<P> {
                 "the host has no entropy for a sandbox id".into(),
             ));
         };
-        let handle = Arc::new(Handle::new(id.clone(), principal, sandbox, self.memory_gb));
+        let handle = Arc::new(Handle::new(
+            id.clone(),
+            principal,
+            sandbox,
+            self.memory_gb,
+            stdio,
+        ));
         {
             // Counted as live from now on instead of as being created.
             let mut state = self.state();
             state.unreserve(principal);
             state.handles.insert(id.clone(), handle.clone());
+        }
+        if let Err(err) = self.record_new(&handle) {
+            self.end(&handle, EndReason::Closed).await;
+            return Err(RegistryError::Start(format!("{err:#}")));
         }
         self.metrics.restore();
         tracing::info!(sandbox = %id, %principal, "sandbox bound");
@@ -539,7 +615,9 @@ impl<P: Provider> Registry<P> {
                 self.lease(&handle.id, principal, Some(conversation)).await
             }
             None => {
-                let handle = self.create(principal).await?;
+                let handle = self
+                    .create(principal, *conversation == Conversation::Stdio)
+                    .await?;
                 *bound = Some(handle.id.clone());
                 drop(bound);
                 self.lease(&handle.id, principal, Some(conversation)).await
@@ -619,6 +697,8 @@ impl<P: Provider> Registry<P> {
             sandbox: fresh,
             cancel,
         });
+        *lock(&handle.created_wall) = std::time::SystemTime::now();
+        self.record(handle);
         tracing::info!(sandbox = %handle.id, "sandbox reset");
         Ok(())
     }
@@ -628,6 +708,10 @@ impl<P: Provider> Registry<P> {
     pub async fn release(&self, conversation: &Conversation) {
         let binding = self.state().conversations.remove(conversation);
         let Some(binding) = binding else { return };
+        if self.keeping() {
+            // Its sandbox is paused by the shutdown, to outlive this run.
+            return;
+        }
         let id = binding.lock().await.clone();
         let handle = id.and_then(|id| self.state().handles.get(&id).cloned());
         if let Some(handle) = handle {
@@ -738,31 +822,32 @@ impl<P: Provider> Registry<P> {
             slot.cancel.cancel();
             slot.sandbox.destroy().await;
         }
+        self.record_end(handle);
         handle.forget_saved();
         tracing::info!(sandbox = %handle.id, reason = reason.label(), ?usage, "sandbox destroyed");
     }
 
-    /// Destroys every sandbox and the pool; new requests are refused.
+    /// New requests are refused from now on (a shutdown has begun).
+    pub fn stop_accepting(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Shutting down, and keeping the sandboxes for a later run.
+    fn keeping(&self) -> bool {
+        self.keep_on_shutdown && self.store.is_some() && self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Destroys every sandbox (or, keeping them, pauses each into the
+    /// store) and the pool; new requests are refused.
     pub async fn shutdown(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.reaper_stop.cancel();
         let handles: Vec<_> = self.state().handles.values().cloned().collect();
-        let ends = handles.iter().map(|h| self.end(h, EndReason::Closed));
-        futures_join_all(ends).await;
+        if self.keeping() {
+            futures::future::join_all(handles.iter().map(|h| self.keep(h))).await;
+        } else {
+            futures::future::join_all(handles.iter().map(|h| self.end(h, EndReason::Closed))).await;
+        }
         self.provider.close().await;
     }
-}
-
-/// Runs the futures concurrently (no extra crate).
-async fn futures_join_all<F: Future<Output = ()>>(futures: impl IntoIterator<Item = F>) {
-    let mut set: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
-    std::future::poll_fn(|cx| {
-        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
-        if set.is_empty() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await
 }

@@ -44,6 +44,49 @@ impl<P: Provider> Registry<P> {
         if handle.active.load(Ordering::SeqCst) > 0 || handle.ended.load(Ordering::SeqCst) {
             return;
         }
+        self.pause_slot(handle, &mut slot).await;
+    }
+
+    /// At shutdown: stops the sandbox's calls and pauses it into the store,
+    /// to be taken up by the next run. One that cannot be saved keeps its
+    /// last saved state, or is recorded as gone if it has none.
+    pub(super) async fn keep(&self, handle: &Arc<Handle<P::Sandbox>>) {
+        lock(&handle.cancel).cancel();
+        match tokio::time::timeout(self.limits.stall_grace, handle.slot.write()).await {
+            Ok(mut slot) => {
+                self.pause_slot(handle, &mut slot).await;
+                if let Some(current) = slot.take() {
+                    // Its state could not be written: it ends here.
+                    current.sandbox.destroy().await;
+                    handle.set_vm(None);
+                    handle
+                        .paused
+                        .store(lock(&handle.saved).is_some(), Ordering::SeqCst);
+                }
+            }
+            Err(_) => {
+                tracing::warn!(sandbox = %handle.id, "calls still hold the sandbox at shutdown; keeping its last saved state");
+                lock(&handle.kill).fire();
+                handle
+                    .paused
+                    .store(lock(&handle.saved).is_some(), Ordering::SeqCst);
+            }
+        }
+        if lock(&handle.saved).is_some() {
+            self.record(handle);
+        } else {
+            self.record_end(handle);
+        }
+    }
+
+    /// Pauses the sandbox in `slot`, if any: on success the slot is empty
+    /// and the handle holds the saved state, recorded before the older one
+    /// is removed.
+    async fn pause_slot(
+        &self,
+        handle: &Arc<Handle<P::Sandbox>>,
+        slot: &mut Option<Slot<P::Sandbox>>,
+    ) {
         let Some(current) = slot.take() else {
             return;
         };
@@ -53,16 +96,24 @@ impl<P: Provider> Registry<P> {
             Ok(saved) => {
                 let took = started.elapsed();
                 let bytes = P::Sandbox::saved_bytes(&saved);
-                if let Some(old) = lock(&handle.saved).replace(saved) {
-                    P::Sandbox::discard(old);
-                }
+                let old = lock(&handle.saved).replace(saved);
+                *lock(&handle.saved_at) = Some(SystemTime::now());
                 handle.set_vm(None);
                 handle.paused.store(true, Ordering::SeqCst);
                 {
                     let mut record = lock(&handle.record);
                     record.pauses += 1;
                     record.pause_seconds += took.as_secs_f64();
-                    record.stored_bytes = bytes;
+                    record.set_stored(bytes);
+                }
+                // The older state goes only once the record names the new
+                // one: a crash in between leaves the new one unnamed.
+                if self.record(handle) {
+                    if let Some(old) = old {
+                        P::Sandbox::discard(old);
+                    }
+                } else if old.is_some() {
+                    tracing::warn!(sandbox = %handle.id, "the record still names the older saved state; it is kept on disk");
                 }
                 self.metrics.paused(took, bytes);
                 tracing::info!(sandbox = %handle.id, ?took, bytes, "sandbox paused");
@@ -131,6 +182,7 @@ impl<P: Provider> Registry<P> {
             record.last_resumed = Some(SystemTime::now());
             record.last_resume_seconds = Some(took.as_secs_f64());
         }
+        self.record(handle);
         self.metrics.resumed(took);
         tracing::info!(sandbox = %handle.id, ?took, "sandbox resumed");
         Ok(())

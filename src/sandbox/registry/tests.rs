@@ -45,6 +45,10 @@ impl Hosted for FakeSandbox {
         saved.discarded.fetch_add(1000, Ordering::SeqCst);
     }
 
+    fn saved_name(saved: &FakeSaved) -> String {
+        format!("paused-{}", saved.n)
+    }
+
     fn pid(&self) -> Option<u32> {
         Some(std::process::id())
     }
@@ -79,6 +83,16 @@ impl Provider for Fake {
         0
     }
     async fn close(&self) {}
+    fn load_saved(&self, name: &str) -> anyhow::Result<FakeSaved> {
+        let n = name
+            .strip_prefix("paused-")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no saved state {name}"))?;
+        Ok(FakeSaved {
+            n,
+            discarded: self.destroyed.clone(),
+        })
+    }
     async fn resume(&self, saved: &FakeSaved) -> anyhow::Result<FakeSandbox> {
         if self.fail.load(Ordering::SeqCst) {
             anyhow::bail!("no VM today");
@@ -386,4 +400,78 @@ async fn an_idle_sandbox_pauses_and_the_next_call_resumes_it() {
         2001,
         "ending discards the saved state"
     );
+}
+
+fn durable(limits: Limits, root: &std::path::Path) -> (Arc<Registry<Fake>>, Arc<Fake>) {
+    let fake = Arc::new(Fake {
+        made: AtomicUsize::new(0),
+        destroyed: Arc::new(AtomicUsize::new(0)),
+        fail: AtomicBool::new(false),
+        slow: Mutex::new(Duration::ZERO),
+        live: Arc::new(AtomicUsize::new(0)),
+        peak: AtomicUsize::new(0),
+    });
+    let store = Arc::new(Store::open(root).unwrap());
+    let registry = Registry::start_durable(
+        fake.clone(),
+        limits,
+        1024,
+        Arc::new(Metrics::new()),
+        store,
+        true,
+    )
+    .unwrap();
+    (registry, fake)
+}
+
+#[tokio::test]
+async fn a_kept_sandbox_outlives_a_restart_and_an_unsaved_one_is_reported_lost() {
+    let root = tempfile::tempdir().unwrap();
+    let (explicit_id, n) = {
+        let (registry, _fake) = durable(Limits::default(), root.path());
+        let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+        lease.count_run();
+        let n = lease.sandbox().n;
+        drop(lease);
+        let explicit = registry.create_explicit("p").await.unwrap();
+        let explicit_id = explicit.id().to_string();
+        drop(explicit);
+        registry.shutdown().await;
+        (explicit_id, n)
+    };
+    {
+        // Both were paused at shutdown and come back at the next call.
+        let (registry, fake) = durable(Limits::default(), root.path());
+        assert_eq!(fake.live.load(Ordering::SeqCst), 0);
+        let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+        assert_eq!(
+            lease.sandbox().n,
+            n,
+            "the stdio conversation's sandbox came back"
+        );
+        let info = registry.info(&lease);
+        assert_eq!(info.usage.runs, 1, "counters survive");
+        assert_eq!((info.pauses.pauses, info.pauses.resumes), (1, 1));
+        drop(lease);
+        assert!(registry.get(&explicit_id, "p").await.is_ok());
+        assert!(matches!(
+            registry.get(&explicit_id, "q").await,
+            Err(RegistryError::Forbidden(_))
+        ));
+        // A new sandbox, never saved, and then a crash (no shutdown).
+        let unsaved = registry.create_explicit("p").await.unwrap();
+        let unsaved_id = unsaved.id().to_string();
+        drop(unsaved);
+        drop(registry);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (registry, _fake) = durable(Limits::default(), root.path());
+        match registry.get(&unsaved_id, "p").await {
+            Err(RegistryError::Expired(m)) => {
+                assert!(m.contains("before it had ever been saved"), "{m}")
+            }
+            other => panic!("expected lost, got {:?}", other.map(|l| l.id().to_string())),
+        }
+        // The ones that had been saved come back from their last state.
+        assert!(registry.get(&explicit_id, "p").await.is_ok());
+    }
 }
