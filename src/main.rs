@@ -107,6 +107,11 @@ struct ServeArgs {
     /// Where paused sandboxes are kept (default: sessions/ in airlock's cache).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<std::path::PathBuf>,
+    /// stdio only: keep this conversation's sandbox under NAME when the
+    /// server exits (paused to disk); the next `serve --persist NAME`
+    /// resumes it with its files and state.
+    #[arg(long, value_name = "NAME")]
+    persist: Option<String>,
     /// Destroy a sandbox this long after it was created, however busy.
     #[arg(long, value_name = "DURATION", default_value = "8h", value_parser = humantime::parse_duration)]
     max_lifetime: std::time::Duration,
@@ -202,6 +207,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 max_timeout: args.max_timeout,
                 state_dir: args.state_dir,
+                persist: args.persist,
                 http_limits: airlock::mcp::admission::HttpLimits {
                     max_requests: args.max_requests,
                     max_requests_per_principal: args.max_requests_per_principal,

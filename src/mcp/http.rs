@@ -138,6 +138,7 @@ pub async fn serve(addr: SocketAddr, app: App, options: &ServeOptions) -> Result
         result = &mut server => return result.context("the HTTP server failed"),
         signal = super::shutdown_signal() => tracing::info!("{signal}"),
     }
+    app.registry.stop_accepting();
     signalled.cancel();
     // Sessions end with the token; give open streams a moment to close.
     if tokio::time::timeout(DRAIN, &mut server).await.is_err() {

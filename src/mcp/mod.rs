@@ -57,6 +57,8 @@ pub struct ServeOptions {
     pub http_limits: admission::HttpLimits,
     /// Where paused sandboxes are kept; `None`: `<cache>/sessions`.
     pub state_dir: Option<PathBuf>,
+    /// stdio: the name the conversation's sandbox is kept under across runs.
+    pub persist: Option<String>,
 }
 
 /// Serves until stdin closes (stdio), or SIGINT/SIGTERM; then destroys every
@@ -86,16 +88,36 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         Some(_) => DEFAULT_POOL_SIZE_HTTP,
         None => DEFAULT_POOL_SIZE_STDIO,
     });
-    let sessions = PausedSessions::open(&options, &cache)?;
+    let store = match &options.persist {
+        Some(name) => Some(Arc::new(open_persisted(&options, &cache, name)?)),
+        None => None,
+    };
+    let sessions = match store {
+        Some(_) => None,
+        None => PausedSessions::open(&options, &cache)?,
+    };
     let start = crate::sandbox::StartOptions {
-        staging_root: sessions.as_ref().map(|s| s.dir.clone()),
+        staging_root: match &store {
+            Some(store) => Some(store.root().to_path_buf()),
+            None => sessions.as_ref().map(|s| s.dir.clone()),
+        },
         ..Default::default()
     };
     let backend = Arc::new(backend::LazyPool::start(
         cache, exe, shape, pool_size, start,
     ));
     let metrics = Arc::new(Metrics::new());
-    let registry = Registry::start(backend.clone(), options.limits, shape.memory_mib, metrics);
+    let registry = match store {
+        Some(store) => Registry::start_durable(
+            backend.clone(),
+            options.limits,
+            shape.memory_mib,
+            metrics,
+            store,
+            true,
+        )?,
+        None => Registry::start(backend.clone(), options.limits, shape.memory_mib, metrics),
+    };
     let call_limits = tools::CallLimits {
         max_timeout: options.max_timeout,
         vcpus: shape.vcpus,
@@ -117,6 +139,34 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     registry.shutdown().await;
     drop(sessions);
     served
+}
+
+/// The store a `--persist NAME` sandbox is kept in: `persist-NAME` under
+/// the state directory, one server at a time.
+fn open_persisted(
+    options: &ServeOptions,
+    cache: &std::path::Path,
+    name: &str,
+) -> Result<crate::sandbox::registry::Store> {
+    if options.http.is_some() {
+        bail!("--persist is for stdio mode; over HTTP, sessionless sandbox ids name sandboxes");
+    }
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        bail!("--persist {name:?}: use 1 to 64 letters, digits, '-' or '_'");
+    }
+    let root = options
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| cache.join("sessions"))
+        .join(format!("persist-{name}"));
+    let store = crate::sandbox::registry::Store::open(&root)?;
+    tracing::info!(dir = %root.display(), "the conversation's sandbox is kept across runs");
+    Ok(store)
 }
 
 /// This server's directory of paused sandboxes, under --state-dir. Each
