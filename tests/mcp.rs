@@ -161,6 +161,11 @@ fn stdio_idle_sandboxes_pause_to_disk_and_resume_without_loss() {
 }
 
 #[test]
+fn stdio_persist_keeps_the_sandbox_across_server_restarts() {
+    run_script("persist_test.py");
+}
+
+#[test]
 fn http_auth_isolation_big_files_sessions_and_sessionless_ids() {
     run_script("http_test.py");
 }
