@@ -175,6 +175,14 @@ const SAVED_FILES: [&str; 2] = [
 /// the expected names, each a regular file (opened without following a
 /// link and without blocking, so a FIFO cannot hang the gateway).
 fn make_durable(dir: &Path) -> Result<u64> {
+    let bytes = check_saved_files(dir, true)?;
+    sync_dir(dir)?;
+    Ok(bytes)
+}
+
+/// Checks that `dir` holds only the saved files, each a regular file, and
+/// returns the bytes they take, flushing each if `flush`.
+fn check_saved_files(dir: &Path, flush: bool) -> Result<u64> {
     use std::os::unix::fs::OpenOptionsExt;
     let listed =
         std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
@@ -200,11 +208,12 @@ fn make_durable(dir: &Path) -> Result<u64> {
         if !meta.is_file() {
             bail!("{} is not a regular file", path.display());
         }
-        file.sync_all()
-            .with_context(|| format!("cannot flush {}", path.display()))?;
+        if flush {
+            file.sync_all()
+                .with_context(|| format!("cannot flush {}", path.display()))?;
+        }
         bytes += meta.blocks() * 512;
     }
-    sync_dir(dir)?;
     Ok(bytes)
 }
 
@@ -257,8 +266,8 @@ impl SavedSandbox {
             .unwrap_or_default()
     }
 
-    /// The saved state kept as `root/name` by an earlier run: checked as a
-    /// pause checks what its VMM wrote, since it has been on disk since.
+    /// The saved state kept as `root/name` by an earlier run (made durable
+    /// then): checked as a pause checks what its VMM wrote.
     pub fn load(root: &Path, name: &str) -> Result<SavedSandbox> {
         if !name.starts_with(KEPT_PREFIX) || name.contains('/') || name.contains("..") {
             bail!("{name:?} is not the name of a saved sandbox");
@@ -269,7 +278,7 @@ impl SavedSandbox {
         if !meta.is_dir() {
             bail!("{} is not a directory", dir.display());
         }
-        let disk_bytes = make_durable(&dir)?;
+        let disk_bytes = check_saved_files(&dir, false)?;
         Ok(SavedSandbox {
             dir,
             dirty_bytes: 0,

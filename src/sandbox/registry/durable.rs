@@ -95,29 +95,32 @@ impl<P: Provider> Registry<P> {
             return Ok(());
         };
         for row in store.sandboxes()? {
+            // The stdio conversation finds its sandbox again, or hears that
+            // it was lost.
+            if row.stdio {
+                self.state().conversations.insert(
+                    Conversation::Stdio,
+                    Arc::new(tokio::sync::Mutex::new(Some(row.id.clone()))),
+                );
+            }
             match self.restore_row(&row) {
                 Ok(handle) => {
                     tracing::info!(sandbox = %row.id, principal = %row.principal, resumable_from = ?row.saved.as_ref().map(|s| &s.dir), "sandbox taken up from the registry");
-                    let mut state = self.state();
-                    if row.stdio {
-                        state.conversations.insert(
-                            Conversation::Stdio,
-                            Arc::new(tokio::sync::Mutex::new(Some(row.id.clone()))),
-                        );
-                    }
-                    state.handles.insert(row.id.clone(), Arc::new(handle));
+                    self.state()
+                        .handles
+                        .insert(row.id.clone(), Arc::new(handle));
                 }
                 Err(why) => {
                     tracing::warn!(sandbox = %row.id, %why, "sandbox lost");
                     store.remove_sandbox(&row.id, &row.principal, &row.counters)?;
-                    self.metrics.ended(EndReason::Lost, 0.0, 0.0, 0);
+                    let c = &row.counters;
+                    self.metrics.ended(
+                        EndReason::Lost,
+                        c.vcpu_seconds,
+                        c.memory_gb_seconds,
+                        c.runs,
+                    );
                     let mut state = self.state();
-                    if row.stdio {
-                        state.conversations.insert(
-                            Conversation::Stdio,
-                            Arc::new(tokio::sync::Mutex::new(Some(row.id.clone()))),
-                        );
-                    }
                     let after = SystemTime::now()
                         .duration_since(row.created)
                         .unwrap_or(Duration::ZERO);

@@ -107,15 +107,19 @@ impl Provider for Fake {
     }
 }
 
-fn registry(limits: Limits) -> (Arc<Registry<Fake>>, Arc<Fake>) {
-    let fake = Arc::new(Fake {
+fn fake() -> Arc<Fake> {
+    Arc::new(Fake {
         made: AtomicUsize::new(0),
         destroyed: Arc::new(AtomicUsize::new(0)),
         fail: AtomicBool::new(false),
         slow: Mutex::new(Duration::ZERO),
         live: Arc::new(AtomicUsize::new(0)),
         peak: AtomicUsize::new(0),
-    });
+    })
+}
+
+fn registry(limits: Limits) -> (Arc<Registry<Fake>>, Arc<Fake>) {
+    let fake = fake();
     (
         Registry::start(fake.clone(), limits, 1024, Arc::new(Metrics::new())),
         fake,
@@ -403,14 +407,7 @@ async fn an_idle_sandbox_pauses_and_the_next_call_resumes_it() {
 }
 
 fn durable(limits: Limits, root: &std::path::Path) -> (Arc<Registry<Fake>>, Arc<Fake>) {
-    let fake = Arc::new(Fake {
-        made: AtomicUsize::new(0),
-        destroyed: Arc::new(AtomicUsize::new(0)),
-        fail: AtomicBool::new(false),
-        slow: Mutex::new(Duration::ZERO),
-        live: Arc::new(AtomicUsize::new(0)),
-        peak: AtomicUsize::new(0),
-    });
+    let fake = fake();
     let store = Arc::new(Store::open(root).unwrap());
     let registry = Registry::start_durable(
         fake.clone(),
