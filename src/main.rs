@@ -112,6 +112,16 @@ struct ServeArgs {
     /// resumes it with its files and state.
     #[arg(long, value_name = "NAME")]
     persist: Option<String>,
+    /// What a shutdown (SIGTERM, SIGINT, stdin closing) does with the
+    /// sandboxes: `pause` keeps each on disk for the next run of the server
+    /// with the same state directory (HTTP: the same address), `destroy`
+    /// ends them. Default: pause over HTTP and with --persist, else destroy.
+    #[arg(long, value_name = "pause|destroy", value_parser = ["pause", "destroy"])]
+    on_shutdown: Option<String>,
+    /// Disk the checkpoints of one principal's sandboxes may take: bytes,
+    /// or with a K, M or G suffix (powers of 1024).
+    #[arg(long, value_name = "BYTES", default_value = "4G", value_parser = parse_bytes)]
+    max_snapshot_bytes_per_principal: u64,
     /// Destroy a sandbox this long after it was created, however busy.
     #[arg(long, value_name = "DURATION", default_value = "8h", value_parser = humantime::parse_duration)]
     max_lifetime: std::time::Duration,
@@ -203,8 +213,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     max_lifetime: args.max_lifetime,
                     max_sandboxes: args.max_sandboxes,
                     max_per_principal: args.max_sandboxes_per_principal,
+                    max_snapshot_bytes_per_principal: args.max_snapshot_bytes_per_principal,
                     ..Default::default()
                 },
+                keep_on_shutdown: args.on_shutdown.as_deref().map(|o| o == "pause"),
                 max_timeout: args.max_timeout,
                 state_dir: args.state_dir,
                 persist: args.persist,
@@ -273,4 +285,20 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// `4096`, `512K`, `64M`, `4G` (powers of 1024).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((at, 'k' | 'K')) => (&text[..at], 10),
+        Some((at, 'm' | 'M')) => (&text[..at], 20),
+        Some((at, 'g' | 'G')) => (&text[..at], 30),
+        _ => (text, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: give bytes, or a number with K, M or G"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }

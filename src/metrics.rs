@@ -111,6 +111,13 @@ struct Pausing {
     resume_failures: AtomicU64,
     /// Bytes written to disk by pauses.
     bytes_written: AtomicU64,
+    checkpoints: AtomicU64,
+    checkpoint_micros: AtomicU64,
+    checkpoint_bytes: AtomicU64,
+    rollbacks: AtomicU64,
+    rollback_micros: AtomicU64,
+    forks: AtomicU64,
+    fork_micros: AtomicU64,
 }
 
 /// Values read at render time.
@@ -172,6 +179,29 @@ impl Metrics {
 
     pub fn resume_failed(&self) {
         self.pausing.resume_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A checkpoint was taken (saved, and the sandbox resumed from it).
+    pub fn checkpointed(&self, took: Duration, bytes: u64) {
+        let p = &self.pausing;
+        p.checkpoints.fetch_add(1, Ordering::Relaxed);
+        p.checkpoint_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        p.checkpoint_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn rolled_back(&self, took: Duration) {
+        let p = &self.pausing;
+        p.rollbacks.fetch_add(1, Ordering::Relaxed);
+        p.rollback_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn forked(&self, took: Duration) {
+        let p = &self.pausing;
+        p.forks.fetch_add(1, Ordering::Relaxed);
+        p.fork_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// A request for a sandbox was refused (`reason`: a short label such as `global_limit`).
@@ -270,6 +300,41 @@ impl Metrics {
                 "airlock_sandbox_resume_failures_total",
                 "Resumes that failed.",
                 p.resume_failures.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "airlock_checkpoints_total",
+                "Checkpoints taken.",
+                p.checkpoints.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "airlock_checkpoint_seconds_total",
+                "Time spent taking checkpoints (save and resume).",
+                seconds(&p.checkpoint_micros),
+            ),
+            (
+                "airlock_checkpoint_bytes_total",
+                "Bytes of saved state written by checkpoints.",
+                p.checkpoint_bytes.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "airlock_rollbacks_total",
+                "Sandboxes rolled back to a checkpoint.",
+                p.rollbacks.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "airlock_rollback_seconds_total",
+                "Time spent resuming rolled-back sandboxes.",
+                seconds(&p.rollback_micros),
+            ),
+            (
+                "airlock_forks_total",
+                "Sandboxes forked from a checkpoint.",
+                p.forks.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "airlock_fork_seconds_total",
+                "Time spent starting forks.",
+                seconds(&p.fork_micros),
             ),
         ] {
             let n = header(o, name, "counter", help);

@@ -59,6 +59,9 @@ pub struct ServeOptions {
     pub state_dir: Option<PathBuf>,
     /// stdio: the name the conversation's sandbox is kept under across runs.
     pub persist: Option<String>,
+    /// Pause every sandbox into the store at shutdown (Some(true)), or end
+    /// them (Some(false)); `None`: pause over HTTP and with `persist`.
+    pub keep_on_shutdown: Option<bool>,
 }
 
 /// Serves until stdin closes (stdio), or SIGINT/SIGTERM; then destroys every
@@ -88,36 +91,31 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         Some(_) => DEFAULT_POOL_SIZE_HTTP,
         None => DEFAULT_POOL_SIZE_STDIO,
     });
-    let store = match &options.persist {
-        Some(name) => Some(Arc::new(open_persisted(&options, &cache, name)?)),
-        None => None,
-    };
-    let sessions = match store {
-        Some(_) => None,
-        None => PausedSessions::open(&options, &cache)?,
-    };
+    let keep = options
+        .keep_on_shutdown
+        .unwrap_or(options.http.is_some() || options.persist.is_some());
+    if keep && options.http.is_none() && options.persist.is_none() {
+        bail!(
+            "--on-shutdown pause over stdio needs --persist NAME: it names the sandbox the next run takes up"
+        );
+    }
+    let store = open_store(&options, &cache)?;
     let start = crate::sandbox::StartOptions {
-        staging_root: match &store {
-            Some(store) => Some(store.root().to_path_buf()),
-            None => sessions.as_ref().map(|s| s.dir.clone()),
-        },
+        staging_root: Some(store.root().to_path_buf()),
         ..Default::default()
     };
     let backend = Arc::new(backend::LazyPool::start(
         cache, exe, shape, pool_size, start,
     ));
     let metrics = Arc::new(Metrics::new());
-    let registry = match store {
-        Some(store) => Registry::start_durable(
-            backend.clone(),
-            options.limits,
-            shape.memory_mib,
-            metrics,
-            store,
-            true,
-        )?,
-        None => Registry::start(backend.clone(), options.limits, shape.memory_mib, metrics),
-    };
+    let registry = Registry::start_durable(
+        backend.clone(),
+        options.limits,
+        shape.memory_mib,
+        metrics,
+        store.store.clone(),
+        keep,
+    )?;
     let call_limits = tools::CallLimits {
         max_timeout: options.max_timeout,
         vcpus: shape.vcpus,
@@ -137,74 +135,94 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     };
     tracing::info!("shutting down: destroying every sandbox");
     registry.shutdown().await;
-    drop(sessions);
+    drop(registry);
+    drop(store);
     served
 }
 
-/// The store a `--persist NAME` sandbox is kept in: `persist-NAME` under
-/// the state directory, one server at a time.
-fn open_persisted(
-    options: &ServeOptions,
-    cache: &std::path::Path,
-    name: &str,
-) -> Result<crate::sandbox::registry::Store> {
-    if options.http.is_some() {
-        bail!("--persist is for stdio mode; over HTTP, sessionless sandbox ids name sandboxes");
+/// The registry's store: where sandboxes are paused to and checkpoints
+/// kept, with the database that names them.
+///
+/// - `--persist NAME` (stdio): `persist-NAME` under the state directory,
+///   taken up by the next run with the same name.
+/// - HTTP: `http-<address>-<port>`, taken up by the next server on the
+///   same address, so sandbox ids outlive a restart.
+/// - Otherwise (stdio): `run-<random>`, this run's alone, removed at exit.
+///
+/// A store is held by one server at a time.
+struct ServerStore {
+    store: Arc<crate::sandbox::registry::Store>,
+    /// Removed when the server exits.
+    ephemeral: bool,
+}
+
+impl ServerStore {
+    fn root(&self) -> &std::path::Path {
+        self.store.root()
     }
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if !valid {
-        bail!("--persist {name:?}: use 1 to 64 letters, digits, '-' or '_'");
+}
+
+impl Drop for ServerStore {
+    fn drop(&mut self) {
+        if self.ephemeral
+            && let Err(err) = std::fs::remove_dir_all(self.store.root())
+        {
+            tracing::warn!(dir = %self.store.root().display(), %err, "cannot remove the state directory");
+        }
     }
-    let root = options
+}
+
+fn open_store(options: &ServeOptions, cache: &std::path::Path) -> Result<ServerStore> {
+    let state_dir = options
         .state_dir
         .clone()
-        .unwrap_or_else(|| cache.join("sessions"))
-        .join(format!("persist-{name}"));
+        .unwrap_or_else(|| cache.join("sessions"));
+    let (name, ephemeral) = match (&options.persist, options.http) {
+        (Some(_), Some(_)) => bail!(
+            "--persist is for stdio mode; over HTTP, sandboxes are kept per listening address and found again by their sandbox ids"
+        ),
+        (Some(name), None) => {
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid {
+                bail!("--persist {name:?}: use 1 to 64 letters, digits, '-' or '_'");
+            }
+            (format!("persist-{name}"), false)
+        }
+        (None, Some(addr)) => {
+            let host: String = addr
+                .ip()
+                .to_string()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '.' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            (format!("http-{host}-{}", addr.port()), false)
+        }
+        (None, None) => {
+            let mut id = [0u8; 8];
+            if !crate::vmm::devices::virtio::rng::fill_random(&mut id) {
+                bail!("the host has no entropy for a state directory name");
+            }
+            let name: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            (format!("run-{name}"), true)
+        }
+    };
+    let root = state_dir.join(name);
     let store = crate::sandbox::registry::Store::open(&root)?;
-    tracing::info!(dir = %root.display(), "the conversation's sandbox is kept across runs");
-    Ok(store)
-}
-
-/// This server's directory of paused sandboxes, under --state-dir. Each
-/// run has its own (several servers may share a state directory) and
-/// removes it at exit: without a durable registry, nothing in it could be
-/// found again by a later run.
-struct PausedSessions {
-    dir: std::path::PathBuf,
-}
-
-impl PausedSessions {
-    fn open(options: &ServeOptions, cache: &std::path::Path) -> Result<Option<PausedSessions>> {
-        if options.limits.pause_after.is_zero() {
-            return Ok(None);
-        }
-        let root = options
-            .state_dir
-            .clone()
-            .unwrap_or_else(|| cache.join("sessions"));
-        let mut id = [0u8; 8];
-        if !crate::vmm::devices::virtio::rng::fill_random(&mut id) {
-            bail!("the host has no entropy for a state directory name");
-        }
-        let name: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        let dir = root.join(format!("run-{name}"));
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
-        tracing::info!(dir = %dir.display(), pause_after = ?options.limits.pause_after, "idle sandboxes pause to disk");
-        Ok(Some(PausedSessions { dir }))
-    }
-}
-
-impl Drop for PausedSessions {
-    fn drop(&mut self) {
-        if let Err(err) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), %err, "cannot remove the state directory");
-        }
-    }
+    tracing::info!(dir = %root.display(), pause_after = ?options.limits.pause_after, kept_across_runs = !ephemeral, "sandbox state directory");
+    Ok(ServerStore {
+        store: Arc::new(store),
+        ephemeral,
+    })
 }
 
 async fn serve_stdio(registry: Arc<Registry>, call_limits: tools::CallLimits) -> Result<()> {

@@ -6,6 +6,8 @@
 //! an expired sandbox, a limit) is a tool result with `isError` set and a
 //! message saying what to do; only protocol failures are MCP errors.
 
+mod checkpoints;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -626,6 +628,22 @@ fn event_sink(tx: tokio::sync::mpsc::UnboundedSender<String>) -> impl FnMut(&Eve
     }
 }
 
+/// What a result says first: that the sandbox was made for this call, and
+/// anything the server has to tell about it once (it came back older than
+/// it was, after a crash).
+fn opening_note(lease: &Lease<Sandbox>, created: bool) -> String {
+    let mut note = if created {
+        created_note(lease.id())
+    } else {
+        String::new()
+    };
+    if let Some(notice) = lease.take_notice() {
+        note.push_str(&notice);
+        note.push_str("\n\n");
+    }
+    note
+}
+
 fn created_note(id: &str) -> String {
     format!(
         "Created a new sandbox with sandbox_id \"{id}\". Pass sandbox_id=\"{id}\" to every later call to keep using it (its files and variables live there).\n\n"
@@ -952,9 +970,7 @@ impl AirlockServer {
                 out.result.images_dropped
             ));
         }
-        if created {
-            text.insert_str(0, &created_note(lease.id()));
-        }
+        text.insert_str(0, &opening_note(&lease, created));
         let mut content = vec![ContentBlock::text(text)];
         for (image, bytes) in &out.images {
             let mime = match image.format {
@@ -1040,9 +1056,7 @@ impl AirlockServer {
             images: 0,
         };
         let mut text = run_text(&result, &stdout, &stderr, timeout);
-        if created {
-            text.insert_str(0, &created_note(lease.id()));
-        }
+        text.insert_str(0, &opening_note(&lease, created));
         let mut call_result = CallToolResult::structured(structured(&result)?);
         call_result.content = vec![ContentBlock::text(text)];
         Ok(call_result)
@@ -1092,9 +1106,7 @@ impl AirlockServer {
         };
         tracing::debug!(sandbox = lease.id(), size, agent = ?agent_started.elapsed(), "write_file");
         let mut text = format!("Wrote {size} bytes to {}", stat.path);
-        if created {
-            text.insert_str(0, &created_note(lease.id()));
-        }
+        text.insert_str(0, &opening_note(&lease, created));
         let mut result = CallToolResult::structured(serde_json::json!({
             "sandbox_id": lease.id(),
             "path": stat.path,
@@ -1146,11 +1158,7 @@ impl AirlockServer {
             format!(" More follows: call read_file again with offset={end}.")
         };
         let mut content = Vec::new();
-        let mut note = if created {
-            created_note(lease.id())
-        } else {
-            String::new()
-        };
+        let mut note = opening_note(&lease, created);
         if let Some(mime) = is_image(&bytes).filter(|_| whole) {
             note.push_str(&format!("{}: {mime} image, {range}.", args.path));
             content.push(ContentBlock::text(note));
@@ -1232,11 +1240,7 @@ impl AirlockServer {
             r = client.list_files(list) => r.map_err(agent_fail)?,
             _ = lease.cancelled() => return Err(Fail("the sandbox was reset or destroyed during the listing".into())),
         };
-        let mut text = if created {
-            created_note(lease.id())
-        } else {
-            String::new()
-        };
+        let mut text = opening_note(&lease, created);
         if listing.entries.is_empty() {
             text.push_str(&format!("{path} is empty"));
         }
@@ -1382,7 +1386,14 @@ impl AirlockServer {
     }
 }
 
-#[tool_handler]
+impl AirlockServer {
+    /// Every tool: the sandbox tools and the checkpoint tools.
+    fn all_tools() -> rmcp::handler::server::router::tool::ToolRouter<Self> {
+        Self::tool_router() + Self::checkpoint_tool_router()
+    }
+}
+
+#[tool_handler(router = Self::all_tools())]
 impl ServerHandler for AirlockServer {
     fn get_info(&self) -> ServerConfig {
         let limits = self.registry.limits();
@@ -1421,8 +1432,8 @@ mod tests {
 
     #[test]
     fn tools_have_portable_inputs_and_truthful_annotations() {
-        let tools = AirlockServer::tool_router().list_all();
-        assert_eq!(tools.len(), 7);
+        let tools = AirlockServer::all_tools().list_all();
+        assert_eq!(tools.len(), 11);
         for tool in &tools {
             let schema = serde_json::to_string(&tool.input_schema).unwrap();
             assert!(!schema.contains("null"), "{}: {schema}", tool.name);
@@ -1430,7 +1441,7 @@ mod tests {
             let a = tool.annotations.as_ref().expect("annotations");
             let read_only = matches!(
                 tool.name.as_ref(),
-                "read_file" | "list_files" | "sandbox_info"
+                "read_file" | "list_files" | "sandbox_info" | "list_checkpoints"
             );
             assert_eq!(a.read_only_hint, Some(read_only), "{}", tool.name);
             assert_eq!(a.open_world_hint, Some(false), "{}", tool.name);

@@ -226,8 +226,9 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// A paused sandbox as a server keeps it: the saved state, moved out of
-/// staging into the directory of paused sandboxes.
-#[derive(Debug)]
+/// staging into the directory of paused sandboxes. A copy names the same
+/// directory; only `discard` removes it.
+#[derive(Debug, Clone)]
 pub struct SavedSandbox {
     pub dir: PathBuf,
     pub dirty_bytes: u64,

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::handle::{Handle, lock};
-use super::store::{SandboxRow, SavedRow, Store};
-use super::{Conversation, Ended, Hosted, KillSwitch, Provider, Registry};
+use super::handle::{Checkpoint, Handle, lock};
+use super::store::{CheckpointRow, SandboxRow, SavedRow, Store};
+use super::{Conversation, Ended, Hosted, KillSwitch, Provider, Registry, SavedOf};
 use crate::metrics::EndReason;
 
 /// An `Instant` that was `wall` on the wall clock (now if in the future).
@@ -28,6 +28,10 @@ fn wall_of(instant: Instant) -> SystemTime {
         .checked_sub(instant.elapsed())
         .unwrap_or_else(SystemTime::now)
 }
+
+/// A handle taken up from its record, and the saved state it no longer
+/// needs (removed once the record stops naming it).
+type Restored<P> = (Handle<<P as Provider>::Sandbox>, Option<SavedOf<P>>);
 
 impl<P: Provider> Registry<P> {
     fn store(&self) -> Option<&Arc<Store>> {
@@ -94,6 +98,7 @@ impl<P: Provider> Registry<P> {
         let Some(store) = self.store() else {
             return Ok(());
         };
+        let mut checkpoints = store.checkpoints()?;
         for row in store.sandboxes()? {
             // The stdio conversation finds its sandbox again, or hears that
             // it was lost.
@@ -103,12 +108,25 @@ impl<P: Provider> Registry<P> {
                     Arc::new(tokio::sync::Mutex::new(Some(row.id.clone()))),
                 );
             }
-            match self.restore_row(&row) {
-                Ok(handle) => {
-                    tracing::info!(sandbox = %row.id, principal = %row.principal, resumable_from = ?row.saved.as_ref().map(|s| &s.dir), "sandbox taken up from the registry");
-                    self.state()
-                        .handles
-                        .insert(row.id.clone(), Arc::new(handle));
+            let mut own = Vec::new();
+            checkpoints.retain(|c| {
+                if c.sandbox_id == row.id {
+                    own.push(c.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            match self.restore_row(&row, &own) {
+                Ok((handle, superseded)) => {
+                    tracing::info!(sandbox = %row.id, principal = %row.principal, resumable_from = ?row.saved.as_ref().map(|s| &s.dir), checkpoints = own.len(), "sandbox taken up from the registry");
+                    let handle = Arc::new(handle);
+                    self.state().handles.insert(row.id.clone(), handle.clone());
+                    if let Some(old) = superseded
+                        && self.record(&handle)
+                    {
+                        P::Sandbox::discard(old);
+                    }
                 }
                 Err(why) => {
                     tracing::warn!(sandbox = %row.id, %why, "sandbox lost");
@@ -137,15 +155,70 @@ impl<P: Provider> Registry<P> {
         Ok(())
     }
 
-    /// A paused handle for `row`, or why it cannot come back.
-    fn restore_row(&self, row: &SandboxRow) -> Result<Handle<P::Sandbox>, String> {
-        let Some(saved_row) = &row.saved else {
-            return Err("it was running when the server stopped, and had never been saved".into());
+    /// The checkpoints `rows` names whose state is still on disk (those
+    /// that are not are dropped from the store, and their files are
+    /// collected at the next start).
+    fn load_checkpoints(&self, rows: &[CheckpointRow]) -> Vec<Checkpoint<SavedOf<P>>> {
+        let mut loaded = Vec::new();
+        let mut gone = Vec::new();
+        for row in rows {
+            match self.provider.load_saved(&row.dir) {
+                Ok(saved) => loaded.push(Checkpoint {
+                    id: row.id.clone(),
+                    label: row.label.clone().unwrap_or_default(),
+                    created: row.created,
+                    bytes: row.bytes,
+                    saved,
+                }),
+                Err(err) => {
+                    tracing::warn!(checkpoint = %row.id, sandbox = %row.sandbox_id, err = %format!("{err:#}"), "checkpoint lost");
+                    gone.push(row.id.clone());
+                }
+            }
+        }
+        if let Some(store) = self.store()
+            && let Err(err) = store.remove_checkpoints(&gone)
+        {
+            tracing::error!(err = %format!("{err:#}"), "cannot remove lost checkpoints from the registry");
+        }
+        loaded
+    }
+
+    /// A paused handle for `row` and its checkpoints, or why it cannot
+    /// come back. A sandbox that was running comes back from the newer of
+    /// its last pause and its last checkpoint.
+    fn restore_row(
+        &self,
+        row: &SandboxRow,
+        checkpoint_rows: &[CheckpointRow],
+    ) -> Result<Restored<P>, String> {
+        let checkpoints = self.load_checkpoints(checkpoint_rows);
+        let saved = match &row.saved {
+            Some(saved_row) => match self.provider.load_saved(&saved_row.dir) {
+                Ok(saved) => Some((saved, saved_row.at)),
+                Err(err) if checkpoints.is_empty() => {
+                    return Err(format!("its saved state cannot be used: {err:#}"));
+                }
+                Err(err) => {
+                    tracing::warn!(sandbox = %row.id, err = %format!("{err:#}"), "its last pause cannot be used; it comes back from its last checkpoint");
+                    None
+                }
+            },
+            None => None,
         };
-        let saved = self
-            .provider
-            .load_saved(&saved_row.dir)
-            .map_err(|err| format!("its saved state cannot be used: {err:#}"))?;
+        let newest_checkpoint = checkpoints.iter().max_by_key(|c| c.created);
+        let from_checkpoint = match (&saved, newest_checkpoint) {
+            (None, Some(c)) => Some((c.id.clone(), c.created)),
+            (Some((_, at)), Some(c)) if !row.paused && c.created > *at => {
+                Some((c.id.clone(), c.created))
+            }
+            (None, None) => {
+                return Err(
+                    "it was running when the server stopped, and had never been saved".into(),
+                );
+            }
+            _ => None,
+        };
         let handle = Handle::empty(
             row.id.clone(),
             &row.principal,
@@ -158,20 +231,35 @@ impl<P: Provider> Registry<P> {
         *lock(&handle.created) = instant_of(row.created);
         *lock(&handle.created_wall) = row.created;
         *lock(&handle.last_used) = instant_of(row.last_used);
-        lock(&handle.record).set_stored(P::Sandbox::saved_bytes(&saved));
-        *lock(&handle.saved) = Some(saved);
-        *lock(&handle.saved_at) = Some(saved_row.at);
+        let saved_at = saved.as_ref().map(|(_, at)| *at);
+        let mut superseded = None;
+        *lock(&handle.checkpoints) = checkpoints;
+        match from_checkpoint {
+            Some((ref id, _)) => {
+                // The last pause is older than the checkpoint: it goes once
+                // the record no longer names it.
+                *lock(&handle.saved) = None;
+                superseded = saved.map(|(s, _)| s);
+                *lock(&handle.resume_checkpoint) = Some(id.clone());
+            }
+            None => {
+                *lock(&handle.saved) = saved.map(|(s, _)| s);
+                *lock(&handle.saved_at) = saved_at;
+            }
+        }
+        handle.update_stored();
         handle.paused.store(true, Ordering::SeqCst);
         if !row.paused {
+            let (what, at) = match (&from_checkpoint, saved_at) {
+                (Some((id, at)), _) => (format!("at its checkpoint {id}"), *at),
+                (None, Some(at)) => ("when it was last paused".to_string(), at),
+                (None, None) => ("when it was last saved".to_string(), SystemTime::now()),
+            };
             *lock(&handle.notice) = Some(format!(
-                "Note: the server stopped unexpectedly while this sandbox was running. It was brought back as it was when it was last saved ({} ago); files written and variables set after that are gone.",
-                super::fmt_duration(
-                    SystemTime::now()
-                        .duration_since(saved_row.at)
-                        .unwrap_or_default()
-                )
+                "Note: the server stopped unexpectedly while this sandbox was running. It was brought back as it was {what} ({} ago); files written and variables set after that are gone.",
+                super::fmt_duration(SystemTime::now().duration_since(at).unwrap_or_default())
             ));
         }
-        Ok(handle)
+        Ok((handle, superseded))
     }
 }

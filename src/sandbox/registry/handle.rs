@@ -54,6 +54,10 @@ pub struct PauseRecord {
     /// stored before that.
     pub stored_since: Option<Instant>,
     pub byte_seconds_before: f64,
+    /// Snapshots written (pauses and checkpoints) and read back (resumes,
+    /// rollbacks, forks), for metering.
+    pub snapshot_writes: u64,
+    pub snapshot_restores: u64,
 }
 
 impl PauseRecord {
@@ -70,6 +74,39 @@ impl PauseRecord {
             self.stored_bytes as f64 * t.elapsed().as_secs_f64()
         });
         self.byte_seconds_before + current
+    }
+}
+
+/// A sandbox's state kept at one moment, to roll back to or fork from.
+#[derive(Clone)]
+pub(super) struct Checkpoint<T> {
+    pub(super) id: String,
+    pub(super) label: String,
+    pub(super) created: SystemTime,
+    pub(super) bytes: u64,
+    pub(super) saved: T,
+}
+
+/// What `list_checkpoints` shows of a checkpoint.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema)]
+pub struct CheckpointInfo {
+    pub checkpoint_id: String,
+    /// The label given when it was taken (empty if none).
+    pub label: String,
+    /// When it was taken, in Unix seconds.
+    pub created_unix: f64,
+    /// What it takes on disk.
+    pub size_bytes: u64,
+}
+
+impl<T> Checkpoint<T> {
+    pub(super) fn info(&self) -> CheckpointInfo {
+        CheckpointInfo {
+            checkpoint_id: self.id.clone(),
+            label: self.label.clone(),
+            created_unix: super::store::unix(self.created),
+            size_bytes: self.bytes,
+        }
     }
 }
 
@@ -112,6 +149,11 @@ pub(super) struct Handle<S: Hosted> {
     pub(super) created_wall: Mutex<SystemTime>,
     /// Said once, with the next call's result (it came back older than it was).
     pub(super) notice: Mutex<Option<String>>,
+    /// Its checkpoints, oldest first.
+    pub(super) checkpoints: Mutex<Vec<Checkpoint<S::Saved>>>,
+    /// Brought back after a crash from this checkpoint (newer than its last
+    /// pause): what the next call resumes while it has no saved state.
+    pub(super) resume_checkpoint: Mutex<Option<String>>,
 }
 
 #[derive(Default)]
@@ -185,6 +227,8 @@ impl<S: Hosted> Handle<S> {
             stdio,
             created_wall: Mutex::new(SystemTime::now()),
             notice: Mutex::new(None),
+            checkpoints: Mutex::new(Vec::new()),
+            resume_checkpoint: Mutex::new(None),
         }
     }
 
@@ -234,8 +278,8 @@ impl<S: Hosted> Handle<S> {
             resumes: record.resumes,
             pause_seconds: record.pause_seconds,
             resume_seconds: record.resume_seconds,
-            snapshot_writes: record.pauses,
-            snapshot_restores: record.resumes,
+            snapshot_writes: record.snapshot_writes,
+            snapshot_restores: record.snapshot_restores,
             snapshot_byte_seconds: record.stored_byte_seconds(),
         }
     }
@@ -254,6 +298,8 @@ impl<S: Hosted> Handle<S> {
         record.pause_seconds += c.pause_seconds;
         record.resume_seconds += c.resume_seconds;
         record.byte_seconds_before += c.snapshot_byte_seconds.max(0.0);
+        record.snapshot_writes += c.snapshot_writes;
+        record.snapshot_restores += c.snapshot_restores;
     }
 
     pub(super) fn pause_record(&self) -> PauseRecord {
@@ -262,14 +308,43 @@ impl<S: Hosted> Handle<S> {
         record
     }
 
-    /// Drops the saved state (the sandbox was reset or ended).
+    /// Drops the saved state (the sandbox was reset, rolled back or ended).
     pub(super) fn forget_saved(&self) {
         self.paused.store(false, Ordering::SeqCst);
         if let Some(saved) = lock(&self.saved).take() {
             S::discard(saved);
         }
         *lock(&self.saved_at) = None;
-        lock(&self.record).set_stored(0);
+        *lock(&self.resume_checkpoint) = None;
+        self.update_stored();
+    }
+
+    /// Whether a state is kept that a call could resume: its last pause,
+    /// or the checkpoint it was brought back to after a crash.
+    pub(super) fn restorable(&self) -> bool {
+        lock(&self.saved).is_some() || lock(&self.resume_checkpoint).is_some()
+    }
+
+    /// Drops every checkpoint (the sandbox ended).
+    pub(super) fn forget_checkpoints(&self) {
+        let gone = std::mem::take(&mut *lock(&self.checkpoints));
+        for checkpoint in gone {
+            S::discard(checkpoint.saved);
+        }
+        self.update_stored();
+    }
+
+    /// Bytes its checkpoints take on disk.
+    pub(super) fn checkpoint_bytes(&self) -> u64 {
+        lock(&self.checkpoints).iter().map(|c| c.bytes).sum()
+    }
+
+    /// The metered storage becomes what is on disk now: the last saved
+    /// state and the checkpoints.
+    pub(super) fn update_stored(&self) {
+        let saved = lock(&self.saved).as_ref().map_or(0, S::saved_bytes);
+        let total = saved + self.checkpoint_bytes();
+        lock(&self.record).set_stored(total);
     }
 
     pub(super) fn set_vm(&self, pid: Option<u32>) {
@@ -314,6 +389,12 @@ impl<S: Hosted> Lease<S> {
     /// Fires when the sandbox is being reset or destroyed under this call.
     pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.cancel.cancelled()
+    }
+
+    /// What the server has to say about this sandbox, once (it came back
+    /// older than it was, after a crash).
+    pub fn take_notice(&self) -> Option<String> {
+        lock(&self.handle.notice).take()
     }
 
     /// Counts one run (run_code, run_command) for usage.

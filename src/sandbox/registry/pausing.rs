@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
 use super::handle::{Handle, Slot, lock};
-use super::{Hosted, Provider, Registry, RegistryError};
+use super::{Hosted, Provider, Registry, RegistryError, SavedOf};
 
 impl<P: Provider> Registry<P> {
     /// Starts a pause, each in a task of its own, of every running sandbox
@@ -59,20 +59,16 @@ impl<P: Provider> Registry<P> {
                     // Its state could not be written: it ends here.
                     current.sandbox.destroy().await;
                     handle.set_vm(None);
-                    handle
-                        .paused
-                        .store(lock(&handle.saved).is_some(), Ordering::SeqCst);
+                    handle.paused.store(handle.restorable(), Ordering::SeqCst);
                 }
             }
             Err(_) => {
                 tracing::warn!(sandbox = %handle.id, "calls still hold the sandbox at shutdown; keeping its last saved state");
                 lock(&handle.kill).fire();
-                handle
-                    .paused
-                    .store(lock(&handle.saved).is_some(), Ordering::SeqCst);
+                handle.paused.store(handle.restorable(), Ordering::SeqCst);
             }
         }
-        if lock(&handle.saved).is_some() {
+        if handle.restorable() {
             self.record(handle);
         } else {
             self.record_end(handle);
@@ -98,14 +94,16 @@ impl<P: Provider> Registry<P> {
                 let bytes = P::Sandbox::saved_bytes(&saved);
                 let old = lock(&handle.saved).replace(saved);
                 *lock(&handle.saved_at) = Some(SystemTime::now());
+                *lock(&handle.resume_checkpoint) = None;
                 handle.set_vm(None);
                 handle.paused.store(true, Ordering::SeqCst);
                 {
                     let mut record = lock(&handle.record);
                     record.pauses += 1;
+                    record.snapshot_writes += 1;
                     record.pause_seconds += took.as_secs_f64();
-                    record.set_stored(bytes);
                 }
+                handle.update_stored();
                 // The older state goes only once the record names the new
                 // one: a crash in between leaves the new one unnamed.
                 if self.record(handle) {
@@ -129,7 +127,7 @@ impl<P: Provider> Registry<P> {
                 // The VM is gone; a state saved before, if any, is what a
                 // call resumes now.
                 handle.set_vm(None);
-                let fallback = lock(&handle.saved).is_some();
+                let fallback = handle.restorable();
                 handle.paused.store(fallback, Ordering::SeqCst);
                 self.metrics.pause_failed();
                 tracing::error!(sandbox = %handle.id, err = %format!("{err:#}"), fallback, "sandbox pause failed");
@@ -149,15 +147,15 @@ impl<P: Provider> Registry<P> {
         if slot.is_some() || !handle.paused.load(Ordering::SeqCst) {
             return Ok(());
         }
-        // Out of the handle while it resumes (no lock is held across the
-        // await), and back in after, as the last durable state.
-        let Some(saved) = lock(&handle.saved).take() else {
+        // The last saved state stays the last durable state after the
+        // resume. After a crash, a checkpoint newer than it may be what
+        // the sandbox comes back from.
+        let Some(saved) = self.resume_source(handle) else {
             handle.paused.store(false, Ordering::SeqCst);
             return Ok(());
         };
         let started = Instant::now();
         let resumed = self.provider.resume(&saved).await;
-        *lock(&handle.saved) = Some(saved);
         let sandbox = match resumed {
             Ok(sandbox) => sandbox,
             Err(err) => {
@@ -178,13 +176,28 @@ impl<P: Provider> Registry<P> {
         {
             let mut record = lock(&handle.record);
             record.resumes += 1;
+            record.snapshot_restores += 1;
             record.resume_seconds += took.as_secs_f64();
             record.last_resumed = Some(SystemTime::now());
             record.last_resume_seconds = Some(took.as_secs_f64());
         }
+        *lock(&handle.resume_checkpoint) = None;
         self.record(handle);
         self.metrics.resumed(took);
         tracing::info!(sandbox = %handle.id, ?took, "sandbox resumed");
         Ok(())
+    }
+
+    /// What a paused handle resumes from: its last saved state, or the
+    /// checkpoint it was brought back to after a crash.
+    fn resume_source(&self, handle: &Handle<P::Sandbox>) -> Option<SavedOf<P>> {
+        if let Some(saved) = lock(&handle.saved).as_ref() {
+            return Some(saved.clone());
+        }
+        let id = lock(&handle.resume_checkpoint).clone()?;
+        lock(&handle.checkpoints)
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| c.saved.clone())
     }
 }

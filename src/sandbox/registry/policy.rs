@@ -10,6 +10,8 @@ pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(8 * 3600);
 pub const DEFAULT_MAX_SANDBOXES: usize = 32;
 pub const DEFAULT_MAX_PER_PRINCIPAL: usize = 8;
 pub const DEFAULT_STALL_GRACE: Duration = Duration::from_secs(10);
+/// Disk a principal's checkpoints may take, over all its sandboxes.
+pub const DEFAULT_MAX_SNAPSHOT_BYTES_PER_PRINCIPAL: u64 = 4 << 30;
 /// Ended sandboxes remembered for "expired" errors.
 pub(super) const REMEMBER_ENDED: usize = 10_000;
 
@@ -31,6 +33,8 @@ pub struct Limits {
     /// is gone, so they end at once unless something is badly wrong; past
     /// this an ended sandbox is dropped by its last call.
     pub stall_grace: Duration,
+    /// Disk the checkpoints of one principal's sandboxes may take.
+    pub max_snapshot_bytes_per_principal: u64,
 }
 
 impl Default for Limits {
@@ -42,6 +46,7 @@ impl Default for Limits {
             max_sandboxes: DEFAULT_MAX_SANDBOXES,
             max_per_principal: DEFAULT_MAX_PER_PRINCIPAL,
             stall_grace: DEFAULT_STALL_GRACE,
+            max_snapshot_bytes_per_principal: DEFAULT_MAX_SNAPSHOT_BYTES_PER_PRINCIPAL,
         }
     }
 }
@@ -70,8 +75,16 @@ pub enum RegistryError {
         "sandbox {0:?} belongs to another client and cannot be used with this token; call the tool without sandbox_id to create your own"
     )]
     Forbidden(String),
+    #[error("checkpoint {0:?} belongs to another client and cannot be used with this token")]
+    ForbiddenCheckpoint(String),
     #[error("the sandbox could not be started: {0}; try again in a moment")]
     Start(String),
+    /// An argument the model can correct.
+    #[error("{0}")]
+    Invalid(String),
+    /// The sandbox is in use by a call that has not finished.
+    #[error("{0}")]
+    Busy(String),
     #[error("the server is shutting down; no new sandbox can be started")]
     ShuttingDown,
 }
@@ -84,7 +97,10 @@ impl RegistryError {
             RegistryError::Limit(_) => "limit",
             RegistryError::Unknown(_) => "unknown",
             RegistryError::Forbidden(_) => "forbidden",
+            RegistryError::ForbiddenCheckpoint(_) => "forbidden",
             RegistryError::Start(_) => "start_failed",
+            RegistryError::Invalid(_) => "invalid",
+            RegistryError::Busy(_) => "busy",
             RegistryError::ShuttingDown => "shutting_down",
         }
     }

@@ -15,14 +15,18 @@ struct Fake {
 
 struct FakeSandbox {
     n: usize,
+    /// The fake's guest state: a pause saves it, a resume brings it back.
+    mark: AtomicUsize,
     destroyed: Arc<AtomicUsize>,
     killed: Arc<AtomicBool>,
     live: Arc<AtomicUsize>,
 }
 
 /// A fake pause keeps the sandbox's number, as a real one keeps its state.
+#[derive(Clone)]
 struct FakeSaved {
     n: usize,
+    mark: usize,
     discarded: Arc<AtomicUsize>,
 }
 
@@ -33,6 +37,7 @@ impl Hosted for FakeSandbox {
         self.live.fetch_sub(1, Ordering::SeqCst);
         Ok(FakeSaved {
             n: self.n,
+            mark: self.mark.load(Ordering::SeqCst),
             discarded: self.destroyed.clone(),
         })
     }
@@ -46,7 +51,7 @@ impl Hosted for FakeSandbox {
     }
 
     fn saved_name(saved: &FakeSaved) -> String {
-        format!("paused-{}", saved.n)
+        format!("paused-{}-{}", saved.n, saved.mark)
     }
 
     fn pid(&self) -> Option<u32> {
@@ -74,6 +79,7 @@ impl Provider for Fake {
         self.peak.fetch_max(live, Ordering::SeqCst);
         Ok(FakeSandbox {
             n: self.made.fetch_add(1, Ordering::SeqCst),
+            mark: AtomicUsize::new(0),
             destroyed: self.destroyed.clone(),
             killed: Arc::new(AtomicBool::new(false)),
             live: self.live.clone(),
@@ -84,12 +90,14 @@ impl Provider for Fake {
     }
     async fn close(&self) {}
     fn load_saved(&self, name: &str) -> anyhow::Result<FakeSaved> {
-        let n = name
+        let (n, mark) = name
             .strip_prefix("paused-")
-            .and_then(|n| n.parse().ok())
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(n, mark)| Some((n.parse().ok()?, mark.parse().ok()?)))
             .ok_or_else(|| anyhow::anyhow!("no saved state {name}"))?;
         Ok(FakeSaved {
             n,
+            mark,
             discarded: self.destroyed.clone(),
         })
     }
@@ -100,6 +108,7 @@ impl Provider for Fake {
         self.live.fetch_add(1, Ordering::SeqCst);
         Ok(FakeSandbox {
             n: saved.n,
+            mark: AtomicUsize::new(saved.mark),
             destroyed: self.destroyed.clone(),
             killed: Arc::new(AtomicBool::new(false)),
             live: self.live.clone(),
@@ -471,4 +480,93 @@ async fn a_kept_sandbox_outlives_a_restart_and_an_unsaved_one_is_reported_lost()
         // The ones that had been saved come back from their last state.
         assert!(registry.get(&explicit_id, "p").await.is_ok());
     }
+}
+
+#[tokio::test]
+async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
+    let root = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_snapshot_bytes_per_principal: 2 * 4096,
+        ..Limits::default()
+    };
+    let (registry, _fake) = durable(limits, root.path());
+    let mark = |lease: &Lease<FakeSandbox>| lease.sandbox().mark.load(Ordering::SeqCst);
+    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let id = lease.id().to_string();
+    lease.sandbox().mark.store(1, Ordering::SeqCst);
+    let first = registry
+        .checkpoint(lease, Some("one".into()))
+        .await
+        .unwrap();
+    assert_eq!(first.label, "one");
+    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    assert_eq!(mark(&lease), 1, "the sandbox runs on from its checkpoint");
+    lease.sandbox().mark.store(2, Ordering::SeqCst);
+    let second = registry.checkpoint(lease, None).await.unwrap();
+    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    match registry.checkpoint(lease, None).await {
+        Err(RegistryError::Limit(m)) => assert!(m.contains("8 KiB of its 8 KiB"), "{m}"),
+        other => panic!(
+            "expected the quota, got {:?}",
+            other.map(|c| c.checkpoint_id)
+        ),
+    }
+    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    assert!(matches!(
+        registry.checkpoint(lease, Some("a\nb".into())).await,
+        Err(RegistryError::Invalid(_))
+    ));
+
+    // Rolled back to the first: its state, the same id, the second gone.
+    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    lease.sandbox().mark.store(3, Ordering::SeqCst);
+    let discarded = registry
+        .rollback(lease, &first.checkpoint_id)
+        .await
+        .unwrap();
+    assert_eq!(discarded, vec![second.checkpoint_id.clone()]);
+    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    assert_eq!((lease.id(), mark(&lease)), (id.as_str(), 1));
+    let listed = registry.list_checkpoints(&lease);
+    assert_eq!(listed.checkpoints, vec![first.clone()]);
+    assert_eq!(listed.principal_bytes, 4096);
+    let gone = registry.rollback(lease, &second.checkpoint_id).await;
+    assert!(matches!(gone, Err(RegistryError::Invalid(_))));
+
+    // A fork: a new id with the checkpoint's state; another principal
+    // cannot use the checkpoint.
+    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let (child, taken) = registry
+        .fork(lease, Some(&first.checkpoint_id))
+        .await
+        .unwrap();
+    assert!(taken.is_none());
+    assert_ne!(child.id(), id);
+    assert_eq!(mark(&child), 1);
+    child.sandbox().mark.store(7, Ordering::SeqCst);
+    drop(child);
+    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    assert_eq!(mark(&lease), 1, "the parent does not see the fork's writes");
+    drop(lease);
+    let other = registry.create_explicit("q").await.unwrap();
+    assert!(matches!(
+        registry.fork(other, Some(&first.checkpoint_id)).await,
+        Err(RegistryError::ForbiddenCheckpoint(_))
+    ));
+
+    // Checkpoints outlive a restart with their sandbox.
+    registry.shutdown().await;
+    drop(registry);
+    let (registry, _fake) = durable(limits, root.path());
+    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    assert_eq!(
+        registry.list_checkpoints(&lease).checkpoints,
+        vec![first.clone()]
+    );
+    registry
+        .rollback(lease, &first.checkpoint_id)
+        .await
+        .unwrap();
+    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    assert_eq!(mark(&lease), 1);
 }
