@@ -121,13 +121,22 @@ struct Pausing {
 }
 
 /// Values read at render time.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Live {
     pub active_sandboxes: u64,
     pub pool_ready: u64,
     pub vcpu_seconds: f64,
     pub memory_gb_seconds: f64,
     pub runs: u64,
+    /// Snapshot metering by principal.
+    pub snapshots: Vec<(String, crate::sandbox::registry::SnapshotUsage)>,
+}
+
+/// A principal's name as a Prometheus label value.
+fn label_value(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -340,6 +349,48 @@ impl Metrics {
             let n = header(o, name, "counter", help);
             let _ = writeln!(o, "{n} {value}");
         }
+        for (name, help, value) in [
+            (
+                "airlock_snapshot_gb_hours_total",
+                "Snapshot storage (paused states and checkpoints) in GB-hours, by principal.",
+                (|u: &crate::sandbox::registry::SnapshotUsage| u.gb_hours())
+                    as fn(&crate::sandbox::registry::SnapshotUsage) -> f64,
+            ),
+            (
+                "airlock_snapshot_writes_total",
+                "Snapshots written (pauses and checkpoints), by principal.",
+                |u| u.writes as f64,
+            ),
+            (
+                "airlock_snapshot_restores_total",
+                "Snapshots read back (resumes, rollbacks, forks), by principal.",
+                |u| u.restores as f64,
+            ),
+        ] {
+            let n = header(o, name, "counter", help);
+            for (principal, usage) in &live.snapshots {
+                let _ = writeln!(
+                    o,
+                    "{n}{{principal=\"{}\"}} {}",
+                    label_value(principal),
+                    value(usage)
+                );
+            }
+        }
+        let n = header(
+            o,
+            "airlock_snapshot_stored_bytes",
+            "gauge",
+            "Bytes of paused states and checkpoints on disk now, by principal.",
+        );
+        for (principal, usage) in &live.snapshots {
+            let _ = writeln!(
+                o,
+                "{n}{{principal=\"{}\"}} {}",
+                label_value(principal),
+                usage.stored_bytes
+            );
+        }
         let n = header(
             o,
             "airlock_sandboxes_ended_total",
@@ -448,8 +499,23 @@ mod tests {
             vcpu_seconds: 0.5,
             memory_gb_seconds: 0.75,
             runs: 1,
+            snapshots: vec![(
+                "al\"ice".into(),
+                crate::sandbox::registry::SnapshotUsage {
+                    writes: 2,
+                    restores: 3,
+                    byte_seconds: f64::from(1u32 << 30) * 3600.0,
+                    stored_bytes: 4096,
+                },
+            )],
         });
         assert!(text.contains("airlock_active_sandboxes 2\n"), "{text}");
+        assert!(
+            text.contains("airlock_snapshot_gb_hours_total{principal=\"al\\\"ice\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("airlock_snapshot_restores_total{principal=\"al\\\"ice\"} 3\n"));
+        assert!(text.contains("airlock_snapshot_stored_bytes{principal=\"al\\\"ice\"} 4096\n"));
         assert!(text.contains("airlock_sandbox_restores_total 1\n"));
         assert!(text.contains("airlock_tool_calls_total{tool=\"run_code\",outcome=\"ok\"} 1\n"));
         assert!(text.contains(

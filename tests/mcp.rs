@@ -171,6 +171,11 @@ fn http_auth_isolation_big_files_sessions_and_sessionless_ids() {
 }
 
 #[test]
+fn http_checkpoints_rollback_fork_and_restarts_lose_nothing() {
+    run_script("checkpoint_test.py");
+}
+
+#[test]
 fn http_admission_floods_sessions_owners_timeouts_and_resets() {
     run_script("admission_test.py");
 }

@@ -200,6 +200,7 @@ async fn metrics(State(app): State<App>) -> Response {
         vcpu_seconds: usage.vcpu_seconds,
         memory_gb_seconds: usage.memory_gb_seconds,
         runs: usage.runs,
+        snapshots: app.registry.snapshot_usage(None),
     };
     let text = app.registry.metrics().render(live);
     (

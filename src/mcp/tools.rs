@@ -312,8 +312,21 @@ pub struct InfoResult {
     /// When the sandbox was last resumed (Unix seconds), and how long it took.
     pub last_resumed_unix: Option<f64>,
     pub last_resume_seconds: Option<f64>,
-    /// Bytes its saved state takes on disk (kept from its last pause).
+    /// Bytes its saved state (kept from its last pause) and its
+    /// checkpoints take on disk.
     pub stored_bytes: u64,
+    /// Checkpoints it keeps, and what they take on disk.
+    pub checkpoints: u64,
+    pub checkpoint_bytes: u64,
+    /// Snapshots written (pauses, checkpoints) and read back (resumes,
+    /// rollbacks, forks), and snapshot storage in GB-hours, for this sandbox.
+    pub snapshot_writes: u64,
+    pub snapshot_restores: u64,
+    pub snapshot_gb_hours: f64,
+    /// The same for every sandbox of this client, ended ones included.
+    pub principal_snapshot_writes: u64,
+    pub principal_snapshot_restores: u64,
+    pub principal_snapshot_gb_hours: f64,
 }
 
 /// A tool error for the model.
@@ -1324,7 +1337,20 @@ impl AirlockServer {
             last_resumed_unix: None,
             last_resume_seconds: None,
             stored_bytes: 0,
+            checkpoints: 0,
+            checkpoint_bytes: 0,
+            snapshot_writes: 0,
+            snapshot_restores: 0,
+            snapshot_gb_hours: 0.0,
+            principal_snapshot_writes: 0,
+            principal_snapshot_restores: 0,
+            principal_snapshot_gb_hours: 0.0,
         };
+        if let Some((_, u)) = self.registry.snapshot_usage(Some(&principal)).first() {
+            info.principal_snapshot_writes = u.writes;
+            info.principal_snapshot_restores = u.restores;
+            info.principal_snapshot_gb_hours = u.gb_hours();
+        }
         let mut text = String::new();
         match &lease {
             Some(lease) => {
@@ -1347,6 +1373,19 @@ impl AirlockServer {
                 });
                 info.last_resume_seconds = p.last_resume_seconds;
                 info.stored_bytes = p.stored_bytes;
+                info.checkpoints = i.checkpoints as u64;
+                info.checkpoint_bytes = i.checkpoint_bytes;
+                info.snapshot_writes = p.snapshot_writes;
+                info.snapshot_restores = p.snapshot_restores;
+                info.snapshot_gb_hours =
+                    p.stored_byte_seconds() / f64::from(1u32 << 30) / 3600.0;
+                if i.checkpoints > 0 {
+                    text.push_str(&format!(
+                        "{} checkpoint(s), taking {} (list_checkpoints shows them).\n",
+                        i.checkpoints,
+                        crate::sandbox::registry::fmt_bytes(i.checkpoint_bytes)
+                    ));
+                }
                 if p.pauses > 0 {
                     text.push_str(&format!(
                         "Paused to disk {} time(s) and resumed {} time(s) with every file, variable and process; its saved state takes {} KiB.\n",

@@ -33,6 +33,28 @@ pub struct Info {
     pub usage: Usage,
     pub active_calls: usize,
     pub pauses: PauseRecord,
+    pub checkpoints: usize,
+    pub checkpoint_bytes: u64,
+}
+
+/// Snapshot metering of one principal: its live sandboxes and the ended
+/// ones the store remembers.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SnapshotUsage {
+    /// Pauses and checkpoints written.
+    pub writes: u64,
+    /// Resumes, rollbacks and forks read back.
+    pub restores: u64,
+    /// Bytes stored times seconds.
+    pub byte_seconds: f64,
+    /// Bytes stored now (saved states and checkpoints).
+    pub stored_bytes: u64,
+}
+
+impl SnapshotUsage {
+    pub fn gb_hours(&self) -> f64 {
+        self.byte_seconds / f64::from(1u32 << 30) / 3600.0
+    }
 }
 
 /// A sandbox's pauses and resumes so far.

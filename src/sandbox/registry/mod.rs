@@ -45,7 +45,7 @@ mod store;
 mod tests;
 
 pub use checkpoints::{CheckpointList, fmt_bytes};
-pub use handle::{CheckpointInfo, Info, Lease, PauseRecord, Usage};
+pub use handle::{CheckpointInfo, Info, Lease, PauseRecord, SnapshotUsage, Usage};
 use handle::{Handle, lock};
 pub use policy::*;
 pub use store::Store;
@@ -361,7 +361,42 @@ impl<P: Provider> Registry<P> {
             usage: handle.usage(),
             active_calls: handle.active.load(Ordering::SeqCst).saturating_sub(1),
             pauses: handle.pause_record(),
+            checkpoints: lock(&handle.checkpoints).len(),
+            checkpoint_bytes: handle.checkpoint_bytes(),
         }
+    }
+
+    /// Snapshot metering per principal (live sandboxes and, with a store,
+    /// ended ones), sorted by principal; only `principal`'s if named.
+    pub fn snapshot_usage(&self, principal: Option<&str>) -> Vec<(String, SnapshotUsage)> {
+        let mut by: std::collections::BTreeMap<String, SnapshotUsage> = Default::default();
+        if let Some(store) = &self.store {
+            match store.principal_histories() {
+                Ok(rows) => {
+                    for (name, c) in rows {
+                        let u = by.entry(name).or_default();
+                        u.writes += c.snapshot_writes;
+                        u.restores += c.snapshot_restores;
+                        u.byte_seconds += c.snapshot_byte_seconds;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(err = %format!("{err:#}"), "cannot read principals' metering")
+                }
+            }
+        }
+        let handles: Vec<_> = self.state().handles.values().cloned().collect();
+        for handle in handles {
+            let record = lock(&handle.record).clone();
+            let u = by.entry(handle.principal.clone()).or_default();
+            u.writes += record.snapshot_writes;
+            u.restores += record.snapshot_restores;
+            u.byte_seconds += record.stored_byte_seconds();
+            u.stored_bytes += record.stored_bytes;
+        }
+        by.into_iter()
+            .filter(|(name, _)| principal.is_none_or(|p| p == name))
+            .collect()
     }
 
     /// Live sandboxes bound to conversations or ids.

@@ -418,6 +418,27 @@ impl Store {
             .context("cannot remove checkpoints from the registry")
     }
 
+    /// Snapshot metering of every principal's ended sandboxes.
+    pub fn principal_histories(&self) -> Result<Vec<(String, Counters)>> {
+        let db = lock(&self.db);
+        let mut query = db.prepare(
+            "SELECT name, snapshot_writes, snapshot_restores, snapshot_byte_seconds FROM principals",
+        )?;
+        let rows = query.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Counters {
+                    snapshot_writes: count(r.get(1)?),
+                    snapshot_restores: count(r.get(2)?),
+                    snapshot_byte_seconds: r.get(3)?,
+                    ..Counters::default()
+                },
+            ))
+        })?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .context("cannot read the registry's principals")
+    }
+
     /// Snapshot metering of a principal's ended sandboxes.
     pub fn principal_history(&self, principal: &str) -> Result<Counters> {
         let db = lock(&self.db);
