@@ -6,6 +6,7 @@
 
 pub mod procfs;
 pub mod qemu;
+pub mod sessions;
 pub mod stats;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +49,21 @@ pub struct BenchOptions {
     /// Skip the QEMU comparison.
     #[arg(long)]
     pub skip_qemu: bool,
+    /// MiB a sandbox dirties before the pause/resume measurement, per level.
+    #[arg(long, value_delimiter = ',', default_value = "0,10,50,200")]
+    pub dirty_mib: Vec<u64>,
+    /// Forks resumed from one saved sandbox.
+    #[arg(long, default_value_t = 10)]
+    pub forks: usize,
+    /// Pause/resume cycles of the zero-loss soak.
+    #[arg(long, default_value_t = 1000)]
+    pub soak_cycles: usize,
+    /// Skip pause/resume, forks and the soak.
+    #[arg(long)]
+    pub skip_sessions: bool,
+    /// Only pause/resume, forks and the soak.
+    #[arg(long)]
+    pub only_sessions: bool,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -103,6 +119,10 @@ pub async fn run(opts: &BenchOptions) -> Result<()> {
         shape.memory_mib
     );
 
+    if opts.only_sessions {
+        return sessions_part(&template, &exe, opts).await;
+    }
+
     // (d) first: the host baseline, while nothing else runs.
     let host = host_python_baseline(opts.rounds.min(10))?;
     println!("\n(d) host `python3 -c 'print(1)'`: {host}");
@@ -155,6 +175,23 @@ pub async fn run(opts: &BenchOptions) -> Result<()> {
             "    ratio QEMU restore / airlock VMM part of restore: {:.1}x",
             q.median.as_secs_f64() / vmm_part.median.as_secs_f64()
         );
+    }
+    if !opts.skip_sessions {
+        sessions_part(&template, &exe, opts).await?;
+    }
+    Ok(())
+}
+
+/// (k), (l), (m): pause and resume, forks, the soak.
+async fn sessions_part(template: &Template, exe: &Path, opts: &BenchOptions) -> Result<()> {
+    let root = tempfile::Builder::new()
+        .prefix("airlock-bench-sessions-")
+        .tempdir()
+        .context("cannot create a state directory for the bench")?;
+    let baseline = sessions::pause_and_resume(template, exe, root.path(), &opts.dirty_mib).await?;
+    sessions::forks(template, exe, root.path(), opts.forks, baseline).await?;
+    if opts.soak_cycles > 0 {
+        sessions::soak(template, exe, root.path(), opts.soak_cycles).await?;
     }
     Ok(())
 }

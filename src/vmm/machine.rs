@@ -115,6 +115,9 @@ pub struct DiffBase {
     /// Where the written pages are found; `None` if it could not be opened
     /// (a diff snapshot then fails, saying why).
     pub pagemap: Option<snapshot::dirty::PageMap>,
+    /// The ranges a resume mapped from its saved state: saved again by the
+    /// next diff, written or not.
+    pub inherited: Vec<snapshot::dirty::PageRange>,
 }
 
 impl Machine {
@@ -277,8 +280,10 @@ pub fn restore(
     let kvm = open_kvm(kvm)?;
     let vm = create_vm(&kvm)?;
     let mem = snapshot::memory::map_private(&snapshot::memory_path(dir), state.memory_bytes)?;
+    let mut inherited = Vec::new();
     if let (Some(resume), Some(overlay)) = (&config.resume, &state.overlay) {
         snapshot::overlay::apply(&mem, overlay, &resume.join(snapshot::overlay::OVERLAY_FILE))?;
+        inherited = overlay.ranges.clone();
     }
     register_memory(&vm, &mem)?;
     let pagemap = match pagemap {
@@ -324,6 +329,7 @@ pub fn restore(
         diff_base: Some(DiffBase {
             state_checksum: base_checksum,
             pagemap,
+            inherited,
         }),
     })
 }

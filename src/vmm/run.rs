@@ -300,8 +300,8 @@ fn save_memory(
         .as_ref()
         .ok_or("a diff snapshot needs /proc/self/pagemap, which could not be opened")?;
     let path = dir.join(snapshot::overlay::OVERLAY_FILE);
-    let ranges =
-        snapshot::overlay::save(&machine.mem, pagemap, &path).map_err(|e| e.to_string())?;
+    let ranges = snapshot::overlay::save(&machine.mem, pagemap, &base.inherited, &path)
+        .map_err(|e| e.to_string())?;
     let overlay = snapshot::overlay::Overlay {
         base_state_checksum: base.state_checksum.clone(),
         ranges,

@@ -25,7 +25,19 @@ from harness import (
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-EXPECTED_TOOLS = {"run_code", "run_command", "write_file", "read_file", "list_files", "reset_sandbox", "sandbox_info"}
+EXPECTED_TOOLS = {
+    "run_code",
+    "run_command",
+    "write_file",
+    "read_file",
+    "list_files",
+    "reset_sandbox",
+    "sandbox_info",
+    "checkpoint_sandbox",
+    "rollback_sandbox",
+    "fork_sandbox",
+    "list_checkpoints",
+}
 
 
 async def main() -> None:

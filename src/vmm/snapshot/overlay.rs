@@ -4,11 +4,15 @@
 //! holes, so the file takes the disk its non-zero written pages take. The
 //! page list lives in the (checksummed) state file.
 //!
-//! A resume maps the base MAP_PRIVATE, as any restore does, and reads the
-//! overlay's pages over it: those become the VM's private copies again, so
-//! its next pause finds them written and saves them with the new ones.
+//! A resume maps the base MAP_PRIVATE, as any restore does, and maps the
+//! overlay's ranges MAP_PRIVATE over it: until the guest writes one, an
+//! overlay page is the file's page in the page cache, shared by every VM
+//! resumed from the same saved state (the forks of a checkpoint). The next
+//! pause saves those ranges again with the pages written since, so each
+//! saved state stands on the base alone.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -20,6 +24,11 @@ use super::{SnapshotError, io_error};
 use crate::vmm::devices::virtio::device::GuestMemory;
 
 pub const OVERLAY_FILE: &str = "memory.overlay";
+
+/// Overlay ranges mapped from the file at most: each is a mapping of its
+/// own, and a process has a bounded number (vm.max_map_count). Ranges past
+/// this are copied in.
+const MAX_MAPPED_RANGES: usize = 8192;
 
 /// What a diff snapshot's state records about its memory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,17 +89,42 @@ fn region(mem: &GuestMemory) -> Result<(usize, usize), SnapshotError> {
     Ok((host as usize, len))
 }
 
-/// Writes the pages this VM wrote into `path`; returns their ranges. The
-/// vCPUs and devices must be stopped.
+/// `a` and `b` (each in order, not overlapping) as one list in order,
+/// overlapping and touching ranges joined.
+fn union(a: &[PageRange], b: &[PageRange]) -> Vec<PageRange> {
+    let mut all: Vec<PageRange> = a.iter().chain(b).copied().collect();
+    all.sort_by_key(|r| r.start);
+    let mut joined: Vec<PageRange> = Vec::with_capacity(all.len());
+    for range in all {
+        match joined.last_mut() {
+            Some(last) if range.start <= last.end() => {
+                last.len = last.end().max(range.end()) - last.start;
+            }
+            _ => joined.push(range),
+        }
+    }
+    joined
+}
+
+/// Writes the pages this VM wrote, and the `inherited` ranges it was
+/// resumed with, into `path`; returns their ranges. The vCPUs and devices
+/// must be stopped.
 pub fn save(
     mem: &GuestMemory,
     pagemap: &PageMap,
+    inherited: &[PageRange],
     path: &Path,
 ) -> Result<Vec<PageRange>, SnapshotError> {
     let (host, len) = region(mem)?;
-    let ranges = pagemap
+    let written = pagemap
         .private_ranges(host, len)
         .map_err(|e| SnapshotError::Invalid(format!("cannot read the page map: {e}")))?;
+    let ranges = union(&written, inherited);
+    if ranges.last().is_some_and(|r| r.end() > len as u64) {
+        return Err(SnapshotError::Invalid(
+            "an inherited overlay range is outside guest memory".into(),
+        ));
+    }
     let file = File::create(path).map_err(io_error("create", path))?;
     // SAFETY: the region is mapped for `len` bytes at `host` for the life of
     // `mem`, and nothing writes it while the VM is stopped.
@@ -111,8 +145,8 @@ pub fn save(
     Ok(ranges)
 }
 
-/// Reads the overlay's pages from `path` over guest memory (mapped from the
-/// base). Before any vCPU runs.
+/// Maps the overlay's pages from `path` over guest memory (mapped from the
+/// base), copy-on-write. Before any vCPU runs.
 pub fn apply(mem: &GuestMemory, overlay: &Overlay, path: &Path) -> Result<(), SnapshotError> {
     let (host, len) = region(mem)?;
     overlay.check(len as u64)?;
@@ -124,15 +158,31 @@ pub fn apply(mem: &GuestMemory, overlay: &Overlay, path: &Path) -> Result<(), Sn
             path.display()
         )));
     }
-    for range in &overlay.ranges {
-        // SAFETY: `check` put the range inside the region mapped at `host`,
-        // and no vCPU or device runs yet.
-        let target = unsafe {
-            std::slice::from_raw_parts_mut(
-                (host + range.start as usize) as *mut u8,
-                range.len as usize,
-            )
-        };
+    for (index, range) in overlay.ranges.iter().enumerate() {
+        let at = host + range.start as usize;
+        if index < MAX_MAPPED_RANGES {
+            let offset = libc::off_t::try_from(range.start)
+                .map_err(|_| SnapshotError::Invalid(format!("range {range:?} is too far")))?;
+            // SAFETY: `check` put the range, whole pages, inside the region
+            // mapped at `host`, which `mem` owns (and unmaps whole); MAP_FIXED
+            // replaces only those pages, before any vCPU or device runs.
+            let mapped = unsafe {
+                libc::mmap(
+                    at as *mut libc::c_void,
+                    range.len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    offset,
+                )
+            };
+            if mapped == libc::MAP_FAILED || mapped as usize != at {
+                return Err(io_error("map", path)(std::io::Error::last_os_error()));
+            }
+            continue;
+        }
+        // SAFETY: as above; the pages are copied instead of mapped.
+        let target = unsafe { std::slice::from_raw_parts_mut(at as *mut u8, range.len as usize) };
         file.read_exact_at(target, range.start)
             .map_err(io_error("read", path))?;
     }
@@ -200,7 +250,7 @@ mod tests {
             .unwrap();
         let pagemap = PageMap::open().unwrap();
         let overlay_path = dir.path().join(OVERLAY_FILE);
-        let ranges = save(&vm, &pagemap, &overlay_path).unwrap();
+        let ranges = save(&vm, &pagemap, &[], &overlay_path).unwrap();
         assert_eq!(ranges, vec![range(5, 1), range(9, 1), range(31, 1)]);
         let overlay = Overlay {
             base_state_checksum: String::new(),
@@ -209,6 +259,14 @@ mod tests {
 
         let resumed = super::super::memory::map_private(&base_path, len).unwrap();
         apply(&resumed, &overlay, &overlay_path).unwrap();
+        let (host, _) = region(&resumed).unwrap();
+        assert!(
+            pagemap
+                .private_ranges(host, len as usize)
+                .unwrap()
+                .is_empty(),
+            "the overlay's pages are the file's, shared, until written"
+        );
         let mut word = [0u8; 5];
         resumed
             .read_slice(&mut word, GuestAddress(5 * PAGE + 3))
@@ -233,9 +291,19 @@ mod tests {
             page.iter().all(|b| *b == 1),
             "untouched pages come from the base"
         );
-        // The resumed VM's next pause saves the overlay's pages again.
-        let again = save(&resumed, &pagemap, &dir.path().join("again")).unwrap();
-        assert_eq!(again, overlay.ranges);
+        // The resumed VM's next pause saves the overlay's pages again, with
+        // the ones it wrote since.
+        resumed
+            .write_slice(b"again", GuestAddress(6 * PAGE))
+            .unwrap();
+        let again = save(
+            &resumed,
+            &pagemap,
+            &overlay.ranges,
+            &dir.path().join("again"),
+        )
+        .unwrap();
+        assert_eq!(again, vec![range(5, 2), range(9, 1), range(31, 1)]);
 
         let wrong_size = Overlay {
             base_state_checksum: String::new(),
