@@ -351,6 +351,9 @@ impl<P: Provider> Registry<P> {
         let now = Instant::now();
         let age = handle.age(now);
         let lifetime_left = self.limits.max_lifetime.saturating_sub(age);
+        // Counted apart: a guard in the struct expression would live on
+        // while checkpoint_bytes takes the same lock.
+        let checkpoints = lock(&handle.checkpoints).len();
         Info {
             id: handle.id.clone(),
             age,
@@ -361,7 +364,7 @@ impl<P: Provider> Registry<P> {
             usage: handle.usage(),
             active_calls: handle.active.load(Ordering::SeqCst).saturating_sub(1),
             pauses: handle.pause_record(),
-            checkpoints: lock(&handle.checkpoints).len(),
+            checkpoints,
             checkpoint_bytes: handle.checkpoint_bytes(),
         }
     }
