@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,6 +125,12 @@ class HttpServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tokens_path, self.tokens = tokens_file(list(tokens))
+        # Sandboxes are paused into the state directory at shutdown: a test's
+        # own, removed after it, unless the test names one to restart on.
+        self.own_state_dir = None
+        if "--state-dir" not in extra:
+            self.own_state_dir = tempfile.mkdtemp(prefix="airlock-state-")
+            extra = ("--state-dir", self.own_state_dir, *extra)
         self.args = [AIRLOCK, "serve", "--http", f"127.0.0.1:{self.port}", "--tokens-file", self.tokens_path, *extra]
         self.proc: subprocess.Popen | None = None
         self.vmms: set[int] = set()
@@ -177,6 +184,8 @@ class HttpServer:
         os.unlink(self.tokens_path)
         if exc[0] is None:
             wait_gone(sorted(self.vmms), 15, "after SIGTERM")
+        if self.own_state_dir is not None:
+            shutil.rmtree(self.own_state_dir, ignore_errors=True)
 
     @contextlib.asynccontextmanager
     async def session(self, principal: str = "alice", *, token: str | None = None, modern: bool = False):
