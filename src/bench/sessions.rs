@@ -121,7 +121,12 @@ pub async fn forks(
     )
     .await?;
     let (saved, _) = pause(parent).await?;
-    let plain = Sandbox::start(template, exe, &pausable(root), None).await?;
+    // The baseline: as many fresh restores alive beside the forks (they
+    // share the template's pages among themselves as the forks do).
+    let mut plain = Vec::new();
+    for _ in 0..count {
+        plain.push(Sandbox::start(template, exe, &pausable(root), None).await?);
+    }
     let mut children = Vec::new();
     let mut times = Vec::new();
     for _ in 0..count {
@@ -138,24 +143,27 @@ pub async fn forks(
         .iter()
         .filter_map(|c| procfs::pss(c.pid(), &memory_file).map(|p| p.total))
         .collect();
-    let plain_pss = procfs::pss(plain.pid(), &memory_file).map_or(0, |p| p.total);
+    let plain_pss: Vec<u64> = plain
+        .iter()
+        .filter_map(|c| procfs::pss(c.pid(), &memory_file).map(|p| p.total))
+        .collect();
     let avg = pss.iter().sum::<u64>() as f64 / pss.len().max(1) as f64;
+    let plain_avg = plain_pss.iter().sum::<u64>() as f64 / plain_pss.len().max(1) as f64;
     let latency = summarize(&times).context("no fork")?;
     println!(
-        "\n(l) {count} forks of one saved sandbox (20 MiB dirtied): start to first result {latency} = {:.2}x a fresh restore; PSS {:.1} MiB per fork at {count} alive, {:.2}x a fresh restore's {:.1} MiB; {} distinct os.urandom values of {count}",
+        "\n(l) {count} forks of one saved sandbox (20 MiB dirtied): start to first result {latency} = {:.2}x a fresh restore; PSS {:.1} MiB per fork with {count} forks and {count} fresh restores alive, {:.2}x a fresh restore's {:.1} MiB; {} distinct os.urandom values of {count}",
         latency.median.as_secs_f64() / baseline.as_secs_f64(),
         avg / f64::from(1u32 << 20),
-        avg / (plain_pss.max(1) as f64),
-        mib(plain_pss),
+        avg / plain_avg.max(1.0),
+        plain_avg / f64::from(1u32 << 20),
         seen.len()
     );
     if seen.len() != count {
         bail!("forks of one saved state shared random numbers");
     }
-    for child in children {
-        child.destroy().await;
+    for sandbox in children.into_iter().chain(plain) {
+        sandbox.destroy().await;
     }
-    plain.destroy().await;
     saved.discard();
     Ok(())
 }

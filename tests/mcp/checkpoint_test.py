@@ -72,7 +72,12 @@ async def main() -> None:
             r = await run(s, "x = 1\nopen('f.txt', 'w').write('one')\nprint('ready')", timeout=FIRST_CALL_TIMEOUT)
             check(not r.is_error, f"the first run: {text_of(r)!r}")
             sid = r.structured_content["sandbox_id"]
+            t0 = time.monotonic()
+            r = await run(s, "print(x)", sandbox_id=sid)
+            warm = time.monotonic() - t0
+            t0 = time.monotonic()
             r = await call(s, "checkpoint_sandbox", sandbox_id=sid, label="x is 1")
+            took_checkpoint = time.monotonic() - t0
             check(not r.is_error, f"checkpoint_sandbox: {text_of(r)!r}")
             c1 = r.structured_content["checkpoint_id"]
             check(r.structured_content["label"] == "x is 1" and r.structured_content["size_bytes"] > 0, f"the checkpoint has its label and size: {r.structured_content}")
@@ -85,7 +90,9 @@ async def main() -> None:
             check(listed == [c1, c2], f"list_checkpoints shows both, oldest first: {text_of(r)!r}")
 
             r = await run(s, "x = 99\nopen('f.txt', 'w').write('ninety-nine')\nopen('later.txt', 'w').write('gone')", sandbox_id=sid)
+            t0 = time.monotonic()
             r = await call(s, "rollback_sandbox", sandbox_id=sid, checkpoint_id=c1)
+            took_rollback = time.monotonic() - t0
             check(not r.is_error and r.structured_content["discarded_checkpoint_ids"] == [c2], f"rollback_sandbox: {text_of(r)!r}")
             check(r.structured_content["sandbox_id"] == sid, "the rollback keeps the sandbox id")
             r = await run(s, "import os\nprint(x, open('f.txt').read(), os.path.exists('later.txt'))", sandbox_id=sid)
@@ -93,7 +100,9 @@ async def main() -> None:
             r = await call(s, "rollback_sandbox", sandbox_id=sid, checkpoint_id=c2)
             check(r.is_error and "no checkpoint" in text_of(r), f"a checkpoint rolled back past is gone: {text_of(r)!r}")
 
+            t0 = time.monotonic()
             r = await call(s, "fork_sandbox", sandbox_id=sid, checkpoint_id=c1)
+            took_fork = time.monotonic() - t0
             check(not r.is_error, f"fork_sandbox: {text_of(r)!r}")
             fork = r.structured_content["sandbox_id"]
             check(fork != sid and r.structured_content["parent_sandbox_id"] == sid, "the fork is a new sandbox")
@@ -114,6 +123,11 @@ async def main() -> None:
             info = await call(s, "sandbox_info", sandbox_id=sid)
             st = info.structured_content
             check(st["checkpoints"] == 2 and st["snapshot_writes"] >= 2 and st["snapshot_restores"] >= 3, f"sandbox_info meters snapshots: {st}")
+            log(
+                f"LATENCY http warm_run_code={warm:.3f}s checkpoint_sandbox={took_checkpoint:.3f}s "
+                f"rollback_sandbox={took_rollback:.3f}s fork_sandbox={took_fork:.3f}s "
+                f"checkpoint_size={st['checkpoint_bytes'] / st['checkpoints'] / 2**20:.1f}MiB"
+            )
             server.note_vmms()
 
         async with server.session("bob", modern=True) as b:
