@@ -147,7 +147,8 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
 ///   taken up by the next run with the same name.
 /// - HTTP: `http-<address>-<port>`, taken up by the next server on the
 ///   same address, so sandbox ids outlive a restart.
-/// - Otherwise (stdio): `run-<random>`, this run's alone, removed at exit.
+/// - Otherwise (stdio, or HTTP on port 0): `run-<random>`, this run's
+///   alone, removed at exit.
 ///
 /// A store is held by one server at a time.
 struct ServerStore {
@@ -192,7 +193,7 @@ fn open_store(options: &ServeOptions, cache: &std::path::Path) -> Result<ServerS
             }
             (format!("persist-{name}"), false)
         }
-        (None, Some(addr)) => {
+        (None, Some(addr)) if addr.port() != 0 => {
             let host: String = addr
                 .ip()
                 .to_string()
@@ -207,7 +208,9 @@ fn open_store(options: &ServeOptions, cache: &std::path::Path) -> Result<ServerS
                 .collect();
             (format!("http-{host}-{}", addr.port()), false)
         }
-        (None, None) => {
+        (None, _) => {
+            // stdio, or HTTP on a port the system picks: no later run can
+            // name the same address, so the state is this run's alone.
             let mut id = [0u8; 8];
             if !crate::vmm::devices::virtio::rng::fill_random(&mut id) {
                 bail!("the host has no entropy for a state directory name");

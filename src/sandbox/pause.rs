@@ -209,6 +209,13 @@ fn check_saved_files(dir: &Path, flush: bool) -> Result<u64> {
             bail!("{} is not a regular file", path.display());
         }
         if flush {
+            // Read-only from now on: a saved state is mapped by every VM
+            // resumed from it, and must not change under them.
+            use std::os::unix::fs::PermissionsExt;
+            // (Defence in depth: only this sandbox's VMMs see it, read-only.)
+            if let Err(err) = file.set_permissions(std::fs::Permissions::from_mode(0o444)) {
+                tracing::warn!(path = %path.display(), %err, "cannot make a saved state read-only");
+            }
             file.sync_all()
                 .with_context(|| format!("cannot flush {}", path.display()))?;
         }

@@ -13,10 +13,11 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AirlockServer, Fail, Target, ToolResult, check_sandbox_id, created_note, optional,
-    portable_output_schema, structured, with_progress,
+    AirlockServer, Fail, Target, ToolResult, created_note, optional, portable_output_schema,
+    structured, with_progress,
 };
-use crate::sandbox::registry::{CheckpointInfo, fmt_bytes};
+use crate::sandbox::Sandbox;
+use crate::sandbox::registry::{CheckpointInfo, SandboxRef, fmt_bytes};
 
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct CheckpointArgs {
@@ -225,25 +226,26 @@ impl AirlockServer {
 }
 
 impl AirlockServer {
-    /// The lease of the sandbox a checkpoint tool is about; a sessionless
+    /// The sandbox a checkpoint tool is about, found and checked without
+    /// holding its VM (a rollback works on one that has none); a sessionless
     /// call must name it.
-    async fn existing_lease(
+    async fn named_sandbox(
         &self,
         ctx: &RequestContext<RoleServer>,
         sandbox_id: Option<String>,
-    ) -> Result<crate::sandbox::registry::Lease<crate::sandbox::Sandbox>, Fail> {
-        if let Some(id) = sandbox_id.as_deref().filter(|id| !id.is_empty()) {
-            check_sandbox_id(id)?;
-        }
-        let (_, target) = self.target(ctx, sandbox_id.clone())?;
-        if matches!(target, Target::New) {
-            return Err(Fail(
-                "this client has no session, so name the sandbox: pass the sandbox_id returned by an earlier call"
-                    .into(),
-            ));
-        }
-        let (lease, _) = self.lease(ctx, sandbox_id).await?;
-        Ok(lease)
+    ) -> Result<SandboxRef<Sandbox>, Fail> {
+        let (principal, target) = self.target(ctx, sandbox_id)?;
+        let found = match &target {
+            Target::Conversation(c) => self.registry.resolve(Some(c), None, &principal).await,
+            Target::Explicit(id) => self.registry.resolve(None, Some(id), &principal).await,
+            Target::New => {
+                return Err(Fail(
+                    "this client has no session, so name the sandbox: pass the sandbox_id returned by an earlier call"
+                        .into(),
+                ));
+            }
+        };
+        Ok(found?)
     }
 
     async fn checkpoint_inner(
@@ -251,10 +253,10 @@ impl AirlockServer {
         args: CheckpointArgs,
         ctx: &RequestContext<RoleServer>,
     ) -> ToolResult {
-        let lease = self.existing_lease(ctx, args.sandbox_id).await?;
-        let sandbox_id = lease.id().to_string();
+        let sandbox = self.named_sandbox(ctx, args.sandbox_id).await?;
+        let sandbox_id = sandbox.id().to_string();
         let label = args.label.filter(|l| !l.is_empty());
-        let taking = self.registry.checkpoint(lease, label);
+        let taking = self.registry.checkpoint(&sandbox, label);
         let checkpoint = with_progress(ctx, "saving the checkpoint", None, taking).await?;
         let text = format!(
             "Checkpoint {} of sandbox {sandbox_id} saved ({}{}). rollback_sandbox with this checkpoint_id puts the sandbox back to this moment; fork_sandbox starts a copy from it.",
@@ -280,9 +282,9 @@ impl AirlockServer {
         ctx: &RequestContext<RoleServer>,
     ) -> ToolResult {
         let checkpoint_id = check_checkpoint_id(&args.checkpoint_id)?;
-        let lease = self.existing_lease(ctx, args.sandbox_id).await?;
-        let sandbox_id = lease.id().to_string();
-        let rolling = self.registry.rollback(lease, &checkpoint_id);
+        let sandbox = self.named_sandbox(ctx, args.sandbox_id).await?;
+        let sandbox_id = sandbox.id().to_string();
+        let rolling = self.registry.rollback(&sandbox, &checkpoint_id);
         let discarded = with_progress(ctx, "rolling back", None, rolling).await?;
         let mut text = format!(
             "Sandbox {sandbox_id} is back as it was at checkpoint {checkpoint_id}: files, variables and processes from after it are gone."
@@ -307,9 +309,9 @@ impl AirlockServer {
             Some(id) => Some(check_checkpoint_id(id)?),
             None => None,
         };
-        let lease = self.existing_lease(ctx, args.sandbox_id).await?;
-        let parent = lease.id().to_string();
-        let forking = self.registry.fork(lease, checkpoint_id.as_deref());
+        let sandbox = self.named_sandbox(ctx, args.sandbox_id).await?;
+        let parent = sandbox.id().to_string();
+        let forking = self.registry.fork(&sandbox, checkpoint_id.as_deref());
         let (child, taken) = with_progress(ctx, "starting the fork", None, forking).await?;
         let from = match (&taken, checkpoint_id) {
             (Some(taken), _) => taken.checkpoint_id.clone(),
@@ -339,9 +341,8 @@ impl AirlockServer {
         args: ListCheckpointsArgs,
         ctx: &RequestContext<RoleServer>,
     ) -> ToolResult {
-        let lease = self.existing_lease(ctx, args.sandbox_id).await?;
-        let list = self.registry.list_checkpoints(&lease);
-        drop(lease);
+        let sandbox = self.named_sandbox(ctx, args.sandbox_id).await?;
+        let list = self.registry.list_checkpoints(&sandbox);
         let mut text = if list.checkpoints.is_empty() {
             format!(
                 "Sandbox {} has no checkpoints (checkpoint_sandbox takes one).\n",

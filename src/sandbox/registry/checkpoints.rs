@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::handle::{Checkpoint, CheckpointInfo, Handle, Slot, lock, new_id};
 use super::store::CheckpointRow;
-use super::{Hosted, Lease, Provider, Registry, RegistryError, SavedOf, fmt_duration};
+use super::{Hosted, Lease, Provider, Registry, RegistryError, SandboxRef, SavedOf, fmt_duration};
 
 /// Checkpoints one sandbox keeps at most.
 pub const MAX_CHECKPOINTS_PER_SANDBOX: usize = 32;
@@ -39,6 +39,12 @@ pub struct CheckpointList {
     pub principal_bytes: u64,
     pub quota_bytes: u64,
 }
+
+/// A checkpoint found, and the handle of the sandbox that keeps it.
+type Found<P> = (
+    Arc<Handle<<P as Provider>::Sandbox>>,
+    Checkpoint<SavedOf<P>>,
+);
 
 /// Counts a handle as busy (not idle, not to be paused) while held.
 struct Busy<'a, S: Hosted>(&'a Handle<S>);
@@ -142,15 +148,13 @@ impl<P: Provider> Registry<P> {
         )))
     }
 
-    /// Takes a checkpoint of the leased sandbox.
+    /// Takes a checkpoint of the sandbox (resumed first if paused).
     pub async fn checkpoint(
         &self,
-        lease: Lease<P::Sandbox>,
+        sandbox: &SandboxRef<P::Sandbox>,
         label: Option<String>,
     ) -> Result<CheckpointInfo, RegistryError> {
-        let handle = lease.handle.clone();
-        drop(lease);
-        self.checkpoint_handle(&handle, label.unwrap_or_default())
+        self.checkpoint_handle(&sandbox.0, label.unwrap_or_default())
             .await
     }
 
@@ -195,9 +199,7 @@ impl<P: Provider> Registry<P> {
                 )));
             }
             Err((err, None)) => {
-                handle.set_vm(None);
-                let fallback = handle.restorable();
-                handle.paused.store(fallback, Ordering::SeqCst);
+                let fallback = self.fall_back(handle);
                 self.metrics.pause_failed();
                 return Err(RegistryError::Start(format!(
                     "the checkpoint failed and the sandbox's VM ended ({err:#}); {}",
@@ -234,14 +236,32 @@ impl<P: Provider> Registry<P> {
             dir: P::Sandbox::saved_name(&checkpoint.saved),
             bytes,
         };
-        let refused = if used + bytes > quota {
-            Some(self.over_quota(used + bytes))
+        // Admitted and recorded under one lock, so checkpoints taken at
+        // once cannot each pass the quota or the count.
+        let admission = lock(&self.checkpoint_admission);
+        let used_now = self.principal_checkpoint_bytes(&handle.principal);
+        let refused = if handle.ended.load(Ordering::SeqCst) {
+            Some(RegistryError::Expired(format!(
+                "sandbox {} ended while its checkpoint was being taken",
+                handle.id
+            )))
+        } else if lock(&handle.checkpoints).len() >= MAX_CHECKPOINTS_PER_SANDBOX {
+            Some(RegistryError::Limit(format!(
+                "sandbox {} already has {MAX_CHECKPOINTS_PER_SANDBOX} checkpoints, its limit",
+                handle.id
+            )))
+        } else if used_now + bytes > quota {
+            Some(self.over_quota(used_now + bytes))
         } else {
             store
                 .insert_checkpoint(&row)
                 .err()
                 .map(|err| RegistryError::Start(format!("{err:#}")))
         };
+        if refused.is_none() {
+            lock(&handle.checkpoints).push(checkpoint.clone());
+        }
+        drop(admission);
         match resumed {
             Ok(sandbox) => {
                 handle.set_vm(sandbox.pid());
@@ -256,6 +276,7 @@ impl<P: Provider> Registry<P> {
                     // keep it as the state the next call resumes.
                     let old = lock(&handle.saved).replace(checkpoint.saved);
                     *lock(&handle.saved_at) = Some(checkpoint.created);
+                    *lock(&handle.resume_checkpoint) = None;
                     handle.paused.store(true, Ordering::SeqCst);
                     if self.record(handle)
                         && let Some(old) = old
@@ -267,10 +288,13 @@ impl<P: Provider> Registry<P> {
                         "the sandbox could not be resumed after its state was saved ({err:#}); the next call resumes it"
                     )));
                 }
-                lock(&handle.checkpoints).push(checkpoint.clone());
+                // The next call resumes the checkpoint just taken.
+                *lock(&handle.resume_checkpoint) = Some(checkpoint.id.clone());
+                handle.paused.store(true, Ordering::SeqCst);
                 handle.update_stored();
+                self.record(handle);
                 return Err(RegistryError::Start(format!(
-                    "checkpoint {} was saved, but the sandbox could not be resumed from it ({err:#}); call rollback_sandbox with that checkpoint_id",
+                    "checkpoint {} was saved, but the sandbox could not be resumed from it ({err:#}); the next call tries again",
                     checkpoint.id
                 )));
             }
@@ -286,7 +310,6 @@ impl<P: Provider> Registry<P> {
             return Err(refused);
         }
         let info = checkpoint.info();
-        lock(&handle.checkpoints).push(checkpoint);
         handle.update_stored();
         self.record(handle);
         self.metrics.checkpointed(started.elapsed(), bytes);
@@ -294,9 +317,9 @@ impl<P: Provider> Registry<P> {
         Ok(info)
     }
 
-    /// The checkpoints of the leased sandbox, and its principal's quota.
-    pub fn list_checkpoints(&self, lease: &Lease<P::Sandbox>) -> CheckpointList {
-        let handle = &lease.handle;
+    /// The checkpoints of the sandbox, and its principal's quota.
+    pub fn list_checkpoints(&self, sandbox: &SandboxRef<P::Sandbox>) -> CheckpointList {
+        let handle = &sandbox.0;
         // Taken first: the total below locks every handle's list.
         let checkpoints = lock(&handle.checkpoints)
             .iter()
@@ -312,11 +335,7 @@ impl<P: Provider> Registry<P> {
 
     /// The checkpoint `id` of one of `principal`'s sandboxes, and that
     /// sandbox's id.
-    fn find_checkpoint(
-        &self,
-        id: &str,
-        principal: &str,
-    ) -> Result<(String, Checkpoint<SavedOf<P>>), RegistryError> {
+    fn find_checkpoint(&self, id: &str, principal: &str) -> Result<Found<P>, RegistryError> {
         let handles: Vec<_> = self.state().handles.values().cloned().collect();
         for handle in handles {
             let found = lock(&handle.checkpoints)
@@ -327,7 +346,7 @@ impl<P: Provider> Registry<P> {
                 if handle.principal != principal {
                     return Err(RegistryError::ForbiddenCheckpoint(id.to_string()));
                 }
-                return Ok((handle.id.clone(), found));
+                return Ok((handle, found));
             }
         }
         Err(RegistryError::Invalid(format!(
@@ -340,21 +359,31 @@ impl<P: Provider> Registry<P> {
     /// are cancelled), and the checkpoints taken after it are discarded.
     pub async fn rollback(
         &self,
-        lease: Lease<P::Sandbox>,
+        sandbox: &SandboxRef<P::Sandbox>,
         id: &str,
     ) -> Result<Vec<String>, RegistryError> {
-        let handle = lease.handle.clone();
-        drop(lease);
+        let handle = sandbox.0.clone();
         self.check_open()?;
-        let (owner, target) = self.find_checkpoint(id, &handle.principal)?;
-        if owner != handle.id {
+        let (owner, _) = self.find_checkpoint(id, &handle.principal)?;
+        if owner.id != handle.id {
             return Err(RegistryError::Invalid(format!(
-                "checkpoint {id} belongs to sandbox {owner}, not {}: a rollback applies to the checkpoint's own sandbox. Use fork_sandbox with this checkpoint_id for a new sandbox from it",
-                handle.id
+                "checkpoint {id} belongs to sandbox {}, not {}: a rollback applies to the checkpoint's own sandbox. Use fork_sandbox with this checkpoint_id for a new sandbox from it",
+                owner.id, handle.id
             )));
         }
         let _busy = Busy::new(&handle);
         let _turn = handle.resetting.lock().await;
+        // Looked up again in turn: a rollback that ran meanwhile may have
+        // discarded it.
+        let target = lock(&handle.checkpoints)
+            .iter()
+            .find(|c| c.id == id)
+            .cloned()
+            .ok_or_else(|| {
+                RegistryError::Invalid(format!(
+                    "checkpoint {id} was discarded by a rollback to an earlier checkpoint while this one waited"
+                ))
+            })?;
         let cancel = CancellationToken::new();
         std::mem::replace(&mut *lock(&handle.cancel), cancel.clone()).cancel();
         lock(&handle.kill).fire();
@@ -376,10 +405,13 @@ impl<P: Provider> Registry<P> {
         let sandbox = match self.provider.resume(&target.saved).await {
             Ok(sandbox) => sandbox,
             Err(err) => {
+                // The next call (or rollback) resumes the checkpoint.
                 self.metrics.resume_failed();
+                *lock(&handle.resume_checkpoint) = Some(id.to_string());
+                handle.paused.store(true, Ordering::SeqCst);
                 self.record(&handle);
                 return Err(RegistryError::Start(format!(
-                    "the sandbox could not be resumed from checkpoint {id} ({err:#}); its checkpoints are kept, so call rollback_sandbox again"
+                    "the sandbox could not be resumed from checkpoint {id} ({err:#}); it is kept, and the next call tries again"
                 )));
             }
         };
@@ -425,11 +457,10 @@ impl<P: Provider> Registry<P> {
     /// now. Returns the new sandbox and the checkpoint taken, if any.
     pub async fn fork(
         &self,
-        lease: Lease<P::Sandbox>,
+        sandbox: &SandboxRef<P::Sandbox>,
         id: Option<&str>,
     ) -> Result<(Lease<P::Sandbox>, Option<CheckpointInfo>), RegistryError> {
-        let parent = lease.handle.clone();
-        drop(lease);
+        let parent = sandbox.0.clone();
         self.check_open()?;
         let principal = parent.principal.clone();
         let (taken, id) = match id {
@@ -442,10 +473,14 @@ impl<P: Provider> Registry<P> {
                 (Some(info), id)
             }
         };
-        let (_, checkpoint) = self.find_checkpoint(&id, &principal)?;
+        let (owner, checkpoint) = self.find_checkpoint(&id, &principal)?;
         self.reserve(&principal)?;
         let started = Instant::now();
-        let sandbox = match self.provider.resume(&checkpoint.saved).await {
+        // No rollback of the owner discards the checkpoint while it is read.
+        let turn = owner.resetting.lock().await;
+        let resumed = self.provider.resume(&checkpoint.saved).await;
+        drop(turn);
+        let sandbox = match resumed {
             Ok(sandbox) => sandbox,
             Err(err) => {
                 self.state().unreserve(&principal);

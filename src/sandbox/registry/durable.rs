@@ -65,13 +65,17 @@ impl<P: Provider> Registry<P> {
                 at: lock(&handle.saved_at).unwrap_or_else(SystemTime::now),
             })
         };
+        // Read first: no guard may live through the database's fsync.
+        let created = *lock(&handle.created_wall);
+        let last_used = wall_of(*lock(&handle.last_used));
+        let counters = handle.counters();
         let written = store.update_sandbox(
             &handle.id,
             saved.as_ref(),
             handle.paused.load(Ordering::SeqCst),
-            *lock(&handle.created_wall),
-            wall_of(*lock(&handle.last_used)),
-            &handle.counters(),
+            created,
+            last_used,
+            &counters,
         );
         match written {
             Ok(()) => true,

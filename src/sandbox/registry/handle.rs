@@ -167,6 +167,9 @@ pub(super) struct Handle<S: Hosted> {
     pub(super) record: Mutex<PauseRecord>,
     /// Bound to the stdio conversation (what `--persist` brings back).
     pub(super) stdio: bool,
+    /// Bound to an HTTP session, which ends with the server: such a
+    /// sandbox is not kept at shutdown.
+    pub(super) session_bound: AtomicBool,
     /// `created` on the wall clock, for the durable record.
     pub(super) created_wall: Mutex<SystemTime>,
     /// Said once, with the next call's result (it came back older than it was).
@@ -247,10 +250,18 @@ impl<S: Hosted> Handle<S> {
             paused: AtomicBool::new(false),
             record: Mutex::new(PauseRecord::default()),
             stdio,
+            session_bound: AtomicBool::new(false),
             created_wall: Mutex::new(SystemTime::now()),
             notice: Mutex::new(None),
             checkpoints: Mutex::new(Vec::new()),
             resume_checkpoint: Mutex::new(None),
+        }
+    }
+
+    /// Notes that `conversation` holds it, if that is an HTTP session.
+    pub(super) fn mark_session(&self, conversation: &super::Conversation) {
+        if matches!(conversation, super::Conversation::Session(_)) {
+            self.session_bound.store(true, Ordering::SeqCst);
         }
     }
 
@@ -333,7 +344,8 @@ impl<S: Hosted> Handle<S> {
     /// Drops the saved state (the sandbox was reset, rolled back or ended).
     pub(super) fn forget_saved(&self) {
         self.paused.store(false, Ordering::SeqCst);
-        if let Some(saved) = lock(&self.saved).take() {
+        let old = lock(&self.saved).take();
+        if let Some(saved) = old {
             S::discard(saved);
         }
         *lock(&self.saved_at) = None;
@@ -383,6 +395,15 @@ impl<S: Hosted> Handle<S> {
         meter.vm_since = pid.map(|_| Instant::now());
         meter.pid = pid;
         meter.base = pid.and_then(process_cpu_time).unwrap_or_default();
+    }
+}
+
+/// A sandbox named by a call, found and checked, without holding its VM.
+pub struct SandboxRef<S: Hosted>(pub(super) Arc<Handle<S>>);
+
+impl<S: Hosted> SandboxRef<S> {
+    pub fn id(&self) -> &str {
+        &self.0.id
     }
 }
 

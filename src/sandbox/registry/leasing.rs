@@ -25,6 +25,7 @@ impl<P: Provider> Registry<P> {
         let handle = self
             .create(principal, *conversation == Conversation::Stdio)
             .await?;
+        handle.mark_session(conversation);
         *bound = Some(handle.id.clone());
         let still_there = self
             .state()
@@ -76,6 +77,40 @@ impl<P: Provider> Registry<P> {
     pub async fn get(&self, id: &str, principal: &str) -> Result<Lease<P::Sandbox>, RegistryError> {
         self.check_open()?;
         self.lease(id, principal, None).await
+    }
+
+    /// The sandbox a call names (by id, or as its conversation's), checked
+    /// against its owner and its lifetime, whether or not it has a VM now
+    /// (a rollback can give it one).
+    pub async fn resolve(
+        &self,
+        conversation: Option<&Conversation>,
+        id: Option<&str>,
+        principal: &str,
+    ) -> Result<SandboxRef<P::Sandbox>, RegistryError> {
+        self.check_open()?;
+        let id = match (id, conversation) {
+            (Some(id), _) => id.to_string(),
+            (None, Some(conversation)) => {
+                let binding = self.state().conversations.get(conversation).cloned();
+                let bound = match binding {
+                    Some(binding) => binding.lock().await.clone(),
+                    None => None,
+                };
+                bound.ok_or_else(|| {
+                    RegistryError::Invalid(
+                        "this conversation has no sandbox yet: its first tool call (run_code, write_file, ...) creates it".into(),
+                    )
+                })?
+            }
+            (None, None) => {
+                return Err(RegistryError::Invalid(
+                    "name the sandbox: pass the sandbox_id returned by an earlier call".into(),
+                ));
+            }
+        };
+        let handle = self.find(&id, principal, conversation).await?;
+        Ok(SandboxRef(handle))
     }
 
     pub(super) fn check_open(&self) -> Result<(), RegistryError> {

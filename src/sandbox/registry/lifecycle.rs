@@ -125,6 +125,7 @@ impl<P: Provider> Registry<P> {
                 let handle = self
                     .create(principal, *conversation == Conversation::Stdio)
                     .await?;
+                handle.mark_session(conversation);
                 *bound = Some(handle.id.clone());
                 drop(bound);
                 self.lease(&handle.id, principal, Some(conversation)).await
@@ -311,7 +312,16 @@ impl<P: Provider> Registry<P> {
         self.reaper_stop.cancel();
         let handles: Vec<_> = self.state().handles.values().cloned().collect();
         if self.keeping() {
-            futures::future::join_all(handles.iter().map(|h| self.keep(h))).await;
+            // A session does not outlive the server, so neither does its
+            // sandbox; sandboxes named by id (and forks) are kept.
+            let (ending, kept): (Vec<_>, Vec<_>) = handles
+                .iter()
+                .partition(|h| h.session_bound.load(Ordering::SeqCst));
+            futures::future::join(
+                futures::future::join_all(ending.iter().map(|h| self.end(h, EndReason::Closed))),
+                futures::future::join_all(kept.iter().map(|h| self.keep(h))),
+            )
+            .await;
         } else {
             futures::future::join_all(handles.iter().map(|h| self.end(h, EndReason::Closed))).await;
         }

@@ -45,7 +45,7 @@ mod store;
 mod tests;
 
 pub use checkpoints::{CheckpointList, fmt_bytes};
-pub use handle::{CheckpointInfo, Info, Lease, PauseRecord, SnapshotUsage, Usage};
+pub use handle::{CheckpointInfo, Info, Lease, PauseRecord, SandboxRef, SnapshotUsage, Usage};
 use handle::{Handle, lock};
 pub use policy::*;
 pub use store::Store;
@@ -240,6 +240,8 @@ pub struct Registry<P: Provider> {
     store: Option<Arc<Store>>,
     /// At shutdown, pause every sandbox into the store instead of ending it.
     keep_on_shutdown: bool,
+    /// Held while a checkpoint is admitted against the quota and recorded.
+    checkpoint_admission: Mutex<()>,
 }
 
 impl<P: Provider> Registry<P> {
@@ -301,6 +303,7 @@ impl<P: Provider> Registry<P> {
             reaper_stop: CancellationToken::new(),
             store,
             keep_on_shutdown,
+            checkpoint_admission: Mutex::new(()),
         });
         let mut soonest = limits.idle_timeout.min(limits.max_lifetime);
         if !limits.pause_after.is_zero() {

@@ -126,9 +126,7 @@ impl<P: Provider> Registry<P> {
             Err((err, None)) => {
                 // The VM is gone; a state saved before, if any, is what a
                 // call resumes now.
-                handle.set_vm(None);
-                let fallback = handle.restorable();
-                handle.paused.store(fallback, Ordering::SeqCst);
+                let fallback = self.fall_back(handle);
                 self.metrics.pause_failed();
                 tracing::error!(sandbox = %handle.id, err = %format!("{err:#}"), fallback, "sandbox pause failed");
             }
@@ -191,13 +189,43 @@ impl<P: Provider> Registry<P> {
     /// What a paused handle resumes from: its last saved state, or the
     /// checkpoint it was brought back to after a crash.
     fn resume_source(&self, handle: &Handle<P::Sandbox>) -> Option<SavedOf<P>> {
-        if let Some(saved) = lock(&handle.saved).as_ref() {
-            return Some(saved.clone());
+        // A checkpoint named here is newer than the last pause (set after a
+        // crash or a failed rollback; a pause clears it).
+        let id = lock(&handle.resume_checkpoint).clone();
+        if let Some(id) = id {
+            let found = lock(&handle.checkpoints)
+                .iter()
+                .find(|c| c.id == id)
+                .map(|c| c.saved.clone());
+            if found.is_some() {
+                return found;
+            }
         }
-        let id = lock(&handle.resume_checkpoint).clone()?;
-        lock(&handle.checkpoints)
+        lock(&handle.saved).clone()
+    }
+
+    /// The VM ended in a failed pause or checkpoint: the next call resumes
+    /// the newest state kept (its last pause, or a newer checkpoint) and its
+    /// result says so. False if nothing was kept.
+    pub(super) fn fall_back(&self, handle: &Handle<P::Sandbox>) -> bool {
+        handle.set_vm(None);
+        let saved_at = *lock(&handle.saved_at);
+        let newest = lock(&handle.checkpoints)
             .iter()
-            .find(|c| c.id == id)
-            .map(|c| c.saved.clone())
+            .max_by_key(|c| c.created)
+            .map(|c| (c.id.clone(), c.created));
+        if let Some((id, created)) = newest
+            && saved_at.is_none_or(|at| created > at)
+        {
+            *lock(&handle.resume_checkpoint) = Some(id);
+        }
+        let restorable = handle.restorable();
+        handle.paused.store(restorable, Ordering::SeqCst);
+        if restorable {
+            *lock(&handle.notice) = Some(
+                "Note: this sandbox's VM ended while it was being saved. It was brought back as it was when it was last saved (its last pause or checkpoint); files written and variables set after that are gone.".into(),
+            );
+        }
+        restorable
     }
 }

@@ -482,6 +482,14 @@ async fn a_kept_sandbox_outlives_a_restart_and_an_unsaved_one_is_reported_lost()
     }
 }
 
+fn sref(lease: Lease<FakeSandbox>) -> SandboxRef<FakeSandbox> {
+    SandboxRef(lease.handle.clone())
+}
+
+fn sref_of(lease: &Lease<FakeSandbox>) -> SandboxRef<FakeSandbox> {
+    SandboxRef(lease.handle.clone())
+}
+
 #[tokio::test]
 async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
     let root = tempfile::tempdir().unwrap();
@@ -495,16 +503,16 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
     let id = lease.id().to_string();
     lease.sandbox().mark.store(1, Ordering::SeqCst);
     let first = registry
-        .checkpoint(lease, Some("one".into()))
+        .checkpoint(&sref(lease), Some("one".into()))
         .await
         .unwrap();
     assert_eq!(first.label, "one");
     let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
     assert_eq!(mark(&lease), 1, "the sandbox runs on from its checkpoint");
     lease.sandbox().mark.store(2, Ordering::SeqCst);
-    let second = registry.checkpoint(lease, None).await.unwrap();
+    let second = registry.checkpoint(&sref(lease), None).await.unwrap();
     let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
-    match registry.checkpoint(lease, None).await {
+    match registry.checkpoint(&sref(lease), None).await {
         Err(RegistryError::Limit(m)) => assert!(m.contains("8 KiB of its 8 KiB"), "{m}"),
         other => panic!(
             "expected the quota, got {:?}",
@@ -513,7 +521,7 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
     }
     let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
     assert!(matches!(
-        registry.checkpoint(lease, Some("a\nb".into())).await,
+        registry.checkpoint(&sref(lease), Some("a\nb".into())).await,
         Err(RegistryError::Invalid(_))
     ));
 
@@ -521,23 +529,23 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
     let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
     lease.sandbox().mark.store(3, Ordering::SeqCst);
     let discarded = registry
-        .rollback(lease, &first.checkpoint_id)
+        .rollback(&sref(lease), &first.checkpoint_id)
         .await
         .unwrap();
     assert_eq!(discarded, vec![second.checkpoint_id.clone()]);
     let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
     assert_eq!((lease.id(), mark(&lease)), (id.as_str(), 1));
-    let listed = registry.list_checkpoints(&lease);
+    let listed = registry.list_checkpoints(&sref_of(&lease));
     assert_eq!(listed.checkpoints, vec![first.clone()]);
     assert_eq!(listed.principal_bytes, 4096);
-    let gone = registry.rollback(lease, &second.checkpoint_id).await;
+    let gone = registry.rollback(&sref(lease), &second.checkpoint_id).await;
     assert!(matches!(gone, Err(RegistryError::Invalid(_))));
 
     // A fork: a new id with the checkpoint's state; another principal
     // cannot use the checkpoint.
     let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
     let (child, taken) = registry
-        .fork(lease, Some(&first.checkpoint_id))
+        .fork(&sref(lease), Some(&first.checkpoint_id))
         .await
         .unwrap();
     assert!(taken.is_none());
@@ -550,7 +558,9 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
     drop(lease);
     let other = registry.create_explicit("q").await.unwrap();
     assert!(matches!(
-        registry.fork(other, Some(&first.checkpoint_id)).await,
+        registry
+            .fork(&sref(other), Some(&first.checkpoint_id))
+            .await,
         Err(RegistryError::ForbiddenCheckpoint(_))
     ));
 
@@ -560,11 +570,30 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
     let (registry, _fake) = durable(limits, root.path());
     let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
     assert_eq!(
-        registry.list_checkpoints(&lease).checkpoints,
+        registry.list_checkpoints(&sref_of(&lease)).checkpoints,
         vec![first.clone()]
     );
     registry
-        .rollback(lease, &first.checkpoint_id)
+        .rollback(&sref(lease), &first.checkpoint_id)
+        .await
+        .unwrap();
+    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    assert_eq!(mark(&lease), 1);
+
+    // A rollback whose resume fails leaves no VM; the checkpoint is what
+    // the next call resumes, and a rollback still works.
+    drop(lease);
+    let fake = _fake;
+    fake.fail.store(true, Ordering::SeqCst);
+    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let target = sref(lease);
+    match registry.rollback(&target, &first.checkpoint_id).await {
+        Err(RegistryError::Start(m)) => assert!(m.contains("next call tries again"), "{m}"),
+        other => panic!("expected a failed resume, got {other:?}"),
+    }
+    fake.fail.store(false, Ordering::SeqCst);
+    registry
+        .rollback(&target, &first.checkpoint_id)
         .await
         .unwrap();
     let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
