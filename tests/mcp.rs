@@ -305,9 +305,13 @@ fn the_mcp_inspector_cli_lists_and_calls_tools() {
     assert_eq!(
         names,
         [
+            "checkpoint_sandbox",
+            "fork_sandbox",
+            "list_checkpoints",
             "list_files",
             "read_file",
             "reset_sandbox",
+            "rollback_sandbox",
             "run_code",
             "run_command",
             "sandbox_info",

@@ -1501,7 +1501,10 @@ mod tests {
             if let Some(schema) = &tool.output_schema {
                 let text = serde_json::to_string(schema).unwrap();
                 assert!(!text.contains("\"format\":\"uint"), "{}: {text}", tool.name);
-                assert!(text.contains("\"minimum\":0"), "{}: {text}", tool.name);
+                if text.contains("\"integer\"") {
+                    // Unsigned fields keep their bound once the format goes.
+                    assert!(text.contains("\"minimum\":0"), "{}: {text}", tool.name);
+                }
             }
         }
         let reset = tools.iter().find(|t| t.name == "reset_sandbox").unwrap();
