@@ -121,18 +121,19 @@ pub async fn forks(
     )
     .await?;
     let (saved, _) = pause(parent).await?;
-    // The baseline: as many fresh restores alive beside the forks (they
-    // share the template's pages among themselves as the forks do).
-    let mut plain = Vec::new();
-    for _ in 0..count {
-        plain.push(Sandbox::start(template, exe, &pausable(root), None).await?);
-    }
     let mut children = Vec::new();
     let mut times = Vec::new();
     for _ in 0..count {
         let (child, took) = resume(template, exe, root, &saved).await?;
         children.push(child);
         times.push(took);
+    }
+    // Timed alone, as the baseline restore was. Then the memory baseline:
+    // as many fresh restores alive beside the forks (they share the
+    // template's pages among themselves as the forks do).
+    let mut plain = Vec::new();
+    for _ in 0..count {
+        plain.push(Sandbox::start(template, exe, &pausable(root), None).await?);
     }
     let mut seen = std::collections::HashSet::new();
     for child in &children {
