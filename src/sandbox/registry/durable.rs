@@ -69,6 +69,7 @@ impl<P: Provider> Registry<P> {
         let created = *lock(&handle.created_wall);
         let last_used = wall_of(*lock(&handle.last_used));
         let counters = handle.counters();
+        let notice = lock(&handle.notice).clone();
         let written = store.update_sandbox(
             &handle.id,
             saved.as_ref(),
@@ -76,6 +77,7 @@ impl<P: Provider> Registry<P> {
             created,
             last_used,
             &counters,
+            notice.as_deref(),
         );
         match written {
             Ok(()) => true,
@@ -253,6 +255,9 @@ impl<P: Provider> Registry<P> {
         }
         handle.update_stored();
         handle.paused.store(true, Ordering::SeqCst);
+        // One the last run had not said yet stands, unless a newer one
+        // replaces it.
+        *lock(&handle.notice) = row.notice.clone();
         if !row.paused {
             let (what, at) = match (&from_checkpoint, saved_at) {
                 (Some((id, at)), _) => (format!("at its checkpoint {id}"), *at),

@@ -46,7 +46,9 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     resume_seconds REAL NOT NULL DEFAULT 0,
     snapshot_writes INTEGER NOT NULL DEFAULT 0,
     snapshot_restores INTEGER NOT NULL DEFAULT 0,
-    snapshot_byte_seconds REAL NOT NULL DEFAULT 0
+    snapshot_byte_seconds REAL NOT NULL DEFAULT 0,
+    -- said with the next call's result (it came back older than it was)
+    notice TEXT
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     id TEXT PRIMARY KEY,
@@ -102,6 +104,8 @@ pub struct SandboxRow {
     pub created: SystemTime,
     pub last_used: SystemTime,
     pub counters: Counters,
+    /// Not yet said to the sandbox's user.
+    pub notice: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -151,6 +155,19 @@ fn sql_int(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// Columns added after the first release of the schema, added to an
+/// older database in place.
+fn add_missing_columns(db: &Connection) -> rusqlite::Result<()> {
+    let mut query = db.prepare("SELECT name FROM pragma_table_info('sandboxes')")?;
+    let columns = query
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    if !columns.iter().any(|c| c == "notice") {
+        db.execute_batch("ALTER TABLE sandboxes ADD COLUMN notice TEXT")?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating) the store at `root`, takes its lock, and removes
     /// every entry in it that the database does not name (a save a crash
@@ -179,6 +196,7 @@ impl Store {
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;",
         )
         .and_then(|()| db.execute_batch(SCHEMA))
+        .and_then(|()| add_missing_columns(&db))
         .with_context(|| format!("cannot set up the registry database {}", path.display()))?;
         let store = Store {
             root: root.to_path_buf(),
@@ -241,7 +259,7 @@ impl Store {
             "SELECT id, principal, conversation, saved, saved_bytes, saved_unix, paused,
                     created_unix, last_used_unix, vcpu_seconds, memory_gb_seconds, runs,
                     pauses, resumes, pause_seconds, resume_seconds, snapshot_writes,
-                    snapshot_restores, snapshot_byte_seconds
+                    snapshot_restores, snapshot_byte_seconds, notice
              FROM sandboxes",
         )?;
         let rows = query.query_map([], |r| {
@@ -273,6 +291,7 @@ impl Store {
                     snapshot_restores: count(r.get(17)?),
                     snapshot_byte_seconds: r.get(18)?,
                 },
+                notice: r.get(19)?,
             })
         })?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
@@ -299,6 +318,7 @@ impl Store {
 
     /// Records the sandbox's counters, its clocks and its saved state in
     /// one transaction. `saved` None clears the saved state.
+    #[allow(clippy::too_many_arguments)]
     pub fn update_sandbox(
         &self,
         id: &str,
@@ -307,6 +327,7 @@ impl Store {
         created: SystemTime,
         last_used: SystemTime,
         c: &Counters,
+        notice: Option<&str>,
     ) -> Result<()> {
         let changed = lock(&self.db)
             .execute(
@@ -314,7 +335,7 @@ impl Store {
                     created_unix = ?6, last_used_unix = ?7, vcpu_seconds = ?8,
                     memory_gb_seconds = ?9, runs = ?10, pauses = ?11, resumes = ?12,
                     pause_seconds = ?13, resume_seconds = ?14, snapshot_writes = ?15,
-                    snapshot_restores = ?16, snapshot_byte_seconds = ?17
+                    snapshot_restores = ?16, snapshot_byte_seconds = ?17, notice = ?18
                  WHERE id = ?1",
                 params![
                     id,
@@ -334,6 +355,7 @@ impl Store {
                     sql_int(c.snapshot_writes),
                     sql_int(c.snapshot_restores),
                     c.snapshot_byte_seconds,
+                    notice,
                 ],
             )
             .with_context(|| format!("cannot record sandbox {id}"))?;
@@ -488,7 +510,15 @@ mod tests {
                 ..Counters::default()
             };
             store
-                .update_sandbox("a", Some(&saved), true, t0, t0, &counters)
+                .update_sandbox(
+                    "a",
+                    Some(&saved),
+                    true,
+                    t0,
+                    t0,
+                    &counters,
+                    Some("said later"),
+                )
                 .unwrap();
             store
                 .insert_checkpoint(&CheckpointRow {
@@ -509,6 +539,7 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert!(rows[0].stdio && rows[0].paused);
         assert_eq!(rows[0].counters.runs, 3);
+        assert_eq!(rows[0].notice.as_deref(), Some("said later"));
         assert_eq!(rows[0].saved.as_ref().unwrap().dir, "state-1");
         assert_eq!(
             store.checkpoints().unwrap()[0].label.as_deref(),
