@@ -159,8 +159,13 @@ pub(super) fn check_path(what: &str, path: &str) -> Result<(), Fail> {
     Ok(())
 }
 
+/// A sandbox or checkpoint id as the server makes them: 32 hex digits.
+pub(super) fn is_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 pub(super) fn check_sandbox_id(id: &str) -> Result<(), Fail> {
-    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if is_id(id) {
         Ok(())
     } else {
         Err(Fail(

@@ -13,7 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AirlockServer, Fail, Target, ToolResult, created_note, optional, portable_output_schema,
+    AirlockServer, Fail, Target, ToolResult, created_note, is_id, optional, portable_output_schema,
     structured, with_progress,
 };
 use crate::sandbox::Sandbox;
@@ -109,7 +109,7 @@ pub struct ListCheckpointsResult {
 }
 
 fn check_checkpoint_id(id: &str) -> Result<String, Fail> {
-    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if is_id(id) {
         Ok(id.to_ascii_lowercase())
     } else {
         Err(Fail(

@@ -22,10 +22,7 @@ impl<P: Provider> Registry<P> {
         if let Some(id) = bound.as_ref() {
             return self.lease(id, principal, Some(conversation)).await;
         }
-        let handle = self
-            .create(principal, *conversation == Conversation::Stdio)
-            .await?;
-        handle.mark_session(conversation);
+        let handle = self.create(principal, Some(conversation)).await?;
         *bound = Some(handle.id.clone());
         let still_there = self
             .state()
@@ -49,12 +46,7 @@ impl<P: Provider> Registry<P> {
         conversation: &Conversation,
         principal: &str,
     ) -> Result<Option<Lease<P::Sandbox>>, RegistryError> {
-        let binding = self.state().conversations.get(conversation).cloned();
-        let Some(binding) = binding else {
-            return Ok(None);
-        };
-        let id = binding.lock().await.clone();
-        match id {
+        match self.bound_id(conversation).await {
             Some(id) => self
                 .lease(&id, principal, Some(conversation))
                 .await
@@ -69,7 +61,7 @@ impl<P: Provider> Registry<P> {
         principal: &str,
     ) -> Result<Lease<P::Sandbox>, RegistryError> {
         self.check_open()?;
-        let handle = self.create(principal, false).await?;
+        let handle = self.create(principal, None).await?;
         self.lease(&handle.id, principal, None).await
     }
 
@@ -91,18 +83,11 @@ impl<P: Provider> Registry<P> {
         self.check_open()?;
         let id = match (id, conversation) {
             (Some(id), _) => id.to_string(),
-            (None, Some(conversation)) => {
-                let binding = self.state().conversations.get(conversation).cloned();
-                let bound = match binding {
-                    Some(binding) => binding.lock().await.clone(),
-                    None => None,
-                };
-                bound.ok_or_else(|| {
+            (None, Some(conversation)) => self.bound_id(conversation).await.ok_or_else(|| {
                     RegistryError::Invalid(
                         "this conversation has no sandbox yet: its first tool call (run_code, write_file, ...) creates it".into(),
                     )
-                })?
-            }
+                })?,
             (None, None) => {
                 return Err(RegistryError::Invalid(
                     "name the sandbox: pass the sandbox_id returned by an earlier call".into(),
@@ -111,6 +96,12 @@ impl<P: Provider> Registry<P> {
         };
         let handle = self.find(&id, principal, conversation).await?;
         Ok(SandboxRef(handle))
+    }
+
+    /// The id of the sandbox `conversation` is bound to, if any.
+    async fn bound_id(&self, conversation: &Conversation) -> Option<String> {
+        let binding = self.state().conversations.get(conversation).cloned()?;
+        binding.lock().await.clone()
     }
 
     pub(super) fn check_open(&self) -> Result<(), RegistryError> {

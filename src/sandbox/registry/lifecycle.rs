@@ -19,11 +19,12 @@ use super::handle::{Handle, Slot, lock, new_id};
 use super::*;
 
 impl<P: Provider> Registry<P> {
-    /// Makes a new handle for `principal`, within the limits.
+    /// Makes a new handle for `principal`, within the limits, for
+    /// `conversation` (or for an explicit id).
     pub(super) async fn create(
         &self,
         principal: &str,
-        stdio: bool,
+        conversation: Option<&Conversation>,
     ) -> Result<Arc<Handle<P::Sandbox>>, RegistryError> {
         self.reserve(principal)?;
         let taken = self.provider.take().await;
@@ -35,7 +36,17 @@ impl<P: Provider> Registry<P> {
                 return Err(RegistryError::Start(format!("{err:#}")));
             }
         };
-        self.register(principal, sandbox, stdio).await
+        let handle = self
+            .register(
+                principal,
+                sandbox,
+                conversation == Some(&Conversation::Stdio),
+            )
+            .await?;
+        if let Some(conversation) = conversation {
+            handle.mark_session(conversation);
+        }
+        Ok(handle)
     }
 
     /// Counts a sandbox being made for `principal`, if the limits allow
@@ -122,10 +133,7 @@ impl<P: Provider> Registry<P> {
                 self.lease(&handle.id, principal, Some(conversation)).await
             }
             None => {
-                let handle = self
-                    .create(principal, *conversation == Conversation::Stdio)
-                    .await?;
-                handle.mark_session(conversation);
+                let handle = self.create(principal, Some(conversation)).await?;
                 *bound = Some(handle.id.clone());
                 drop(bound);
                 self.lease(&handle.id, principal, Some(conversation)).await

@@ -377,7 +377,13 @@ impl<P: Provider> Registry<P> {
     pub fn snapshot_usage(&self, principal: Option<&str>) -> Vec<(String, SnapshotUsage)> {
         let mut by: std::collections::BTreeMap<String, SnapshotUsage> = Default::default();
         if let Some(store) = &self.store {
-            match store.principal_histories() {
+            let history = match principal {
+                Some(name) => store
+                    .principal_history(name)
+                    .map(|c| vec![(name.to_string(), c)]),
+                None => store.principal_histories(),
+            };
+            match history {
                 Ok(rows) => {
                     for (name, c) in rows {
                         let u = by.entry(name).or_default();
