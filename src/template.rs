@@ -189,6 +189,7 @@ async fn create(
         console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
         label: "template".into(),
         confinement: crate::confinement::Confinement::current(),
+        vsock_forward: Vec::new(),
     };
     let mut vm = Vm::spawn(&spec).await?;
     vm.wait_agent_ready(BOOT_TIMEOUT).await?;

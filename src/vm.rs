@@ -42,6 +42,10 @@ pub struct VmSpec {
     /// Names the VM in logs: its sandbox id, or what it is for.
     pub label: String,
     pub confinement: Confinement,
+    /// Host vsock ports the guest may connect to; each connection arrives
+    /// on the Unix socket `<run_dir>/vsock.sock_<port>`, which the caller
+    /// listens on.
+    pub vsock_forward: Vec<u32>,
 }
 
 impl VmSpec {
@@ -62,6 +66,7 @@ impl VmSpec {
             console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
             label: "vm".into(),
             confinement: Confinement::current(),
+            vsock_forward: Vec::new(),
         })
     }
 }
@@ -294,6 +299,9 @@ impl Vm {
             .arg(format!("--extra-cmdline={}", spec.extra_cmdline));
         if let Some(init) = &spec.init {
             cmd.arg("--init").arg(init);
+        }
+        for port in &spec.vsock_forward {
+            cmd.arg("--vsock-forward").arg(port.to_string());
         }
         if let Some(dir) = &spec.restore {
             cmd.arg("--restore").arg(dir);

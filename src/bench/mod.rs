@@ -235,6 +235,7 @@ async fn cold_boot(
         console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
         label: "bench-cold-boot".into(),
         confinement: crate::confinement::Confinement::current(),
+        vsock_forward: Vec::new(),
     };
     eprintln!(
         "bench: cold boot (minutes on kvm_pvm: boot plus importing numpy, pandas, matplotlib)"

@@ -125,6 +125,7 @@ impl Sandbox {
             console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
             label: id.clone(),
             confinement: options.confinement.clone(),
+            vsock_forward: Vec::new(),
         };
         let spawned = Vm::spawn(&spec).await;
         let mut vm = match spawned {

@@ -22,6 +22,11 @@ pub struct VmmConfig {
     /// Unix socket where the host reaches the guest's vsock ports.
     #[arg(long)]
     pub vsock_socket: PathBuf,
+    /// A host vsock port the guest may connect to (repeatable): each
+    /// connection goes to the Unix socket `<vsock-socket>_<port>`. Guest
+    /// connections to any other port are refused.
+    #[arg(long)]
+    pub vsock_forward: Vec<u32>,
     /// File that receives the guest's serial console.
     #[arg(long)]
     pub console_log: Option<PathBuf>,

@@ -434,8 +434,12 @@ fn create_devices(
     )
     .map_err(|e| BuildError::Layout(e.to_string()))?;
 
-    let vsock = Vsock::new(GUEST_CID, config.vsock_socket.clone())
-        .map_err(|e| BuildError::Vsock(e.to_string()))?;
+    let vsock = Vsock::new(
+        GUEST_CID,
+        config.vsock_socket.clone(),
+        &config.vsock_forward,
+    )
+    .map_err(|e| BuildError::Vsock(e.to_string()))?;
     let vsock_handle = vsock.handle();
     let vsock_notify = vsock.notify_eventfd().map_err(BuildError::EventFd)?;
     let virtio: Vec<Box<dyn VirtioDevice>> = vec![

@@ -3,8 +3,11 @@
 //! other syscall traps, and the VMM reports it and exits (see `seccomp`).
 //!
 //! Rules of thumb: no thread may open files but the main thread (snapshots),
-//! none may create sockets, processes or threads after start, map memory
-//! executable, or issue an ioctl other than the KVM requests it needs.
+//! none may create processes or threads after start, map memory
+//! executable, or issue an ioctl other than the KVM requests it needs. The
+//! one socket any thread may create is the vsock thread's non-blocking Unix
+//! stream, to forward a guest connection to its host socket (the jail's
+//! empty network namespace and root leave nothing else to reach anyway).
 
 use std::collections::BTreeMap;
 
@@ -170,6 +173,26 @@ fn rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
                 ],
             );
             rule(&mut rules, libc::SYS_ioctl, arg_eq(1, libc::FIONBIO)?);
+            // Forwarding a guest connection (muxer::connect_nonblocking).
+            rule(
+                &mut rules,
+                libc::SYS_socket,
+                SeccompRule::new(vec![
+                    SeccompCondition::new(
+                        0,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Eq,
+                        libc::AF_UNIX as u64,
+                    )?,
+                    SeccompCondition::new(
+                        1,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Eq,
+                        (libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64,
+                    )?,
+                ])?,
+            );
+            allow(&mut rules, &[libc::SYS_connect]);
             for cmd in [libc::F_GETFL, libc::F_SETFL, libc::F_GETFD, libc::F_SETFD] {
                 rule(&mut rules, libc::SYS_fcntl, arg_eq(1, cmd as u64)?);
             }

@@ -1,6 +1,6 @@
-//! One host-initiated vsock stream: its state machine (virtio 1.2 §5.10.6),
-//! credit accounting in both directions, and the buffer of guest bytes the
-//! host socket has not accepted yet.
+//! One vsock stream, host- or guest-initiated: its state machine (virtio
+//! 1.2 §5.10.6), credit accounting in both directions, and the buffer of
+//! guest bytes the host socket has not accepted yet.
 //!
 //! A connection knows nothing about epoll or virtqueues: the muxer tells it
 //! what the host socket can do (`on_host_*`), hands it validated guest
@@ -33,6 +33,9 @@ pub enum State {
     Connecting {
         request_sent: bool,
     },
+    /// The guest asked (REQUEST) and the host socket is connected: our
+    /// RESPONSE is owed.
+    Accepting,
     Established,
     /// Only the final RST (after an owed SHUTDOWN, if any) is left to send.
     Closing,
@@ -114,8 +117,15 @@ impl Connection {
         }
     }
 
-    pub fn peer_port(&self) -> u32 {
-        self.peer_port
+    /// A connection the guest asked for with `request` (already checked to
+    /// be a REQUEST to a port the host forwards), whose host end is `stream`:
+    /// a RESPONSE is owed, and nothing is written to the host first.
+    pub fn accepted(stream: UnixStream, guest_cid: u64, request: &Header) -> Self {
+        let mut conn = Connection::new(stream, guest_cid, request.dst_port, request.src_port);
+        conn.state = State::Accepting;
+        conn.peer_buf_alloc = request.buf_alloc;
+        conn.peer_fwd_cnt = Wrapping(request.fwd_cnt);
+        conn
     }
 
     #[cfg(test)]
@@ -140,8 +150,8 @@ impl Connection {
     /// Which host-socket events to watch; `None` means stop watching it.
     pub fn interest(&self) -> Option<Interest> {
         match self.state {
-            // Only hang-ups matter until the guest answers.
-            State::Connecting { .. } => Some(Interest::default()),
+            // Only hang-ups matter until the guest answers or is answered.
+            State::Connecting { .. } | State::Accepting => Some(Interest::default()),
             // The socket hung up for good; a level-triggered HUP would spin.
             State::Established if self.host_hup => None,
             State::Established => Some(Interest {
@@ -156,7 +166,7 @@ impl Connection {
     pub fn has_pending_rx(&self) -> bool {
         match self.state {
             State::Connecting { request_sent } => !request_sent,
-            State::Closing => true,
+            State::Accepting | State::Closing => true,
             State::Closed => false,
             State::Established => {
                 self.credit_update_owed
@@ -176,6 +186,17 @@ impl Connection {
             } => {
                 self.state = State::Connecting { request_sent: true };
                 Some(self.header(Op::Request, 0, 0))
+            }
+            State::Accepting => {
+                self.state = State::Established;
+                tracing::debug!(
+                    port = self.local_port,
+                    peer = self.peer_port,
+                    "vsock: guest connection accepted"
+                );
+                // Host data may already be waiting; the muxer's refresh
+                // re-arms the read watch now that we are established.
+                Some(self.header(Op::Response, 0, 0))
             }
             State::Closing if self.shutdown_owed != 0 => {
                 let flags = std::mem::take(&mut self.shutdown_owed);
@@ -295,7 +316,7 @@ impl Connection {
     /// The host socket hung up (closed, or both directions shut).
     pub fn on_host_hangup(&mut self) {
         match self.state {
-            State::Connecting { .. } => self.kill(),
+            State::Connecting { .. } | State::Accepting => self.kill(),
             State::Established => {
                 self.host_hup = true;
                 // Nobody will read these any more.

@@ -1,8 +1,9 @@
 //! virtio-vsock (virtio 1.2 §5.10) backed by a host Unix socket.
 //!
 //! Host processes reach guest ports through the Unix socket at `uds_path`
-//! using Firecracker's convention (see `muxer`). The guest cannot open
-//! connections to the host: its REQUESTs are answered with RST.
+//! using Firecracker's convention (see `muxer`). The guest can open
+//! connections only to the host ports the VMM forwards (each to its own
+//! Unix socket beside `uds_path`); other REQUESTs are answered with RST.
 //!
 //! Layout: `packet` (wire header and its checks), `connection` (one stream's
 //! state machine and credit), `muxer` (host sockets, ports, routing),
@@ -35,7 +36,7 @@ use std::sync::mpsc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::muxer::Muxer;
+use self::muxer::{GuestForwards, Muxer};
 use self::worker::{Control, Worker};
 use super::device::{
     ActivateError, GuestMemory, Interrupt, TYPE_VSOCK, VIRTIO_F_VERSION_1, VirtioDevice,
@@ -63,6 +64,8 @@ pub enum VsockError {
 pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
+    /// Host ports the guest may connect to (see `muxer`).
+    forwards: GuestForwards,
     acked_features: u64,
     /// Written by `queue_notify` on vCPU threads; read by the device thread.
     queue_evt: EventFd,
@@ -121,20 +124,28 @@ impl VsockHandle {
 impl Vsock {
     /// Binds the host Unix socket at `uds_path`, replacing a stale socket
     /// file left by a process that is gone.
-    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Vsock, VsockError> {
+    pub fn new(
+        guest_cid: u64,
+        uds_path: PathBuf,
+        forwarded_ports: &[u32],
+    ) -> Result<Vsock, VsockError> {
         // 0, 1 and 2 are reserved, as is u32::MAX (VMADDR_CID_ANY); Linux
         // only uses the low 32 bits.
         if guest_cid < 3 || guest_cid >= u64::from(u32::MAX) {
             return Err(VsockError::InvalidCid(guest_cid));
         }
+        let forwards =
+            GuestForwards::new(&uds_path, forwarded_ports).map_err(VsockError::EventLoop)?;
         let listener = bind_listener(&uds_path)?;
-        let muxer = Muxer::new(guest_cid, listener).map_err(VsockError::EventLoop)?;
+        let muxer =
+            Muxer::new(guest_cid, listener, forwards.clone()).map_err(VsockError::EventLoop)?;
         let queue_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::EventLoop)?;
         let control = Arc::new(Control::new().map_err(VsockError::EventLoop)?);
         let thread = DeviceThread::start().map_err(VsockError::EventLoop)?;
         Ok(Vsock {
             guest_cid,
             uds_path,
+            forwards,
             acked_features: 0,
             queue_evt,
             control,
@@ -192,7 +203,7 @@ impl Vsock {
         }
         // Only after the thread died: bind afresh.
         let listener = bind_listener(&self.uds_path).map_err(device_error)?;
-        Muxer::new(self.guest_cid, listener).map_err(device_error)
+        Muxer::new(self.guest_cid, listener, self.forwards.clone()).map_err(device_error)
     }
 }
 
@@ -367,10 +378,12 @@ mod tests {
     fn new_rejects_reserved_cids() {
         let dir = tempfile::tempdir().unwrap();
         for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
-            let err = Vsock::new(cid, dir.path().join("v.sock")).err().unwrap();
+            let err = Vsock::new(cid, dir.path().join("v.sock"), &[])
+                .err()
+                .unwrap();
             assert!(matches!(err, VsockError::InvalidCid(c) if c == cid));
         }
-        assert!(Vsock::new(3, dir.path().join("v.sock")).is_ok());
+        assert!(Vsock::new(3, dir.path().join("v.sock"), &[]).is_ok());
     }
 
     #[test]
@@ -379,9 +392,9 @@ mod tests {
         let path = dir.path().join("v.sock");
         drop(UnixListener::bind(&path).unwrap());
         assert!(path.exists());
-        let dev = Vsock::new(3, path.clone()).unwrap();
+        let dev = Vsock::new(3, path.clone(), &[]).unwrap();
         assert!(matches!(
-            Vsock::new(4, path.clone()),
+            Vsock::new(4, path.clone(), &[]),
             Err(VsockError::InUse(_))
         ));
         drop(dev);
@@ -389,7 +402,7 @@ mod tests {
 
         std::fs::write(&path, b"precious").unwrap();
         assert!(matches!(
-            Vsock::new(3, path.clone()),
+            Vsock::new(3, path.clone(), &[]),
             Err(VsockError::Bind { .. })
         ));
         assert_eq!(std::fs::read(&path).unwrap(), b"precious");
@@ -398,7 +411,7 @@ mod tests {
     #[test]
     fn config_space_and_features() {
         let dir = tempfile::tempdir().unwrap();
-        let mut dev = Vsock::new(0x1234_5678, dir.path().join("v.sock")).unwrap();
+        let mut dev = Vsock::new(0x1234_5678, dir.path().join("v.sock"), &[]).unwrap();
         assert_eq!(dev.device_type(), TYPE_VSOCK);
         assert_eq!(dev.queue_max_sizes(), &[256, 256, 256]);
         assert_eq!(dev.features(), VIRTIO_F_VERSION_1);
@@ -426,7 +439,7 @@ mod tests {
     #[test]
     fn activate_rejects_bad_queues_and_stays_usable() {
         let dir = tempfile::tempdir().unwrap();
-        let mut dev = Vsock::new(GUEST_CID, dir.path().join("v.sock")).unwrap();
+        let mut dev = Vsock::new(GUEST_CID, dir.path().join("v.sock"), &[]).unwrap();
         let mem = memory();
         let qs = [RX_BASE, TX_BASE, EVT_BASE].map(|b| GuestQueue::new(&mem, b));
         let (irq, _evt) = interrupt();
@@ -457,7 +470,7 @@ mod tests {
     fn device_thread_end_to_end() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.sock");
-        let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
+        let mut dev = Vsock::new(GUEST_CID, path.clone(), &[]).unwrap();
         let mem = memory();
         let mut bufs = Bufs::new();
         let [mut rxg, mut txg, mut evg] =

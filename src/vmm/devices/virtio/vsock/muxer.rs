@@ -7,17 +7,23 @@
 //! device's Unix socket and writes `CONNECT <guest port>\n`; the guest is
 //! sent a REQUEST from a fresh host port, and once it answers with RESPONSE
 //! the host reads `OK <host port>\n`, after which the stream carries the
-//! connection's bytes. Guest-initiated connections (a guest REQUEST to CID 2)
-//! are not supported: they are refused with an RST.
+//! connection's bytes.
+//!
+//! Guest-initiated connections (a guest REQUEST to CID 2) are forwarded only
+//! to the host ports the VMM was told to forward, also Firecracker's way:
+//! the muxer connects to the Unix socket `<uds path>_<port>`, without
+//! blocking, and answers RESPONSE once connected or RST if nobody listens
+//! there. Every other guest REQUEST is refused with an RST.
 //!
 //! The muxer owns the epoll instance the device thread sleeps on; the
 //! thread registers its own event fds with tokens below
 //! `FIRST_STREAM_TOKEN`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, ErrorKind, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -42,6 +48,50 @@ const ACCEPTS_PER_EVENT: usize = 16;
 /// Host ports are handed out round-robin from [2^30, 2^31).
 const LOCAL_PORT_FIRST: u32 = 1 << 30;
 const LOCAL_PORT_END: u32 = 1 << 31;
+/// Of `MAX_CONNECTIONS`, the most the guest may open: host callers (the
+/// agent connection) always find room.
+pub const MAX_GUEST_CONNECTIONS: usize = 192;
+
+/// A connection's identity on the wire: its host port and its guest port.
+/// Host-initiated connections each have their own host port; the guest's
+/// connections to a forwarded host port share it and differ by guest port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ConnKey {
+    local: u32,
+    peer: u32,
+}
+
+/// Guest connections to these host ports go to `<uds path>_<port>`.
+#[derive(Clone, Debug, Default)]
+pub struct GuestForwards {
+    uds_path: PathBuf,
+    ports: Vec<u32>,
+}
+
+impl GuestForwards {
+    /// Ports must lie below the range handed out to host connections.
+    pub fn new(uds_path: &Path, ports: &[u32]) -> io::Result<GuestForwards> {
+        if let Some(bad) = ports.iter().find(|&&p| p >= LOCAL_PORT_FIRST) {
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                format!("forwarded vsock port {bad} is not below {LOCAL_PORT_FIRST}"),
+            ));
+        }
+        Ok(GuestForwards {
+            uds_path: uds_path.to_path_buf(),
+            ports: ports.to_vec(),
+        })
+    }
+
+    /// The socket a guest connection to `port` goes to, if it is forwarded.
+    fn target(&self, port: u32) -> Option<PathBuf> {
+        self.ports.contains(&port).then(|| {
+            let mut path = self.uds_path.clone().into_os_string();
+            path.push(format!("_{port}"));
+            PathBuf::from(path)
+        })
+    }
+}
 
 /// A host stream that has yet to say where it wants to go.
 struct Handshake {
@@ -95,7 +145,7 @@ fn parse_connect(line: &[u8]) -> LineRead {
 
 enum Slot {
     Handshake(Handshake),
-    Conn(u32),
+    Conn(ConnKey),
 }
 
 struct Entry {
@@ -114,10 +164,14 @@ pub struct Muxer {
     listener_watched: bool,
     /// Epoll token → host stream.
     slots: HashMap<u64, Slot>,
-    /// Local (host) port → connection.
-    conns: HashMap<u32, Entry>,
+    conns: HashMap<ConnKey, Entry>,
+    /// Host ports of host-initiated connections (each has its own).
+    host_ports: HashSet<u32>,
+    /// Guest-initiated connections open.
+    guest_conns: usize,
+    forwards: GuestForwards,
     /// Connections with something to send to the guest, served round-robin.
-    rx_order: VecDeque<u32>,
+    rx_order: VecDeque<ConnKey>,
     /// (host port, guest port) pairs owed an RST.
     rsts: VecDeque<(u32, u32)>,
     next_token: u64,
@@ -125,7 +179,11 @@ pub struct Muxer {
 }
 
 impl Muxer {
-    pub fn new(guest_cid: u64, listener: UnixListener) -> io::Result<Muxer> {
+    pub fn new(
+        guest_cid: u64,
+        listener: UnixListener,
+        forwards: GuestForwards,
+    ) -> io::Result<Muxer> {
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -140,6 +198,9 @@ impl Muxer {
             listener_watched: true,
             slots: HashMap::new(),
             conns: HashMap::new(),
+            host_ports: HashSet::new(),
+            guest_conns: 0,
+            forwards,
             rx_order: VecDeque::new(),
             rsts: VecDeque::new(),
             next_token: FIRST_STREAM_TOKEN,
@@ -188,9 +249,9 @@ impl Muxer {
             return;
         }
         match self.slots.get(&token) {
-            Some(Slot::Conn(port)) => {
-                let port = *port;
-                self.conn_event(port, events);
+            Some(Slot::Conn(key)) => {
+                let key = *key;
+                self.conn_event(key, events);
             }
             Some(Slot::Handshake(_)) => self.handshake_event(token, events),
             // A stream removed earlier in the same batch of events.
@@ -201,32 +262,29 @@ impl Muxer {
     /// Routes a validated guest packet.
     pub fn handle_guest_packet(&mut self, hdr: &Header, op: Op, payload: &[u8]) {
         tracing::debug!(?hdr, "vsock: guest packet");
-        let Some(port) = self.owner(hdr) else {
+        let Some(key) = self.owner(hdr) else {
             match op {
                 // Never answer an RST with an RST.
                 Op::Rst => {}
-                Op::Request => {
-                    tracing::debug!(port = hdr.dst_port, "vsock: guest connect refused");
-                    self.queue_rst(hdr.dst_port, hdr.src_port);
-                }
+                Op::Request => self.accept_guest_connection(hdr),
                 _ => self.queue_rst(hdr.dst_port, hdr.src_port),
             }
             return;
         };
-        if let Some(entry) = self.conns.get_mut(&port) {
+        if let Some(entry) = self.conns.get_mut(&key) {
             entry.conn.on_guest_packet(hdr, op, payload);
         }
-        self.refresh(port);
+        self.refresh(key);
     }
 
     /// A guest packet failed validation: if it names a connection, that
     /// connection is reset.
     pub fn handle_malformed(&mut self, hdr: &Header) {
-        let Some(port) = self.owner(hdr) else { return };
-        if let Some(entry) = self.conns.get_mut(&port) {
+        let Some(key) = self.owner(hdr) else { return };
+        if let Some(entry) = self.conns.get_mut(&key) {
             entry.conn.kill();
         }
-        self.refresh(port);
+        self.refresh(key);
     }
 
     pub fn has_pending_rx(&self) -> bool {
@@ -242,15 +300,15 @@ impl Muxer {
         // Each queued connection gets one turn; one with more to say goes
         // to the back, so a busy stream cannot starve the others.
         for _ in 0..self.rx_order.len() {
-            let Some(port) = self.rx_order.pop_front() else {
+            let Some(key) = self.rx_order.pop_front() else {
                 break;
             };
-            let Some(entry) = self.conns.get_mut(&port) else {
+            let Some(entry) = self.conns.get_mut(&key) else {
                 continue;
             };
             entry.queued = false;
             let pkt = entry.conn.next_rx(buf);
-            self.refresh(port);
+            self.refresh(key);
             if let Some(hdr) = pkt {
                 tracing::debug!(?hdr, "vsock: packet to guest");
                 return Some(hdr);
@@ -263,19 +321,74 @@ impl Muxer {
     /// to be told by a transport reset, or is being reset itself). Host
     /// streams see EOF.
     pub fn drop_connections(&mut self) {
-        let ports: Vec<u32> = self.conns.keys().copied().collect();
-        for port in ports {
-            self.remove_conn(port);
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.remove_conn(key);
         }
         self.rx_order.clear();
         self.rsts.clear();
     }
 
-    /// The connection a guest packet belongs to: the host port it targets,
-    /// if that connection's guest port matches too.
-    fn owner(&self, hdr: &Header) -> Option<u32> {
-        let entry = self.conns.get(&hdr.dst_port)?;
-        (entry.conn.peer_port() == hdr.src_port).then_some(hdr.dst_port)
+    /// The connection a guest packet belongs to: the host port it targets
+    /// and the guest port it comes from.
+    fn owner(&self, hdr: &Header) -> Option<ConnKey> {
+        let key = ConnKey {
+            local: hdr.dst_port,
+            peer: hdr.src_port,
+        };
+        self.conns.contains_key(&key).then_some(key)
+    }
+
+    /// A guest REQUEST no connection owns: connected to the host socket its
+    /// port forwards to, or refused with an RST.
+    fn accept_guest_connection(&mut self, hdr: &Header) {
+        let refuse = |m: &mut Muxer, why: &str| {
+            tracing::debug!(port = hdr.dst_port, why, "vsock: guest connect refused");
+            m.queue_rst(hdr.dst_port, hdr.src_port);
+        };
+        let Some(path) = self.forwards.target(hdr.dst_port) else {
+            return refuse(self, "port not forwarded");
+        };
+        if self.guest_conns >= MAX_GUEST_CONNECTIONS || self.conns.len() >= MAX_CONNECTIONS {
+            crate::guest_warn!("vsock: too many guest connections, refusing one");
+            return refuse(self, "too many connections");
+        }
+        let stream = match connect_nonblocking(&path) {
+            Ok(stream) => stream,
+            // Nobody listens, or the listener's backlog is full.
+            Err(e) => {
+                tracing::debug!(%e, path = %path.display(), "vsock: forward connect failed");
+                return refuse(self, "host socket unavailable");
+            }
+        };
+        let token = self.next_token;
+        self.next_token += 1;
+        let watched = Some(Interest::default());
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Add,
+            stream.as_raw_fd(),
+            EpollEvent::new(events(Interest::default()), token),
+        ) {
+            crate::guest_warn!(%e, "vsock: cannot watch forwarded stream");
+            return refuse(self, "epoll");
+        }
+        let key = ConnKey {
+            local: hdr.dst_port,
+            peer: hdr.src_port,
+        };
+        let conn = Connection::accepted(stream, self.guest_cid, hdr);
+        self.conns.insert(
+            key,
+            Entry {
+                conn,
+                token,
+                watched,
+                queued: false,
+            },
+        );
+        self.guest_conns += 1;
+        self.slots.insert(token, Slot::Conn(key));
+        self.refresh(key);
     }
 
     fn queue_rst(&mut self, host_port: u32, guest_port: u32) {
@@ -393,8 +506,12 @@ impl Muxer {
             read: true,
             write: false,
         });
+        let key = ConnKey {
+            local: local_port,
+            peer: guest_port,
+        };
         self.conns.insert(
-            local_port,
+            key,
             Entry {
                 conn,
                 token,
@@ -402,8 +519,9 @@ impl Muxer {
                 queued: false,
             },
         );
-        self.slots.insert(token, Slot::Conn(local_port));
-        self.refresh(local_port);
+        self.host_ports.insert(local_port);
+        self.slots.insert(token, Slot::Conn(key));
+        self.refresh(key);
     }
 
     /// Round-robin over the port range, skipping ports in use; with at most
@@ -419,15 +537,15 @@ impl Muxer {
             } else {
                 port + 1
             };
-            if !self.conns.contains_key(&port) {
+            if !self.host_ports.contains(&port) {
                 return Some(port);
             }
         }
         None
     }
 
-    fn conn_event(&mut self, port: u32, events: EventSet) {
-        let Some(entry) = self.conns.get_mut(&port) else {
+    fn conn_event(&mut self, key: ConnKey, events: EventSet) {
+        let Some(entry) = self.conns.get_mut(&key) else {
             return;
         };
         let conn = &mut entry.conn;
@@ -444,13 +562,13 @@ impl Muxer {
                 conn.on_host_hangup();
             }
         }
-        self.refresh(port);
+        self.refresh(key);
     }
 
     /// Brings epoll and the RX order in line with a connection's state after
     /// anything happened to it, and frees it once it is closed.
-    fn refresh(&mut self, port: u32) {
-        let Some(entry) = self.conns.get_mut(&port) else {
+    fn refresh(&mut self, key: ConnKey) {
+        let Some(entry) = self.conns.get_mut(&key) else {
             return;
         };
         let want = entry.conn.interest();
@@ -458,7 +576,7 @@ impl Muxer {
             && want != entry.watched
             && let Err(e) = update_watch(&self.epoll, entry, want)
         {
-            crate::guest_warn!(port, %e, "vsock: epoll update failed; resetting connection");
+            crate::guest_warn!(?key, %e, "vsock: epoll update failed; resetting connection");
             entry.conn.kill();
             // A killed connection is never watched.
             let _ = self.epoll.ctl(
@@ -469,24 +587,27 @@ impl Muxer {
             entry.watched = None;
         }
         if entry.conn.is_closed() {
-            self.remove_conn(port);
+            self.remove_conn(key);
             return;
         }
         if entry.conn.has_pending_rx() && !entry.queued {
             entry.queued = true;
-            self.rx_order.push_back(port);
+            self.rx_order.push_back(key);
         }
     }
 
-    fn remove_conn(&mut self, port: u32) {
-        let Some(entry) = self.conns.remove(&port) else {
+    fn remove_conn(&mut self, key: ConnKey) {
+        let Some(entry) = self.conns.remove(&key) else {
             return;
         };
         if entry.watched.is_some() {
             self.unwatch(entry.conn.stream().as_raw_fd());
         }
         self.slots.remove(&entry.token);
-        tracing::debug!(port, "vsock: connection freed");
+        if !self.host_ports.remove(&key.local) {
+            self.guest_conns = self.guest_conns.saturating_sub(1);
+        }
+        tracing::debug!(?key, "vsock: connection freed");
         // Stale `rx_order` entries are skipped by `next_rx`.
         self.watch_listener(true);
     }
@@ -529,6 +650,54 @@ fn events(i: Interest) -> EventSet {
     set
 }
 
+/// Connects a Unix stream socket without ever blocking: a listener whose
+/// backlog is full fails at once (EAGAIN) instead of stalling the device
+/// thread. Unix sockets connect synchronously otherwise.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+
+    // SAFETY: an all-zero sockaddr_un is valid; it is filled in below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the fd is owned by the stream below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nobody else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un and `len` covers its used part.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&raw const addr).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
 /// Where port allocation starts. A restored guest may still hold
 /// connections on ports an earlier VMM process handed out until it processes
 /// the transport reset; a random start keeps a new connection off them.
@@ -549,7 +718,9 @@ mod tests {
     use super::*;
     use crate::vmm::devices::virtio::vsock::connection::BUF_ALLOC;
     use crate::vmm::devices::virtio::vsock::packet::{HOST_CID, MAX_PAYLOAD, SHUTDOWN_BOTH};
-    use crate::vmm::devices::virtio::vsock::test_utils::{GUEST_CID, Host, guest_hdr};
+    use crate::vmm::devices::virtio::vsock::test_utils::{
+        FORWARDED_PORT, GUEST_CID, Host, guest_hdr,
+    };
 
     fn rx(m: &mut Muxer) -> Option<Header> {
         let mut buf = vec![0u8; MAX_PAYLOAD];
@@ -675,7 +846,7 @@ mod tests {
     }
 
     #[test]
-    fn guest_initiated_connection_is_refused() {
+    fn guest_connection_to_a_port_not_forwarded_is_refused() {
         let mut h = Host::new();
         let req = from_guest(Op::Request, 5000, 80);
         h.muxer.handle_guest_packet(&req, Op::Request, &[]);
@@ -689,6 +860,122 @@ mod tests {
         h.muxer
             .handle_guest_packet(&from_guest(Op::Rst, 5000, 80), Op::Rst, &[]);
         assert!(!h.muxer.has_pending_rx());
+    }
+
+    /// A listener where `Host` forwards guest connections to FORWARDED_PORT.
+    fn forward_listener(h: &Host) -> UnixListener {
+        let mut path = h.path.clone().into_os_string();
+        path.push(format!("_{FORWARDED_PORT}"));
+        UnixListener::bind(PathBuf::from(path)).unwrap()
+    }
+
+    /// The guest connects from `guest_port`; returns the host's end.
+    fn guest_connect(h: &mut Host, listener: &UnixListener, guest_port: u32) -> UnixStream {
+        let req = from_guest(Op::Request, guest_port, FORWARDED_PORT);
+        h.muxer.handle_guest_packet(&req, Op::Request, &[]);
+        let resp = rx(&mut h.muxer).unwrap();
+        assert_eq!(resp.op, Op::Response as u16);
+        assert_eq!(
+            (resp.src_port, resp.dst_port, resp.dst_cid),
+            (FORWARDED_PORT, guest_port, GUEST_CID)
+        );
+        let (stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        stream
+    }
+
+    #[test]
+    fn guest_connections_to_a_forwarded_port_reach_its_socket() {
+        let mut h = Host::new();
+        let listener = forward_listener(&h);
+        let mut a = guest_connect(&mut h, &listener, 5000);
+        let mut b = guest_connect(&mut h, &listener, 5001);
+        assert_eq!(h.muxer.connection_count(), 2);
+
+        // Guest → host, each to its own stream; nothing precedes the data.
+        for (port, stream, data) in [(5000, &mut a, b"to-a"), (5001, &mut b, b"to-b")] {
+            let rw = guest_hdr(Op::Rw, port, FORWARDED_PORT, 4);
+            h.muxer.handle_guest_packet(&rw, Op::Rw, data);
+            let mut got = [0u8; 4];
+            stream.read_exact(&mut got).unwrap();
+            assert_eq!(&got, data);
+        }
+        // Host → guest.
+        b.write_all(b"back").unwrap();
+        h.poll_until(|m| m.has_pending_rx());
+        let mut buf = [0u8; 64];
+        let pkt = h.muxer.next_rx(&mut buf).unwrap();
+        assert_eq!(
+            (pkt.op, pkt.src_port, pkt.dst_port, pkt.len),
+            (Op::Rw as u16, FORWARDED_PORT, 5001, 4)
+        );
+        assert_eq!(&buf[..4], b"back");
+
+        // The guest's RST ends one; the other lives on.
+        h.muxer
+            .handle_guest_packet(&from_guest(Op::Rst, 5000, FORWARDED_PORT), Op::Rst, &[]);
+        assert_eq!(h.muxer.connection_count(), 1);
+        assert_eq!(a.read(&mut buf).unwrap(), 0);
+        // The host's close reaches the guest as SHUTDOWN; its RST frees it.
+        drop(b);
+        h.poll_until(|m| m.has_pending_rx());
+        assert_eq!(rx(&mut h.muxer).unwrap().op, Op::Shutdown as u16);
+        h.muxer
+            .handle_guest_packet(&from_guest(Op::Rst, 5001, FORWARDED_PORT), Op::Rst, &[]);
+        assert_eq!(h.muxer.connection_count(), 0);
+        assert_eq!(h.muxer.guest_conns, 0);
+    }
+
+    #[test]
+    fn guest_connection_to_a_forwarded_port_nobody_serves_is_reset() {
+        let mut h = Host::new();
+        let req = from_guest(Op::Request, 5000, FORWARDED_PORT);
+        h.muxer.handle_guest_packet(&req, Op::Request, &[]);
+        let rst = rx(&mut h.muxer).unwrap();
+        assert_eq!(
+            (rst.op, rst.src_port, rst.dst_port),
+            (Op::Rst as u16, FORWARDED_PORT, 5000)
+        );
+        assert_eq!(h.muxer.connection_count(), 0);
+    }
+
+    #[test]
+    fn guest_connections_are_bounded_and_leave_room_for_the_host() {
+        let mut h = Host::new();
+        let listener = forward_listener(&h);
+        listener.set_nonblocking(true).unwrap();
+        let mut accepted = Vec::new();
+        for i in 0..MAX_GUEST_CONNECTIONS as u32 + 5 {
+            let req = from_guest(Op::Request, 10_000 + i, FORWARDED_PORT);
+            h.muxer.handle_guest_packet(&req, Op::Request, &[]);
+            let answer = rx(&mut h.muxer).unwrap();
+            let want = if (i as usize) < MAX_GUEST_CONNECTIONS {
+                Op::Response
+            } else {
+                Op::Rst
+            };
+            assert_eq!(answer.op, want as u16, "connection {i}");
+            // Keep the backlog from filling up.
+            while let Ok((s, _)) = listener.accept() {
+                accepted.push(s);
+            }
+        }
+        assert_eq!(h.muxer.guest_conns, MAX_GUEST_CONNECTIONS);
+        // The host can still reach the guest.
+        let mut c = h.client();
+        c.write_all(b"CONNECT 1024\n").unwrap();
+        h.poll_until(|m| m.connection_count() == MAX_GUEST_CONNECTIONS + 1);
+    }
+
+    #[test]
+    fn forwarded_ports_must_be_below_host_ports() {
+        let err = GuestForwards::new(Path::new("/x"), &[LOCAL_PORT_FIRST]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        let ok = GuestForwards::new(Path::new("/run/v.sock"), &[1080]).unwrap();
+        assert_eq!(ok.target(1080), Some(PathBuf::from("/run/v.sock_1080")));
+        assert_eq!(ok.target(1081), None);
     }
 
     #[test]

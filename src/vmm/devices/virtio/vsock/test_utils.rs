@@ -12,11 +12,13 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 
-use super::muxer::Muxer;
+use super::muxer::{GuestForwards, Muxer};
 use super::packet::{HDR_SIZE, HOST_CID, Header, Op, TYPE_STREAM};
 use crate::vmm::devices::virtio::device::GuestMemory;
 
 pub const GUEST_CID: u64 = 3;
+/// The host port `Host` forwards guest connections for.
+pub const FORWARDED_PORT: u32 = 1080;
 pub const MEM_SIZE: u64 = 0x10_0000;
 pub const QUEUE_SIZE: u16 = 256;
 /// Queue rings live below BUF_BASE; guest buffers above it.
@@ -209,7 +211,8 @@ impl Host {
     pub fn new() -> Host {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vsock.sock");
-        let muxer = Muxer::new(GUEST_CID, UnixListener::bind(&path).unwrap()).unwrap();
+        let forwards = GuestForwards::new(&path, &[FORWARDED_PORT]).unwrap();
+        let muxer = Muxer::new(GUEST_CID, UnixListener::bind(&path).unwrap(), forwards).unwrap();
         Host {
             _dir: dir,
             path,
