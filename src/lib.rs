@@ -3,8 +3,10 @@
 
 pub mod agent_client;
 pub mod bench;
+pub mod config;
 pub mod confinement;
 pub mod doctor;
+pub mod egress;
 pub mod host_kvm;
 pub mod image;
 pub mod mcp;

@@ -118,9 +118,16 @@ struct ServeArgs {
     /// ends them. Default: pause over HTTP and with --persist, else destroy.
     #[arg(long, value_name = "pause|destroy", value_parser = ["pause", "destroy"])]
     on_shutdown: Option<String>,
+    /// A TOML file with egress defaults and, for HTTP mode, principals:
+    /// each one's token, egress allowlist, sandbox limit and storage quota
+    /// (see the README). Adds to the flags and the tokens file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    egress: airlock::egress::EgressArgs,
     /// Disk the checkpoints of one principal's sandboxes may take: bytes,
     /// or with a K, M or G suffix (powers of 1024).
-    #[arg(long, value_name = "BYTES", default_value = "4G", value_parser = parse_bytes)]
+    #[arg(long, value_name = "BYTES", default_value = "4G", value_parser = airlock::config::parse_bytes)]
     max_snapshot_bytes_per_principal: u64,
     /// Destroy a sandbox this long after it was created, however busy.
     #[arg(long, value_name = "DURATION", default_value = "8h", value_parser = humantime::parse_duration)]
@@ -199,7 +206,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Commands::Serve(args) => {
             host_kvm::check_kvm_access(&host_kvm::kvm_device_path())?;
+            let config = match &args.config {
+                Some(path) => airlock::config::ConfigFile::load(path)?,
+                None => airlock::config::ConfigFile::default(),
+            };
             let options = airlock::mcp::ServeOptions {
+                config,
+                egress: args.egress,
                 http: args.http,
                 tokens_file: args.tokens_file,
                 tokens_env: std::env::var("AIRLOCK_TOKENS").ok(),
@@ -285,20 +298,4 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-}
-
-/// `4096`, `512K`, `64M`, `4G` (powers of 1024).
-fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (digits, shift) = match text.char_indices().last() {
-        Some((at, 'k' | 'K')) => (&text[..at], 10),
-        Some((at, 'm' | 'M')) => (&text[..at], 20),
-        Some((at, 'g' | 'G')) => (&text[..at], 30),
-        _ => (text, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size: give bytes, or a number with K, M or G"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
 }

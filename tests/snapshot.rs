@@ -29,6 +29,7 @@ fn spec(run_dir: &std::path::Path) -> VmSpec {
         console_max_bytes: airlock::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
         label: "test".into(),
         confinement: airlock::confinement::Confinement::current(),
+        vsock_forward: Vec::new(),
     }
 }
 

@@ -31,6 +31,11 @@ pub struct Config {
     /// Keep user code off AVX (set by the VMM on kvm_pvm, where the guest
     /// kernel cannot save AVX state; see the VMM's `PVM_USER_ENV`).
     pub no_avx: bool,
+    /// Point user code's proxy variables at the egress relay (see
+    /// `egress`). Always set in the guest: with egress off nothing listens
+    /// there, so a proxied connection is refused at once, and code warmed
+    /// in the template needs no change when a sandbox gets egress.
+    pub proxy_env: bool,
 }
 
 /// Variables from the agent's own environment (the kernel command line)
@@ -68,6 +73,7 @@ impl Config {
             node: "/usr/bin/node".into(),
             bash: "/bin/bash".into(),
             no_avx: std::env::var("AIRLOCK_NO_AVX").is_ok_and(|v| v == "1"),
+            proxy_env: true,
         }
     }
 
@@ -87,6 +93,7 @@ impl Config {
             node: "node".into(),
             bash: "bash".into(),
             no_avx: false,
+            proxy_env: false,
         }
     }
 
@@ -111,6 +118,15 @@ impl Config {
             ("MPLBACKEND".into(), "Agg".into()),
             ("MPLCONFIGDIR".into(), format!("{home}/.config/matplotlib")),
         ];
+        if self.proxy_env {
+            let proxy = format!("http://127.0.0.1:{}", airlock_protocol::EGRESS_PROXY_PORT);
+            for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+                env.push((name.into(), proxy.clone()));
+            }
+            for name in ["NO_PROXY", "no_proxy"] {
+                env.push((name.into(), "localhost,127.0.0.1,::1".into()));
+            }
+        }
         if self.no_avx {
             env.extend(CPU_POLICY_VARS.iter().filter_map(|name| {
                 std::env::var(name)

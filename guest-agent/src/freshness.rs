@@ -15,6 +15,7 @@
 //!    V8's own Math.random cannot be reseeded; the driver replaces it in the
 //!    user context with one drawn from OpenSSL.
 //! 3. The wall clock is set to the host's time (plus the time spent here).
+//! 4. The egress relay listens or not, as the host says (see `egress`).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -91,6 +92,10 @@ pub async fn refresh(ops: &Arc<Ops>, req: Refresh, entropy: Vec<u8>) -> Message 
         reply
             .warnings
             .push("not permitted to set the clock here".into());
+    }
+    match ops.egress.set(req.egress).await {
+        Ok(listening) => reply.egress = listening,
+        Err(e) => reply.warnings.push(e),
     }
     Message::RefreshReply(reply)
 }

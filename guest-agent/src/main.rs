@@ -17,6 +17,7 @@
 mod cgroup;
 mod config;
 mod conn;
+mod egress;
 mod exec;
 mod file_helper;
 mod files;

@@ -28,6 +28,7 @@ pub struct Ops {
     pub sandbox: Option<Sandbox>,
     pub interpreters: Interpreters,
     pub files: Files,
+    pub egress: crate::egress::EgressRelay,
     exec_seq: AtomicU64,
     /// Exec groups still holding background processes; removed once empty.
     lingering: Mutex<Vec<Cgroup>>,
@@ -58,6 +59,7 @@ impl Ops {
             sandbox,
             interpreters,
             files,
+            egress: Default::default(),
             exec_seq: AtomicU64::new(0),
             lingering: Mutex::default(),
         });

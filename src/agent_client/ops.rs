@@ -171,7 +171,10 @@ impl AgentClient {
         wall_clock_unix_ns: Option<u64>,
         entropy: Vec<u8>,
     ) -> Result<RefreshReply> {
-        let message = Message::Refresh(Refresh { wall_clock_unix_ns });
+        let message = Message::Refresh(Refresh {
+            wall_clock_unix_ns,
+            egress: false,
+        });
         let frame = self
             .call_with(message, entropy, "refresh", self.long_request_timeout)
             .await?;

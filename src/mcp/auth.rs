@@ -106,6 +106,23 @@ impl Tokens {
         }
     }
 
+    /// These tokens and `more`; the same token twice is an error.
+    pub fn merged(self, more: Tokens, source: &str) -> Result<Tokens> {
+        let mut entries = Arc::unwrap_or_clone(self.entries);
+        for (hash, principal) in more.entries.iter() {
+            if entries.iter().any(|(h, _)| h == hash) {
+                bail!(
+                    "{source}: principal {}'s token is also given elsewhere",
+                    principal.0
+                );
+            }
+            entries.push((*hash, principal.clone()));
+        }
+        Ok(Tokens {
+            entries: Arc::new(entries),
+        })
+    }
+
     /// The principal of `token`, comparing hashes in constant time.
     pub fn check(&self, token: &str) -> Option<Principal> {
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();

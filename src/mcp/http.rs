@@ -33,6 +33,8 @@ pub struct App {
     pub backend: Arc<LazyPool>,
     pub tokens: Tokens,
     pub call_limits: CallLimits,
+    /// Its metering by principal shows in `/metrics`.
+    pub egress: Option<Arc<crate::egress::Egress>>,
 }
 
 /// Refuses to expose an unauthenticated server beyond loopback.
@@ -202,7 +204,13 @@ async fn metrics(State(app): State<App>) -> Response {
         runs: usage.runs,
         snapshots: app.registry.snapshot_usage(None),
     };
-    let text = app.registry.metrics().render(live);
+    let mut text = app.registry.metrics().render(live);
+    let egress = app
+        .egress
+        .as_ref()
+        .map(|e| e.principal_reports())
+        .unwrap_or_default();
+    crate::egress::traffic::render_metrics(&mut text, &egress);
     (
         [(
             http::header::CONTENT_TYPE,

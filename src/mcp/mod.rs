@@ -62,6 +62,9 @@ pub struct ServeOptions {
     /// Pause every sandbox into the store at shutdown (Some(true)), or end
     /// them (Some(false)); `None`: pause over HTTP and with `persist`.
     pub keep_on_shutdown: Option<bool>,
+    /// The `--config` file (principals, egress defaults).
+    pub config: crate::config::ConfigFile,
+    pub egress: crate::egress::EgressArgs,
 }
 
 /// Serves until stdin closes (stdio), or SIGINT/SIGTERM; then destroys every
@@ -70,7 +73,15 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     let tokens = auth::Tokens::load(
         options.tokens_file.as_deref(),
         options.tokens_env.as_deref(),
+    )?
+    .merged(
+        auth::Tokens::parse(&options.config.token_lines(), "the config file")?,
+        "the config file",
     )?;
+    let egress = crate::egress::build(&options.egress, &options.config)?;
+    if let Some(egress) = &egress {
+        tracing::info!(limits = ?egress.limits(), "egress is on: sandboxes reach what the policy allows");
+    }
     if let Some(addr) = options.http {
         http::check_bind(addr, &tokens, options.insecure_no_auth)?;
         options.http_limits.validate()?;
@@ -102,15 +113,18 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     let store = open_store(&options, &cache)?;
     let start = crate::sandbox::StartOptions {
         staging_root: Some(store.root().to_path_buf()),
+        egress: egress.clone(),
         ..Default::default()
     };
     let backend = Arc::new(backend::LazyPool::start(
         cache, exe, shape, pool_size, start,
     ));
     let metrics = Arc::new(Metrics::new());
+    let mut limits = options.limits.clone();
+    limits.principals = Arc::new(options.config.principal_limits()?);
     let registry = Registry::start_durable(
         backend.clone(),
-        options.limits,
+        limits,
         shape.memory_mib,
         metrics,
         store.store.clone(),
@@ -128,6 +142,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
                 backend,
                 tokens,
                 call_limits,
+                egress,
             };
             http::serve(addr, app, &options).await
         }

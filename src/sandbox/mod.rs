@@ -46,6 +46,9 @@ pub struct Sandbox {
     staging: Option<PathBuf>,
     created: Instant,
     timing: RestoreTiming,
+    /// Where the guest's egress connections arrive, when the server grants
+    /// egress to anyone (see `crate::egress`).
+    egress: Option<crate::egress::Attachment>,
 }
 
 /// How to start a sandbox's VM.
@@ -56,6 +59,9 @@ pub struct StartOptions {
     /// under here (on the disk that keeps paused sandboxes, so the saved
     /// state moves into place by a rename).
     pub staging_root: Option<PathBuf>,
+    /// The egress service, when anyone may reach anything: the guest's
+    /// relay listens and its connections go there.
+    pub egress: Option<std::sync::Arc<crate::egress::Egress>>,
 }
 
 impl Default for StartOptions {
@@ -63,6 +69,7 @@ impl Default for StartOptions {
         StartOptions {
             confinement: Confinement::current(),
             staging_root: None,
+            egress: None,
         }
     }
 }
@@ -110,6 +117,18 @@ impl Sandbox {
             Some(root) => Some(pause::make_staging(root, &id)?),
             None => None,
         };
+        let egress = match &options.egress {
+            Some(service) => match service.attach(run_dir.path()) {
+                Ok(attachment) => Some(attachment),
+                Err(err) => {
+                    pause::remove_staging(staging.as_deref());
+                    return Err(
+                        anyhow::Error::new(err).context("cannot listen for the sandbox's egress")
+                    );
+                }
+            },
+            None => None,
+        };
         let spec = VmSpec {
             airlock_exe: airlock_exe.to_path_buf(),
             kernel: template.image.vmlinux(),
@@ -125,7 +144,10 @@ impl Sandbox {
             console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
             label: id.clone(),
             confinement: options.confinement.clone(),
-            vsock_forward: Vec::new(),
+            vsock_forward: match egress {
+                Some(_) => vec![airlock_protocol::EGRESS_VSOCK_PORT],
+                None => Vec::new(),
+            },
         };
         let spawned = Vm::spawn(&spec).await;
         let mut vm = match spawned {
@@ -156,7 +178,7 @@ impl Sandbox {
             }
         };
         let connected = Instant::now();
-        let refreshed = tokio::time::timeout(REFRESH_TIMEOUT, refresh(&client))
+        let refreshed = tokio::time::timeout(REFRESH_TIMEOUT, refresh(&client, egress.is_some()))
             .await
             .unwrap_or_else(|_| {
                 Err(anyhow::anyhow!(
@@ -182,7 +204,15 @@ impl Sandbox {
             staging,
             created: Instant::now(),
             timing,
+            egress,
         })
+    }
+
+    /// The guest's egress connections belong to `binding` from now on.
+    pub fn bind_egress(&self, binding: crate::egress::Binding) {
+        if let Some(egress) = &self.egress {
+            egress.bind(binding);
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -240,7 +270,7 @@ impl Sandbox {
 
 /// Two sandboxes restored from one template share the guest's RNG state and
 /// clock from the moment of the snapshot; this gives each its own.
-async fn refresh(client: &AgentClient) -> Result<()> {
+async fn refresh(client: &AgentClient, egress: bool) -> Result<()> {
     let mut entropy = vec![0u8; ENTROPY_BYTES];
     if !crate::vmm::devices::virtio::rng::fill_random(&mut entropy) {
         anyhow::bail!("the host has no entropy to give the sandbox");
@@ -250,6 +280,7 @@ async fn refresh(client: &AgentClient) -> Result<()> {
         .context("the host clock is before 1970")?;
     let message = airlock_protocol::Message::Refresh(airlock_protocol::Refresh {
         wall_clock_unix_ns: Some(now.as_nanos() as u64),
+        egress,
     });
     let reply = client
         .request(message, entropy)
@@ -258,6 +289,9 @@ async fn refresh(client: &AgentClient) -> Result<()> {
         .await
         .context("cannot refresh the restored sandbox")?;
     match reply.message {
+        airlock_protocol::Message::RefreshReply(r) if egress && !r.egress => {
+            anyhow::bail!("the sandbox's egress relay did not start: {:?}", r.warnings)
+        }
         airlock_protocol::Message::RefreshReply(r) if r.crng_reseeded && r.clock_set => Ok(()),
         airlock_protocol::Message::RefreshReply(r) => {
             anyhow::bail!("the restored sandbox could not be made fresh: {r:?}")

@@ -80,6 +80,7 @@ impl Sandbox {
             staging,
             created,
             timing,
+            egress,
         } = self;
         // Nothing of the host's is in flight when the guest stops; the
         // resumed guest's connections are reset by its vsock device.
@@ -112,6 +113,7 @@ impl Sandbox {
                     staging,
                     created,
                     timing,
+                    egress,
                 };
                 return Err(PauseFailed {
                     error,

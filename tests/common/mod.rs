@@ -92,5 +92,6 @@ pub fn boot_spec(
         console_max_bytes: 1 << 20,
         label: label.into(),
         confinement: airlock::confinement::Confinement::current(),
+        vsock_forward: Vec::new(),
     }
 }

@@ -55,6 +55,15 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// the agent re-creates its listener.
 pub const AGENT_VSOCK_PORT: u32 = 1023;
 
+/// The host vsock port the guest's egress relay connects to, once per
+/// proxied connection (the VMM forwards it to the gateway's egress service).
+pub const EGRESS_VSOCK_PORT: u32 = 1080;
+
+/// Where the agent's egress relay listens inside the guest, while egress is
+/// on; user code's proxy variables point here. Below 1024, so user code
+/// cannot take the port over.
+pub const EGRESS_PROXY_PORT: u16 = 800;
+
 /// The path of the agent inside the guest image; the kernel runs it as PID 1.
 pub const AGENT_GUEST_PATH: &str = "/usr/sbin/airlock-agent";
 

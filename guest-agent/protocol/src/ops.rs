@@ -290,6 +290,10 @@ pub struct Refresh {
     /// The host's CLOCK_REALTIME in nanoseconds since the epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wall_clock_unix_ns: Option<u64>,
+    /// Whether the egress relay listens (on 127.0.0.1:[`crate::EGRESS_PROXY_PORT`]).
+    /// Off, nothing listens there and a proxied connection is refused at once.
+    #[serde(default)]
+    pub egress: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,6 +306,9 @@ pub struct RefreshReply {
     pub clock_set: bool,
     /// Interpreters whose generators were reseeded.
     pub reseeded: Vec<Language>,
+    /// The egress relay listens now.
+    #[serde(default)]
+    pub egress: bool,
     /// What could not be done, for the host's log.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,

@@ -165,6 +165,7 @@ fn operation_samples() -> Vec<Frame> {
             32,
             Message::Refresh(Refresh {
                 wall_clock_unix_ns: Some(1_700_000_000_000_000_000),
+                egress: true,
             }),
         )
         .with_payload(vec![7; 64]),
@@ -175,6 +176,7 @@ fn operation_samples() -> Vec<Frame> {
                 crng_reseeded: true,
                 clock_set: true,
                 reseeded: vec![Language::Python, Language::Javascript],
+                egress: true,
                 warnings: vec!["w".into()],
             }),
         ),

@@ -440,6 +440,7 @@ impl AirlockServer {
             principal_snapshot_writes: 0,
             principal_snapshot_restores: 0,
             principal_snapshot_gb_hours: 0.0,
+            egress: Default::default(),
         };
         if let Some((_, u)) = self.registry.snapshot_usage(Some(&principal)).first() {
             info.principal_snapshot_writes = u.writes;
@@ -474,6 +475,17 @@ impl AirlockServer {
                 info.snapshot_restores = p.snapshot_restores;
                 info.snapshot_gb_hours =
                     p.stored_byte_seconds() / f64::from(1u32 << 30) / 3600.0;
+                info.egress = i.egress;
+                let e = &i.egress;
+                if e.connections_allowed + e.connections_denied > 0 {
+                    text.push_str(&format!(
+                        "Network: {} connection(s) allowed and {} denied by the egress policy; {} sent, {} received.\n",
+                        e.connections_allowed,
+                        e.connections_denied,
+                        crate::sandbox::registry::fmt_bytes(e.bytes_out),
+                        crate::sandbox::registry::fmt_bytes(e.bytes_in)
+                    ));
+                }
                 if i.checkpoints > 0 {
                     text.push_str(&format!(
                         "{} checkpoint(s), taking {} (list_checkpoints shows them).\n",

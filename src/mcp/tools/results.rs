@@ -114,6 +114,9 @@ pub struct InfoResult {
     pub principal_snapshot_writes: u64,
     pub principal_snapshot_restores: u64,
     pub principal_snapshot_gb_hours: f64,
+    /// Network egress through the server's proxy (none unless the server
+    /// allows some destinations).
+    pub egress: crate::egress::TrafficReport,
 }
 
 pub(super) fn agent_fail(err: AgentError) -> Fail {

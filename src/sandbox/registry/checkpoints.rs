@@ -101,11 +101,11 @@ impl<P: Provider> Registry<P> {
         handles.iter().map(|h| h.checkpoint_bytes()).sum()
     }
 
-    fn over_quota(&self, used: u64) -> RegistryError {
+    fn over_quota(&self, principal: &str, used: u64) -> RegistryError {
         RegistryError::Limit(format!(
             "this client's checkpoints take {} of its {} snapshot storage quota; a rollback discards the checkpoints taken after its target, and ending a sandbox discards all of its checkpoints",
             fmt_bytes(used),
-            fmt_bytes(self.limits.max_snapshot_bytes_per_principal)
+            fmt_bytes(self.limits.snapshot_quota_of(principal))
         ))
     }
 
@@ -176,10 +176,10 @@ impl<P: Provider> Registry<P> {
                 handle.id
             )));
         }
-        let quota = self.limits.max_snapshot_bytes_per_principal;
+        let quota = self.limits.snapshot_quota_of(&handle.principal);
         let used = self.principal_checkpoint_bytes(&handle.principal);
         if used >= quota {
-            return Err(self.over_quota(used));
+            return Err(self.over_quota(&handle.principal, used));
         }
         let _busy = Busy::new(handle);
         let mut slot = self.hold_vm(handle).await?;
@@ -251,7 +251,7 @@ impl<P: Provider> Registry<P> {
                 handle.id
             )))
         } else if used_now + bytes > quota {
-            Some(self.over_quota(used_now + bytes))
+            Some(self.over_quota(&handle.principal, used_now + bytes))
         } else {
             store
                 .insert_checkpoint(&row)
@@ -264,7 +264,7 @@ impl<P: Provider> Registry<P> {
         drop(admission);
         match resumed {
             Ok(sandbox) => {
-                handle.set_vm(sandbox.pid());
+                handle.adopt(&sandbox);
                 *lock(&handle.kill) = sandbox.kill_switch();
                 *slot = Some(Slot { sandbox, cancel });
             }
@@ -329,7 +329,7 @@ impl<P: Provider> Registry<P> {
             sandbox_id: handle.id.clone(),
             checkpoints,
             principal_bytes: self.principal_checkpoint_bytes(&handle.principal),
-            quota_bytes: self.limits.max_snapshot_bytes_per_principal,
+            quota_bytes: self.limits.snapshot_quota_of(&handle.principal),
         }
     }
 
@@ -423,7 +423,7 @@ impl<P: Provider> Registry<P> {
                 handle.id
             )));
         }
-        handle.set_vm(sandbox.pid());
+        handle.adopt(&sandbox);
         *lock(&handle.kill) = sandbox.kill_switch();
         *slot = Some(Slot { sandbox, cancel });
         drop(slot);

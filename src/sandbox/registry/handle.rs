@@ -35,6 +35,7 @@ pub struct Info {
     pub pauses: PauseRecord,
     pub checkpoints: usize,
     pub checkpoint_bytes: u64,
+    pub egress: crate::egress::TrafficReport,
 }
 
 /// Snapshot metering of one principal: its live sandboxes and the ended
@@ -179,6 +180,8 @@ pub(super) struct Handle<S: Hosted> {
     /// Brought back after a crash from this checkpoint (newer than its last
     /// pause): what the next call resumes while it has no saved state.
     pub(super) resume_checkpoint: Mutex<Option<String>>,
+    /// Egress metering and bounds, across every VM this sandbox runs in.
+    pub(super) traffic: Arc<crate::egress::Traffic>,
 }
 
 #[derive(Default)]
@@ -211,7 +214,16 @@ impl<S: Hosted> Handle<S> {
     ) -> Handle<S> {
         let pid = sandbox.pid();
         let kill = sandbox.kill_switch();
-        let handle = Handle::empty(id, principal, Some(sandbox), kill, memory_gb, stdio);
+        let traffic = Arc::<crate::egress::Traffic>::default();
+        sandbox.bind_egress(crate::egress::Binding {
+            sandbox_id: id.clone(),
+            principal: principal.to_string(),
+            traffic: traffic.clone(),
+        });
+        let handle = Handle {
+            traffic,
+            ..Handle::empty(id, principal, Some(sandbox), kill, memory_gb, stdio)
+        };
         handle.set_vm(pid);
         handle
     }
@@ -255,7 +267,19 @@ impl<S: Hosted> Handle<S> {
             notice: Mutex::new(None),
             checkpoints: Mutex::new(Vec::new()),
             resume_checkpoint: Mutex::new(None),
+            traffic: Arc::default(),
         }
+    }
+
+    /// `sandbox` is this handle's VM now: CPU metering follows it, and its
+    /// egress belongs to this sandbox and principal.
+    pub(super) fn adopt(&self, sandbox: &S) {
+        self.set_vm(sandbox.pid());
+        sandbox.bind_egress(crate::egress::Binding {
+            sandbox_id: self.id.clone(),
+            principal: self.principal.clone(),
+            traffic: self.traffic.clone(),
+        });
     }
 
     /// Notes that `conversation` holds it, if that is an HTTP session.

@@ -60,11 +60,12 @@ impl<P: Provider> Registry<P> {
                 self.limits.max_sandboxes
             )));
         }
-        if state.live(Some(principal)) >= self.limits.max_per_principal {
+        let own_limit = self.limits.max_sandboxes_of(principal);
+        if state.live(Some(principal)) >= own_limit {
             self.metrics.refused("principal_limit");
             return Err(RegistryError::Limit(format!(
                 "this client already has {} live sandboxes, its limit; reuse one (pass its sandbox_id) or let an unused one expire ({} idle timeout)",
-                self.limits.max_per_principal,
+                own_limit,
                 fmt_duration(self.limits.idle_timeout)
             )));
         }
@@ -205,7 +206,7 @@ impl<P: Provider> Registry<P> {
             )));
         }
         self.metrics.restore();
-        handle.set_vm(fresh.pid());
+        handle.adopt(&fresh);
         *lock(&handle.kill) = fresh.kill_switch();
         *lock(&handle.created) = Instant::now();
         *lock(&handle.last_used) = Instant::now();

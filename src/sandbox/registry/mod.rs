@@ -97,6 +97,8 @@ pub trait Hosted: Send + Sync + 'static {
     fn discard(saved: Self::Saved);
     /// The saved state's name in the durable store (its directory).
     fn saved_name(saved: &Self::Saved) -> String;
+    /// Its egress connections belong to `binding` from now on.
+    fn bind_egress(&self, _binding: crate::egress::Binding) {}
 }
 
 impl Provider for super::pool::WarmPool {
@@ -155,6 +157,10 @@ impl Hosted for super::Sandbox {
 
     fn saved_name(saved: &super::SavedSandbox) -> String {
         saved.name()
+    }
+
+    fn bind_egress(&self, binding: crate::egress::Binding) {
+        super::Sandbox::bind_egress(self, binding)
     }
 }
 
@@ -287,6 +293,10 @@ impl<P: Provider> Registry<P> {
         store: Option<Arc<Store>>,
         keep_on_shutdown: bool,
     ) -> Arc<Self> {
+        let mut soonest = limits.idle_timeout.min(limits.max_lifetime);
+        if !limits.pause_after.is_zero() {
+            soonest = soonest.min(limits.pause_after);
+        }
         let registry = Arc::new(Registry {
             provider,
             limits,
@@ -305,10 +315,6 @@ impl<P: Provider> Registry<P> {
             keep_on_shutdown,
             checkpoint_admission: Mutex::new(()),
         });
-        let mut soonest = limits.idle_timeout.min(limits.max_lifetime);
-        if !limits.pause_after.is_zero() {
-            soonest = soonest.min(limits.pause_after);
-        }
         let tick = (soonest / 5).clamp(Duration::from_millis(200), Duration::from_secs(30));
         let weak = Arc::downgrade(&registry);
         let stop = registry.reaper_stop.clone();
@@ -327,8 +333,8 @@ impl<P: Provider> Registry<P> {
         registry
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -369,6 +375,7 @@ impl<P: Provider> Registry<P> {
             pauses: handle.pause_record(),
             checkpoints,
             checkpoint_bytes: handle.checkpoint_bytes(),
+            egress: handle.traffic.report(),
         }
     }
 

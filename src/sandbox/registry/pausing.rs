@@ -166,7 +166,7 @@ impl<P: Provider> Registry<P> {
             }
         };
         let took = started.elapsed();
-        handle.set_vm(sandbox.pid());
+        handle.adopt(&sandbox);
         *lock(&handle.kill) = sandbox.kill_switch();
         let cancel = lock(&handle.cancel).clone();
         *slot = Some(Slot { sandbox, cancel });

@@ -1,6 +1,8 @@
 //! What the registry enforces and how it says no: limits, conversations,
 //! and the errors a model reads.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -16,7 +18,7 @@ pub const DEFAULT_MAX_SNAPSHOT_BYTES_PER_PRINCIPAL: u64 = 4 << 30;
 pub(super) const REMEMBER_ENDED: usize = 10_000;
 
 /// Lifetimes and limits.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Idle this long (counted from the last call, paused or not), a
     /// sandbox is destroyed.
@@ -35,6 +37,33 @@ pub struct Limits {
     pub stall_grace: Duration,
     /// Disk the checkpoints of one principal's sandboxes may take.
     pub max_snapshot_bytes_per_principal: u64,
+    /// Principals whose limits differ from the two above (the config file).
+    pub principals: Arc<BTreeMap<String, PrincipalLimits>>,
+}
+
+/// One principal's own limits; `None` keeps the server's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrincipalLimits {
+    pub max_sandboxes: Option<usize>,
+    pub max_snapshot_bytes: Option<u64>,
+}
+
+impl Limits {
+    /// Live sandboxes `principal` may have.
+    pub fn max_sandboxes_of(&self, principal: &str) -> usize {
+        self.principals
+            .get(principal)
+            .and_then(|p| p.max_sandboxes)
+            .unwrap_or(self.max_per_principal)
+    }
+
+    /// Disk `principal`'s checkpoints may take.
+    pub fn snapshot_quota_of(&self, principal: &str) -> u64 {
+        self.principals
+            .get(principal)
+            .and_then(|p| p.max_snapshot_bytes)
+            .unwrap_or(self.max_snapshot_bytes_per_principal)
+    }
 }
 
 impl Default for Limits {
@@ -47,6 +76,7 @@ impl Default for Limits {
             max_per_principal: DEFAULT_MAX_PER_PRINCIPAL,
             stall_grace: DEFAULT_STALL_GRACE,
             max_snapshot_bytes_per_principal: DEFAULT_MAX_SNAPSHOT_BYTES_PER_PRINCIPAL,
+            principals: Arc::default(),
         }
     }
 }

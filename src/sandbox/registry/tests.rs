@@ -497,7 +497,7 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
         max_snapshot_bytes_per_principal: 2 * 4096,
         ..Limits::default()
     };
-    let (registry, _fake) = durable(limits, root.path());
+    let (registry, _fake) = durable(limits.clone(), root.path());
     let mark = |lease: &Lease<FakeSandbox>| lease.sandbox().mark.load(Ordering::SeqCst);
     let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
     let id = lease.id().to_string();
