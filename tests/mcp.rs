@@ -185,6 +185,11 @@ fn http_limits_and_idle_expiry() {
     run_script("expiry_test.py");
 }
 
+#[test]
+fn http_egress_by_policy_allowlists_bounds_and_principals() {
+    run_script("egress_test.py");
+}
+
 /// The uid an unprivileged gateway runs as when the tests run as root.
 const UNPRIVILEGED_UID: u32 = 65534;
 

@@ -24,9 +24,9 @@ use tokio_vsock::{VMADDR_CID_HOST, VsockAddr, VsockStream};
 use crate::log::log;
 
 /// Relayed connections open at once; past this new ones are closed at once.
-/// Above the host's default per-sandbox bound, so that bound is the one a
-/// program meets (with an HTTP answer saying so).
-const MAX_RELAYED: usize = 160;
+/// Above what the VMM forwards (224) and the host's per-sandbox bound, so
+/// the host's bound is the one a program meets, with an answer saying so.
+const MAX_RELAYED: usize = 256;
 
 #[derive(Default)]
 pub struct EgressRelay {

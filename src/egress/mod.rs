@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-pub use service::{Attachment, Binding, Egress, EgressLimits};
+pub use service::{Attachment, Binding, Egress, EgressLimits, NamedPolicy};
 pub use traffic::{Traffic, TrafficReport};
 
 use self::policy::{Allowlist, HostsMap, Policy, SystemResolver};
@@ -77,9 +77,12 @@ pub fn build(args: &EgressArgs, file: &ConfigFile) -> Result<Option<Arc<Egress>>
             Vec::new()
         }
     };
-    let policy_of = |patterns: &[String]| -> Result<Policy> {
+    let policy_of = |patterns: &[String]| -> Result<NamedPolicy> {
         let allow = Allowlist::parse(patterns.iter().map(String::as_str))?;
-        Ok(Policy::new(allow, hosts.clone(), own.clone()))
+        Ok(NamedPolicy {
+            policy: Policy::new(allow, hosts.clone(), own.clone()),
+            patterns: patterns.iter().map(|p| p.trim().to_string()).collect(),
+        })
     };
     let mut default_patterns = args.allow.clone();
     default_patterns.extend(file.egress.allow.iter().cloned());

@@ -56,10 +56,19 @@ impl Default for EgressLimits {
     }
 }
 
+/// A policy with the patterns it was made from (to tell a client).
+pub struct NamedPolicy {
+    pub policy: Policy,
+    pub patterns: Vec<String>,
+}
+
+/// Patterns named in a sandbox's description of its network.
+const PATTERNS_SHOWN: usize = 8;
+
 /// Policies by principal, the limits, and the metering by principal.
 pub struct Egress {
-    default_policy: Arc<Policy>,
-    principal_policies: BTreeMap<String, Arc<Policy>>,
+    default_policy: Arc<NamedPolicy>,
+    principal_policies: BTreeMap<String, Arc<NamedPolicy>>,
     limits: EgressLimits,
     resolver: Arc<dyn Resolver>,
     totals: Mutex<BTreeMap<String, Arc<PrincipalTotals>>>,
@@ -119,8 +128,8 @@ impl std::fmt::Debug for Egress {
 
 impl Egress {
     pub fn new(
-        default_policy: Policy,
-        principal_policies: BTreeMap<String, Policy>,
+        default_policy: NamedPolicy,
+        principal_policies: BTreeMap<String, NamedPolicy>,
         limits: EgressLimits,
         resolver: Arc<dyn Resolver>,
     ) -> Egress {
@@ -140,22 +149,45 @@ impl Egress {
     /// Whether any principal may reach anything: otherwise no guest gets a
     /// relay, and proxied connections are refused inside the guest.
     pub fn enabled(&self) -> bool {
-        !self.default_policy.allows_nothing()
+        !self.default_policy.policy.allows_nothing()
             || self
                 .principal_policies
                 .values()
-                .any(|p| !p.allows_nothing())
+                .any(|p| !p.policy.allows_nothing())
     }
 
     pub fn limits(&self) -> &EgressLimits {
         &self.limits
     }
 
-    fn policy_for(&self, principal: &str) -> Arc<Policy> {
+    fn policy_for(&self, principal: &str) -> Arc<NamedPolicy> {
         self.principal_policies
             .get(principal)
             .unwrap_or(&self.default_policy)
             .clone()
+    }
+
+    /// What `principal`'s sandboxes can reach, in a sentence for a model.
+    pub fn describe(&self, principal: &str) -> String {
+        let named = self.policy_for(principal);
+        if named.policy.allows_nothing() {
+            return "no network (the egress policy allows nothing for this client)".into();
+        }
+        let mut shown: Vec<&str> = (named.patterns.iter())
+            .take(PATTERNS_SHOWN)
+            .map(String::as_str)
+            .collect();
+        let more = named.patterns.len().saturating_sub(PATTERNS_SHOWN);
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        shown.sort_unstable();
+        format!(
+            "network only through the egress proxy (HTTP and HTTPS, set in the environment) to {}{more}; anything else is refused",
+            shown.join(", ")
+        )
     }
 
     fn totals_for(&self, principal: &str) -> Arc<PrincipalTotals> {
@@ -329,12 +361,12 @@ impl Egress {
         host: &str,
         port: u16,
     ) -> Result<TcpStream, Failure> {
-        let policy = self.policy_for(&binding.principal);
+        let named = self.policy_for(&binding.principal);
         let resolver = self.resolver.clone();
         let asked = host.to_string();
         let decided = tokio::time::timeout(
             RESOLVE_TIMEOUT,
-            tokio::task::spawn_blocking(move || policy.decide(&asked, port, &*resolver)),
+            tokio::task::spawn_blocking(move || named.policy.decide(&asked, port, &*resolver)),
         )
         .await;
         let addrs: Vec<SocketAddr> = match decided {

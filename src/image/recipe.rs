@@ -240,6 +240,9 @@ mod tests {
             "python3-pandas",
             "python3-matplotlib",
             "nodejs",
+            "curl",
+            "git",
+            "python3-pip",
         ] {
             assert!(packages.contains(&must), "{must}");
         }

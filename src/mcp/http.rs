@@ -88,7 +88,7 @@ pub async fn serve(addr: SocketAddr, app: App, options: &ServeOptions) -> Result
         .with_max_request_body_bytes(MAX_REQUEST_BODY)
         .with_cancellation_token(stop.child_token());
     let registry = app.registry.clone();
-    let call_limits = app.call_limits;
+    let call_limits = app.call_limits.clone();
     // Runs once per session and once per sessionless request: it must stay
     // cheap, and never make a sandbox.
     let service = StreamableHttpService::new(
@@ -96,7 +96,7 @@ pub async fn serve(addr: SocketAddr, app: App, options: &ServeOptions) -> Result
             Ok(AirlockServer::new(
                 registry.clone(),
                 Mode::Http,
-                call_limits,
+                call_limits.clone(),
             ))
         },
         sessions,

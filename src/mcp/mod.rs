@@ -134,6 +134,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         max_timeout: options.max_timeout,
         vcpus: shape.vcpus,
         memory_mib: shape.memory_mib,
+        egress: egress.clone(),
     };
     let served = match options.http {
         Some(addr) => {

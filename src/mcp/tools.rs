@@ -74,11 +74,13 @@ pub enum Mode {
 }
 
 /// Bounds on what a call may ask for.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CallLimits {
     pub max_timeout: Duration,
     pub vcpus: u8,
     pub memory_mib: u32,
+    /// What sandboxes may reach, told in sandbox_info; `None`: nothing.
+    pub egress: Option<Arc<crate::egress::Egress>>,
 }
 
 #[derive(Clone)]
@@ -324,7 +326,9 @@ fn event_sink(tx: tokio::sync::mpsc::UnboundedSender<String>) -> impl FnMut(&Eve
 #[tool_router]
 impl AirlockServer {
     #[tool(
-        description = "Run code in this conversation's sandbox, a private Linux microVM (no network). \
+        description = "Run code in this conversation's sandbox, a private Linux microVM. It has no network, \
+        unless the server's egress policy allows some destinations: then HTTP and HTTPS to those (pip, curl, \
+        requests, git) go through the proxy its environment names, and anything else is refused. \
         language is python, javascript (Node.js) or bash. State persists between calls like a notebook: \
         python and javascript variables, imports and functions survive from one call to the next, and \
         bash keeps its working directory and exported variables; files persist too. A trailing expression's \
@@ -354,7 +358,7 @@ impl AirlockServer {
 
     #[tool(
         description = "Run a shell command line (bash -c) in this conversation's sandbox, a private Linux \
-        microVM (no network), as the unprivileged user `sandbox` in /home/sandbox. Returns stdout, stderr and \
+        microVM (network only as the egress policy allows), as the unprivileged user `sandbox` in /home/sandbox. Returns stdout, stderr and \
         the exit code. Each call is a new shell (use run_code with language bash for a shell whose cd and \
         variables persist); files persist for the life of the sandbox (paused to disk when idle and resumed \
         intact; destroyed after 1 hour without tool calls or 8 hours in all, by default; see sandbox_info). A timeout or a cancellation kills the \

@@ -518,8 +518,12 @@ impl AirlockServer {
             ),
             None => text.push_str("No sandbox yet: the first tool call (run_code, write_file, ...) creates it.\n"),
         }
+        let network = match &self.limits.egress {
+            Some(egress) => egress.describe(&principal),
+            None => "no network".into(),
+        };
         text.push_str(&format!(
-            "Limits: idle timeout {}, maximum lifetime {}, longest timeout {}, files up to 10 MiB per call, {} vCPU(s), {} MiB memory, no network.",
+            "Limits: idle timeout {}, maximum lifetime {}, longest timeout {}, files up to 10 MiB per call, {} vCPU(s), {} MiB memory, {network}.",
             fmt_duration(limits.idle_timeout),
             fmt_duration(limits.max_lifetime),
             fmt_duration(self.limits.max_timeout),

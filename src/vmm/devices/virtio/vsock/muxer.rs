@@ -50,7 +50,7 @@ const LOCAL_PORT_FIRST: u32 = 1 << 30;
 const LOCAL_PORT_END: u32 = 1 << 31;
 /// Of `MAX_CONNECTIONS`, the most the guest may open: host callers (the
 /// agent connection) always find room.
-pub const MAX_GUEST_CONNECTIONS: usize = 192;
+pub const MAX_GUEST_CONNECTIONS: usize = 224;
 
 /// A connection's identity on the wire: its host port and its guest port.
 /// Host-initiated connections each have their own host port; the guest's
