@@ -299,3 +299,35 @@ fn init_logging() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Clap checks its definitions only when a command is parsed: a clash
+    /// (two flags with one id) would otherwise surface as a panic at start.
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn egress_flags_parse() {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from([
+            "airlock",
+            "serve",
+            "--egress-allow",
+            "pypi.org",
+            "--egress-allow",
+            "*.pythonhosted.org",
+            "--egress-idle-timeout",
+            "90s",
+            "--egress-bytes-per-second",
+            "10M",
+            "--idle-timeout",
+            "2h",
+        ]);
+        assert!(cli.is_ok(), "{:?}", cli.err());
+    }
+}

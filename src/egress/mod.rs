@@ -42,21 +42,25 @@ pub struct EgressArgs {
     /// `*.pythonhosted.org` (names below it), `api.example.com:443` (one
     /// port), `203.0.113.0/24` (addresses). Without any, sandboxes have no
     /// network at all.
-    #[arg(long = "egress-allow", value_name = "PATTERN")]
+    #[arg(id = "egress_allow", long = "egress-allow", value_name = "PATTERN")]
     pub allow: Vec<String>,
     /// Resolve these names from a hosts-format file (`ADDRESS NAME...`)
     /// before DNS; an address given here is allowed for its name, even a
     /// private one.
-    #[arg(long = "egress-hosts", value_name = "FILE")]
+    #[arg(id = "egress_hosts", long = "egress-hosts", value_name = "FILE")]
     pub hosts_file: Option<PathBuf>,
     /// Connections one sandbox may have open at once.
-    #[arg(long = "egress-max-connections", value_name = "N")]
+    #[arg(
+        id = "egress_max_connections",
+        long = "egress-max-connections",
+        value_name = "N"
+    )]
     pub max_connections: Option<usize>,
     /// Close a connection when no byte has moved either way for this long.
-    #[arg(long = "egress-idle-timeout", value_parser = config::parse_duration)]
+    #[arg(id = "egress_idle_timeout", long = "egress-idle-timeout", value_name = "DURATION", value_parser = config::parse_duration)]
     pub idle_timeout: Option<Duration>,
     /// Bytes per second one sandbox may move, both ways together (e.g. 10M).
-    #[arg(long = "egress-bytes-per-second", value_parser = config::parse_bytes)]
+    #[arg(id = "egress_bytes_per_second", long = "egress-bytes-per-second", value_name = "BYTES", value_parser = config::parse_bytes)]
     pub bytes_per_second: Option<u64>,
 }
 

@@ -1,6 +1,11 @@
 //! Offline tests: every name is answered by an injected resolver, nothing touches the network.
 
+use super::address::*;
+use super::pattern::*;
 use super::*;
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
 use std::sync::Mutex;
 
 /// Answers from a fixed table and records every name it is asked about.
