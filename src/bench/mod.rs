@@ -4,6 +4,7 @@
 //! software-nested KVM, guest-side times say little about real KVM; the
 //! VMM-side times, exit counts and memory figures do not depend on it.
 
+pub mod egress;
 pub mod procfs;
 pub mod qemu;
 pub mod sessions;
@@ -64,6 +65,18 @@ pub struct BenchOptions {
     /// Only pause/resume, forks and the soak.
     #[arg(long)]
     pub only_sessions: bool,
+    /// MiB downloaded through the egress path (and by the host, the baseline).
+    #[arg(long, default_value_t = 100)]
+    pub egress_mib: u64,
+    /// Connections timed for the latency the egress path adds.
+    #[arg(long, default_value_t = 50)]
+    pub egress_connections: usize,
+    /// Skip the egress measurement.
+    #[arg(long)]
+    pub skip_egress: bool,
+    /// Only the egress measurement.
+    #[arg(long)]
+    pub only_egress: bool,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -122,6 +135,9 @@ pub async fn run(opts: &BenchOptions) -> Result<()> {
     if opts.only_sessions {
         return sessions_part(&template, &exe, opts).await;
     }
+    if opts.only_egress {
+        return egress::egress(&template, &exe, opts.egress_mib, opts.egress_connections).await;
+    }
 
     // (d) first: the host baseline, while nothing else runs.
     let host = host_python_baseline(opts.rounds.min(10))?;
@@ -178,6 +194,9 @@ pub async fn run(opts: &BenchOptions) -> Result<()> {
     }
     if !opts.skip_sessions {
         sessions_part(&template, &exe, opts).await?;
+    }
+    if !opts.skip_egress {
+        egress::egress(&template, &exe, opts.egress_mib, opts.egress_connections).await?;
     }
     Ok(())
 }
