@@ -151,7 +151,10 @@ impl Connection {
     pub fn interest(&self) -> Option<Interest> {
         match self.state {
             // Only hang-ups matter until the guest answers or is answered.
-            State::Connecting { .. } | State::Accepting => Some(Interest::default()),
+            State::Connecting { .. } => Some(Interest::default()),
+            // A host end that already hung up would report it forever.
+            State::Accepting if self.host_hup => None,
+            State::Accepting => Some(Interest::default()),
             // The socket hung up for good; a level-triggered HUP would spin.
             State::Established if self.host_hup => None,
             State::Established => Some(Interest {
@@ -316,7 +319,14 @@ impl Connection {
     /// The host socket hung up (closed, or both directions shut).
     pub fn on_host_hangup(&mut self) {
         match self.state {
-            State::Connecting { .. } | State::Accepting => self.kill(),
+            State::Connecting { .. } => self.kill(),
+            // The host may answer and close before the guest hears it was
+            // accepted (a refusal with a reason): accept, deliver what the
+            // host wrote, then close.
+            State::Accepting => {
+                self.host_hup = true;
+                self.host_readable = true;
+            }
             State::Established => {
                 self.host_hup = true;
                 // Nobody will read these any more.

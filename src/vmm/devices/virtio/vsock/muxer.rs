@@ -929,6 +929,30 @@ mod tests {
     }
 
     #[test]
+    fn a_host_that_answers_and_closes_before_the_response_is_heard() {
+        let mut h = Host::new();
+        let listener = forward_listener(&h);
+        let req = from_guest(Op::Request, 5000, FORWARDED_PORT);
+        h.muxer.handle_guest_packet(&req, Op::Request, &[]);
+        // The host refuses with a reason and hangs up before the RESPONSE
+        // has gone out to the guest.
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.write_all(b"HTTP/1.1 429 x\r\n\r\n").unwrap();
+        drop(stream);
+        h.poll();
+        let mut buf = [0u8; 64];
+        let resp = h.muxer.next_rx(&mut buf).unwrap();
+        assert_eq!(resp.op, Op::Response as u16);
+        let data = h.muxer.next_rx(&mut buf).unwrap();
+        assert_eq!(data.op, Op::Rw as u16);
+        assert_eq!(&buf[..data.len as usize], b"HTTP/1.1 429 x\r\n\r\n");
+        let end = rx(&mut h.muxer).unwrap();
+        assert_eq!((end.op, end.flags), (Op::Shutdown as u16, SHUTDOWN_BOTH));
+        assert_eq!(rx(&mut h.muxer).unwrap().op, Op::Rst as u16);
+        assert_eq!(h.muxer.connection_count(), 0);
+    }
+
+    #[test]
     fn guest_connection_to_a_forwarded_port_nobody_serves_is_reset() {
         let mut h = Host::new();
         let req = from_guest(Op::Request, 5000, FORWARDED_PORT);
