@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use airlock_protocol::EGRESS_VSOCK_PORT;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 
@@ -28,6 +28,10 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Resolving one name.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long, and for how many bytes, a refused connection is read before
+/// it is closed (see `answer`).
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024;
 /// Denials logged per minute; the rest are counted and summarised.
 const DENY_LOGS_PER_MINUTE: u32 = 20;
 
@@ -243,9 +247,7 @@ impl Egress {
         let Some(binding) = binding else {
             // A pooled VM not handed to anyone yet has no user code running.
             let body = "blocked by airlock egress policy: this sandbox has no owner yet";
-            let _ = stream
-                .write_all(&request::reply(403, "Forbidden", body))
-                .await;
+            answer(&mut stream, request::reply(403, "Forbidden", body)).await;
             return;
         };
         let totals = self.totals_for(&binding.principal);
@@ -263,9 +265,7 @@ impl Egress {
             let body = format!(
                 "airlock egress: this sandbox already has {limit} connections open (the limit); close some and retry"
             );
-            let _ = stream
-                .write_all(&request::reply(429, "Too Many Requests", &body))
-                .await;
+            answer(&mut stream, request::reply(429, "Too Many Requests", &body)).await;
             return;
         };
         let head = tokio::time::timeout(HEAD_TIMEOUT, request::read_request(&mut stream)).await;
@@ -275,18 +275,14 @@ impl Egress {
                 if let Some((status, reason)) = err.status() {
                     deny("bad request");
                     let body = format!("airlock egress: {err}");
-                    let _ = stream
-                        .write_all(&request::reply(status, reason, &body))
-                        .await;
+                    answer(&mut stream, request::reply(status, reason, &body)).await;
                 }
                 return;
             }
             Err(_) => {
                 deny("request head timeout");
                 let body = "airlock egress: the request head did not arrive in time";
-                let _ = stream
-                    .write_all(&request::reply(408, "Request Timeout", body))
-                    .await;
+                answer(&mut stream, request::reply(408, "Request Timeout", body)).await;
                 return;
             }
         };
@@ -295,17 +291,13 @@ impl Egress {
             Err(Failure::Refused(refusal)) => {
                 deny(&refusal.to_string());
                 let body = format!("blocked by airlock egress policy: {refusal}");
-                let _ = stream
-                    .write_all(&request::reply(403, "Forbidden", &body))
-                    .await;
+                answer(&mut stream, request::reply(403, "Forbidden", &body)).await;
                 return;
             }
             Err(Failure::Unreachable(why)) => {
                 // Allowed, but not there: not a denial.
                 let body = format!("airlock egress: {why}");
-                let _ = stream
-                    .write_all(&request::reply(502, "Bad Gateway", &body))
-                    .await;
+                answer(&mut stream, request::reply(502, "Bad Gateway", &body)).await;
                 return;
             }
         };
@@ -397,6 +389,28 @@ impl Egress {
     }
 }
 
+/// Sends a refusal and closes. The guest's request may not have been read
+/// (or not all of it): a Unix socket closed with unread bytes resets its
+/// peer, and the VMM would drop the answer with it, so what arrives is read
+/// and discarded for a moment first (bounded in bytes and time).
+async fn answer(stream: &mut UnixStream, reply: Vec<u8>) {
+    if stream.write_all(&reply).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
 enum Failure {
     Refused(Refusal),
     Unreachable(String),
@@ -434,5 +448,30 @@ impl DenyLog {
         } else {
             *suppressed += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refusal written while the client's request is still unread must
+    /// reach the client whole: closing a Unix socket with unread bytes
+    /// resets the peer, which is how the VMM lost such answers.
+    #[tokio::test]
+    async fn a_refusal_reaches_a_client_whose_request_was_not_read() {
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        client
+            .write_all(b"CONNECT allowed.test:443 HTTP/1.1\r\nHost: allowed.test:443\r\n\r\n")
+            .await
+            .unwrap();
+        let reply = request::reply(429, "Too Many Requests", "limit");
+        let expected = reply.clone();
+        let answering = tokio::spawn(async move { answer(&mut server, reply).await });
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, expected);
+        drop(client);
+        answering.await.unwrap();
     }
 }
