@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use airlock::vmm::devices::virtio::device::GuestMemory;
-use airlock::vmm::devices::virtio::vsock::fuzzing::{HOST_CID, Header, Muxer, Op};
+use airlock::vmm::devices::virtio::vsock::fuzzing::{GuestForwards, HOST_CID, Header, Muxer, Op};
 use airlock_protocol::{Decoder, Frame, FrameError, FrameReader};
 use tokio::io::{AsyncRead, ReadBuf};
 use virtio_queue::{Queue, QueueState};
@@ -128,6 +128,7 @@ pub struct Host {
     path: PathBuf,
     pub muxer: Muxer,
     events: Vec<EpollEvent>,
+    _forwarded: UnixListener,
 }
 
 impl Host {
@@ -135,12 +136,17 @@ impl Host {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("vsock.sock");
         let listener = UnixListener::bind(&path).expect("bind");
-        let muxer = Muxer::new(GUEST_CID, listener).expect("muxer");
+        // Guest connections to port 1080 reach a listener that never
+        // accepts: the guest-initiated path is fuzzed up to a full backlog.
+        let forwarded = UnixListener::bind(dir.path().join("vsock.sock_1080")).expect("bind");
+        let forwards = GuestForwards::new(&path, &[1080]).expect("forwards");
+        let muxer = Muxer::new(GUEST_CID, listener, forwards).expect("muxer");
         Host {
             _dir: dir,
             path,
             muxer,
             events: vec![EpollEvent::default(); 16],
+            _forwarded: forwarded,
         }
     }
 

@@ -21,7 +21,7 @@ mod worker;
 /// and the packet header, below the device thread. Not an API.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use super::muxer::Muxer;
+    pub use super::muxer::{GuestForwards, Muxer};
     pub use super::packet::{HDR_SIZE, HOST_CID, Header, MAX_PAYLOAD, Op, PacketError};
     pub use super::virtq::{Pass, notify_guest, process_event, process_rx, process_tx};
 }
