@@ -215,6 +215,35 @@ async fn limits_refuse_with_clear_errors() {
 }
 
 #[tokio::test]
+async fn a_principal_s_own_limit_replaces_the_server_s() {
+    let mut own = std::collections::BTreeMap::new();
+    own.insert(
+        "small".to_string(),
+        PrincipalLimits {
+            max_sandboxes: Some(1),
+            max_snapshot_bytes: Some(1 << 20),
+        },
+    );
+    let limits = Limits {
+        max_per_principal: 2,
+        principals: Arc::new(own),
+        ..Limits::default()
+    };
+    assert_eq!(limits.snapshot_quota_of("small"), 1 << 20);
+    assert_eq!(
+        limits.snapshot_quota_of("other"),
+        limits.max_snapshot_bytes_per_principal
+    );
+    let (r, _fake) = registry(limits);
+    let _s = r.create_explicit("small").await.unwrap();
+    let err = r.create_explicit("small").await.err().unwrap();
+    assert!(err.to_string().contains("already has 1 live"), "{err}");
+    let _o1 = r.create_explicit("other").await.unwrap();
+    let _o2 = r.create_explicit("other").await.unwrap();
+    assert!(r.create_explicit("other").await.is_err());
+}
+
+#[tokio::test]
 async fn idle_sandboxes_expire_with_a_clear_error() {
     let limits = Limits {
         idle_timeout: Duration::from_millis(300),
