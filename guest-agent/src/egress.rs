@@ -27,6 +27,9 @@ use crate::log::log;
 /// Above what the VMM forwards (224) and the host's per-sandbox bound, so
 /// the host's bound is the one a program meets, with an answer saying so.
 const MAX_RELAYED: usize = 256;
+/// Per direction per connection. Bigger than tokio's 8 KiB default: each
+/// read and write is a guest system call, and those are what cost here.
+const RELAY_BUFFER: usize = 32 * 1024;
 
 #[derive(Default)]
 pub struct EgressRelay {
@@ -100,5 +103,7 @@ async fn relay(mut tcp: TcpStream) {
         // The host refused: the client sees its connection closed.
         Err(_) => return,
     };
-    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut vsock).await;
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut vsock, RELAY_BUFFER, RELAY_BUFFER)
+            .await;
 }
