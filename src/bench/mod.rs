@@ -287,6 +287,9 @@ async fn restores(
     let mut vmm_parts = Vec::new();
     let mut spawn_parts = Vec::new();
     let mut guest_parts = Vec::new();
+    let mut connect_parts = Vec::new();
+    let mut refresh_parts = Vec::new();
+    let mut first_run_parts = Vec::new();
     for _ in 0..count.max(1) {
         let started = Instant::now();
         let sandbox = Sandbox::restore(template, exe).await?;
@@ -300,6 +303,9 @@ async fn restores(
         vmm_parts.push(timing.vm.vmm_setup);
         spawn_parts.push(timing.vm.spawn_to_running);
         guest_parts.push(total.saturating_sub(timing.vm.spawn_to_running));
+        connect_parts.push(timing.agent_connect);
+        refresh_parts.push(timing.refresh);
+        first_run_parts.push(total.saturating_sub(timing.total));
         sandbox.destroy().await;
     }
     let total = summarize(&totals).context("no samples")?;
@@ -314,6 +320,16 @@ async fn restores(
         "    guest part (agent connect, refresh, first run): {}",
         summarize(&guest_parts).context("no samples")?
     );
+    for (what, parts) in [
+        ("agent connect (vCPUs running to the handshake)", &connect_parts),
+        ("refresh (entropy, clock, interpreters reseeded)", &refresh_parts),
+        ("first run_code after the restore", &first_run_parts),
+    ] {
+        println!(
+            "      {what}: {}",
+            summarize(parts).context("no samples")?
+        );
+    }
     Ok((total, summarize(&spawn_parts).context("no samples")?))
 }
 
