@@ -44,6 +44,13 @@ pub async fn refresh(ops: &Arc<Ops>, req: Refresh, entropy: Vec<u8>) -> Message 
     }
     let received = Instant::now();
     let mut reply = RefreshReply::default();
+    let mut step_started = Instant::now();
+    let mut step = |reply: &mut RefreshReply, name: &str| {
+        let now = Instant::now();
+        let us = now.duration_since(step_started).as_micros() as u64;
+        reply.steps_us.push((name.to_string(), us));
+        step_started = now;
+    };
     let privileged = ops.config.privileged;
     if !entropy.is_empty() {
         match add_entropy(&entropy, privileged) {
@@ -51,6 +58,7 @@ pub async fn refresh(ops: &Arc<Ops>, req: Refresh, entropy: Vec<u8>) -> Message 
             Err(e) => reply.warnings.push(format!("adding entropy: {e}")),
         }
     }
+    step(&mut reply, "entropy");
     if privileged {
         match open_random().and_then(|fd| ioctl(&fd, RNDRESEEDCRNG, std::ptr::null())) {
             Ok(()) => reply.crng_reseeded = true,
@@ -66,7 +74,9 @@ pub async fn refresh(ops: &Arc<Ops>, req: Refresh, entropy: Vec<u8>) -> Message 
     });
     // Back to the 1970s: behind every DRBG's last seeding. (The wall clock
     // may not go below the monotonic clock, i.e. the uptime.)
+    step(&mut reply, "crng");
     let warped = privileged && set_clock(monotonic_ns() + 1_000_000_000).is_ok();
+    step(&mut reply, "clock_back");
     if !warped {
         reply
             .warnings
@@ -82,6 +92,7 @@ pub async fn refresh(ops: &Arc<Ops>, req: Refresh, entropy: Vec<u8>) -> Message 
             .warnings
             .push("reseeding the interpreters timed out".into()),
     }
+    step(&mut reply, "reseed");
     if privileged {
         let now = target_ns.saturating_add(received.elapsed().as_nanos() as u64);
         match set_clock(now) {
@@ -93,10 +104,12 @@ pub async fn refresh(ops: &Arc<Ops>, req: Refresh, entropy: Vec<u8>) -> Message 
             .warnings
             .push("not permitted to set the clock here".into());
     }
+    step(&mut reply, "clock_set");
     match ops.egress.set(req.egress).await {
         Ok(listening) => reply.egress = listening,
         Err(e) => reply.warnings.push(e),
     }
+    step(&mut reply, "egress");
     Message::RefreshReply(reply)
 }
 

@@ -290,6 +290,7 @@ async fn restores(
     let mut connect_parts = Vec::new();
     let mut refresh_parts = Vec::new();
     let mut first_run_parts = Vec::new();
+    let mut steps: Vec<(String, Vec<Duration>)> = Vec::new();
     for _ in 0..count.max(1) {
         let started = Instant::now();
         let sandbox = Sandbox::restore(template, exe).await?;
@@ -306,6 +307,12 @@ async fn restores(
         connect_parts.push(timing.agent_connect);
         refresh_parts.push(timing.refresh);
         first_run_parts.push(total.saturating_sub(timing.total));
+        for (i, (name, us)) in sandbox.refresh_steps().iter().enumerate() {
+            if steps.len() <= i {
+                steps.push((name.clone(), Vec::new()));
+            }
+            steps[i].1.push(Duration::from_micros(*us));
+        }
         sandbox.destroy().await;
     }
     let total = summarize(&totals).context("no samples")?;
@@ -321,15 +328,25 @@ async fn restores(
         summarize(&guest_parts).context("no samples")?
     );
     for (what, parts) in [
-        ("agent connect (vCPUs running to the handshake)", &connect_parts),
-        ("refresh (entropy, clock, interpreters reseeded)", &refresh_parts),
+        (
+            "agent connect (vCPUs running to the handshake)",
+            &connect_parts,
+        ),
+        (
+            "refresh (entropy, clock, interpreters reseeded)",
+            &refresh_parts,
+        ),
         ("first run_code after the restore", &first_run_parts),
     ] {
-        println!(
-            "      {what}: {}",
-            summarize(parts).context("no samples")?
-        );
+        println!("      {what}: {}", summarize(parts).context("no samples")?);
     }
+    let steps: Vec<String> = steps
+        .iter()
+        .filter_map(|(name, samples)| {
+            summarize(samples).map(|s| format!("{name} {}", ms(s.median)))
+        })
+        .collect();
+    println!("      refresh in the guest, medians: {}", steps.join(", "));
     Ok((total, summarize(&spawn_parts).context("no samples")?))
 }
 

@@ -49,6 +49,8 @@ pub struct Sandbox {
     /// Where the guest's egress connections arrive, when the server grants
     /// egress to anyone (see `crate::egress`).
     egress: Option<crate::egress::Attachment>,
+    /// What each step of the guest's refresh took (µs), for benchmarks.
+    refresh_steps: Vec<(String, u64)>,
 }
 
 /// How to start a sandbox's VM.
@@ -185,11 +187,14 @@ impl Sandbox {
                     "the restored agent did not answer the refresh within {REFRESH_TIMEOUT:?}"
                 ))
             });
-        if let Err(err) = refreshed {
-            let _ = vm.stop(STOP_DEADLINE).await;
-            pause::remove_staging(staging.as_deref());
-            return Err(err);
-        }
+        let refresh_steps = match refreshed {
+            Ok(steps) => steps,
+            Err(err) => {
+                let _ = vm.stop(STOP_DEADLINE).await;
+                pause::remove_staging(staging.as_deref());
+                return Err(err);
+            }
+        };
         let timing = RestoreTiming {
             vm: vm.timing(),
             agent_connect: connected - running,
@@ -205,7 +210,13 @@ impl Sandbox {
             created: Instant::now(),
             timing,
             egress,
+            refresh_steps,
         })
+    }
+
+    /// What each step of the guest's refresh took, in microseconds.
+    pub fn refresh_steps(&self) -> &[(String, u64)] {
+        &self.refresh_steps
     }
 
     /// The guest's egress connections belong to `binding` from now on.
@@ -270,7 +281,7 @@ impl Sandbox {
 
 /// Two sandboxes restored from one template share the guest's RNG state and
 /// clock from the moment of the snapshot; this gives each its own.
-async fn refresh(client: &AgentClient, egress: bool) -> Result<()> {
+async fn refresh(client: &AgentClient, egress: bool) -> Result<Vec<(String, u64)>> {
     let mut entropy = vec![0u8; ENTROPY_BYTES];
     if !crate::vmm::devices::virtio::rng::fill_random(&mut entropy) {
         anyhow::bail!("the host has no entropy to give the sandbox");
@@ -292,7 +303,9 @@ async fn refresh(client: &AgentClient, egress: bool) -> Result<()> {
         airlock_protocol::Message::RefreshReply(r) if egress && !r.egress => {
             anyhow::bail!("the sandbox's egress relay did not start: {:?}", r.warnings)
         }
-        airlock_protocol::Message::RefreshReply(r) if r.crng_reseeded && r.clock_set => Ok(()),
+        airlock_protocol::Message::RefreshReply(r) if r.crng_reseeded && r.clock_set => {
+            Ok(r.steps_us)
+        }
         airlock_protocol::Message::RefreshReply(r) => {
             anyhow::bail!("the restored sandbox could not be made fresh: {r:?}")
         }

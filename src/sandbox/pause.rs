@@ -81,6 +81,7 @@ impl Sandbox {
             created,
             timing,
             egress,
+            refresh_steps,
         } = self;
         // Nothing of the host's is in flight when the guest stops; the
         // resumed guest's connections are reset by its vsock device.
@@ -114,6 +115,7 @@ impl Sandbox {
                     created,
                     timing,
                     egress,
+                    refresh_steps,
                 };
                 return Err(PauseFailed {
                     error,

@@ -309,6 +309,11 @@ pub struct RefreshReply {
     /// The egress relay listens now.
     #[serde(default)]
     pub egress: bool,
+    /// Microseconds each step took, in order (for benchmarks): entropy,
+    /// CRNG reseed, clock wound back, interpreters reseeded, clock set,
+    /// egress relay.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps_us: Vec<(String, u64)>,
     /// What could not be done, for the host's log.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,

@@ -177,6 +177,7 @@ fn operation_samples() -> Vec<Frame> {
                 clock_set: true,
                 reseeded: vec![Language::Python, Language::Javascript],
                 egress: true,
+                steps_us: vec![("entropy".into(), 5)],
                 warnings: vec!["w".into()],
             }),
         ),
