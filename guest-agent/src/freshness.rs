@@ -84,9 +84,10 @@ pub async fn refresh(ops: &Arc<Ops>, req: Refresh, entropy: Vec<u8>) -> Message 
     }
     let reseeding = ops.interpreters.reseed_all();
     match tokio::time::timeout(RESEED_TIMEOUT, reseeding).await {
-        Ok((done, warnings)) => {
+        Ok((done, warnings, took)) => {
             reply.reseeded = done;
             reply.warnings.extend(warnings);
+            reply.steps_us.extend(took);
         }
         Err(_) => reply
             .warnings

@@ -518,8 +518,31 @@ impl Interpreters {
 
     /// Reseeds the generators of every warm, idle interpreter; returns the
     /// languages reseeded and why others were not.
-    pub async fn reseed_all(&self) -> (Vec<Language>, Vec<String>) {
+    pub async fn reseed_all(&self) -> (Vec<Language>, Vec<String>, Vec<(String, u64)>) {
         let attempts = self.sessions.iter().map(|session| async move {
+            let started = std::time::Instant::now();
+            let result = Self::reseed_one(session).await;
+            let took = (
+                format!("reseed_{}", session.lang.name()),
+                started.elapsed().as_micros() as u64,
+            );
+            (result, took)
+        });
+        let mut done = Vec::new();
+        let mut warnings = Vec::new();
+        let mut took = Vec::new();
+        for (result, time) in futures_join_all(attempts).await {
+            took.push(time);
+            match result {
+                Ok(lang) => done.push(lang),
+                Err(w) => warnings.push(w),
+            }
+        }
+        (done, warnings, took)
+    }
+
+    async fn reseed_one(session: &Session) -> Result<Language, String> {
+        {
             let Ok(mut guard) = session.inner.clone().try_lock_owned() else {
                 return Err(format!(
                     "{} is busy or starting: not reseeded",
@@ -540,16 +563,7 @@ impl Interpreters {
                 .await
                 .map(|()| session.lang)
                 .map_err(|e| format!("{}: reseeding failed: {e}", session.lang.name()))
-        });
-        let mut done = Vec::new();
-        let mut warnings = Vec::new();
-        for result in futures_join_all(attempts).await {
-            match result {
-                Ok(lang) => done.push(lang),
-                Err(w) => warnings.push(w),
-            }
         }
-        (done, warnings)
     }
 
     pub async fn warm_status(&self, wait_ms: Option<u64>) -> Message {
