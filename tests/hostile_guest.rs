@@ -215,6 +215,10 @@ async fn an_impostor_agent_flooding_output_is_cut_off_within_a_memory_bound() {
 
 /// A registry's sandbox: either restored from the template, or the
 /// impostor that stopped reading.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a handful live at a time, in a test"
+)]
 enum TestBox {
     Restored(Sandbox),
     Stalled {

@@ -405,6 +405,8 @@ async fn warm_round_trips(
     rounds: usize,
 ) -> Result<stats::Summary> {
     let mut sandbox = Sandbox::restore(template, exe).await?;
+    // Counted from the VMM's start: the restore's agent connect and refresh.
+    let restored = sandbox.vm_mut().stats().await?;
     run_python(sandbox.client(), "print(1)").await?;
     // The guest's own background (its timer) over as long as the runs take.
     let before = sandbox.vm_mut().stats().await?;
@@ -450,6 +452,22 @@ async fn warm_round_trips(
         "    exits by reason per round trip: {}",
         by_reason.join(", ")
     );
+    let kvm = |s: &crate::vmm::stats::Stats, name: &str| s.kvm.get(name).copied();
+    match (kvm(&restored, "kvm_pf_taken"), kvm(&after, "kvm_pf_taken")) {
+        (Some(at_restore), Some(last)) => {
+            let first = kvm(&before, "kvm_pf_taken").unwrap_or(at_restore);
+            let warm = last.saturating_sub(kvm(&before, "kvm_pf_taken").unwrap_or(last));
+            let pages = |s| kvm(s, "kvm_pages_4k").unwrap_or(0);
+            println!(
+                "    KVM guest page faults (first touches of restored memory): {at_restore} during the restore's connect and refresh, {} in its first run, {:.1} per warm round trip; 4 KiB pages mapped: {} after the refresh, {} after the first run",
+                first.saturating_sub(at_restore),
+                warm as f64 / n,
+                pages(&restored),
+                pages(&before)
+            );
+        }
+        _ => println!("    KVM guest page faults: not available (no KVM statistics interface)"),
+    }
     sandbox.destroy().await;
     Ok(summary)
 }

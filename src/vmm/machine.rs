@@ -200,6 +200,7 @@ pub fn build(
         }
         vcpus.push(vcpu);
     }
+    register_kvm_stats(&vm, &vcpus);
     Ok(Machine {
         vm,
         vcpus,
@@ -311,6 +312,7 @@ pub fn restore(
         saved.restore(&vcpu)?;
         vcpus.push(vcpu);
     }
+    register_kvm_stats(&vm, &vcpus);
     // Connections the guest had at snapshot time point nowhere now.
     devices.vsock.send_transport_reset();
     Ok(Machine {
@@ -497,4 +499,11 @@ fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, BuildError> {
     let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&fd, gsi).map_err(ioctl("KVM_IRQFD"))?;
     Ok(fd)
+}
+
+/// KVM's counters for this VM, read on `stats` requests (see `kvm_stats`).
+fn register_kvm_stats(vm: &VmFd, vcpus: &[VcpuFd]) {
+    use std::os::fd::AsRawFd;
+    let vcpu_fds: Vec<i32> = vcpus.iter().map(AsRawFd::as_raw_fd).collect();
+    crate::vmm::kvm_stats::register(vm.as_raw_fd(), &vcpu_fds);
 }

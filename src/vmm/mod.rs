@@ -8,6 +8,7 @@ pub mod devices;
 pub mod event;
 pub mod guest_warn;
 pub mod jail;
+pub mod kvm_stats;
 pub mod layout;
 pub mod machine;
 pub mod run;

@@ -72,6 +72,11 @@ pub struct Stats {
     pub exits_total: u64,
     pub exits: std::collections::BTreeMap<String, u64>,
     pub interrupts_injected: u64,
+    /// KVM's own counters (see `kvm_stats`): `kvm_pf_taken`, `kvm_pf_fixed`,
+    /// `kvm_exits` (summed over vCPUs), `kvm_pages_4k`...; empty where KVM
+    /// has no statistics interface.
+    #[serde(default)]
+    pub kvm: std::collections::BTreeMap<String, u64>,
 }
 
 pub fn snapshot() -> Stats {
@@ -88,5 +93,6 @@ pub fn snapshot() -> Stats {
         exits_total: total,
         exits,
         interrupts_injected: INTERRUPTS.load(Ordering::Relaxed),
+        kvm: super::kvm_stats::snapshot(),
     }
 }
