@@ -133,7 +133,7 @@ pub struct Live {
 }
 
 /// A principal's name as a Prometheus label value.
-fn label_value(text: &str) -> String {
+pub fn label_value(text: &str) -> String {
     text.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

@@ -141,10 +141,7 @@ pub fn render_metrics(out: &mut String, principals: &[(String, PrincipalReport)]
     for (name, help, value) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         for (principal, report) in principals {
-            let principal = principal
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n");
+            let principal = crate::metrics::label_value(principal);
             let _ = writeln!(out, "{name}{{principal=\"{principal}\"}} {}", value(report));
         }
     }

@@ -377,18 +377,8 @@ impl Muxer {
             peer: hdr.src_port,
         };
         let conn = Connection::accepted(stream, self.guest_cid, hdr);
-        self.conns.insert(
-            key,
-            Entry {
-                conn,
-                token,
-                watched,
-                queued: false,
-            },
-        );
         self.guest_conns += 1;
-        self.slots.insert(token, Slot::Conn(key));
-        self.refresh(key);
+        self.add_conn(key, conn, token, watched);
     }
 
     fn queue_rst(&mut self, host_port: u32, guest_port: u32) {
@@ -510,16 +500,20 @@ impl Muxer {
             local: local_port,
             peer: guest_port,
         };
-        self.conns.insert(
-            key,
-            Entry {
-                conn,
-                token,
-                watched,
-                queued: false,
-            },
-        );
         self.host_ports.insert(local_port);
+        self.add_conn(key, conn, token, watched);
+    }
+
+    /// Tables a new connection whose stream epoll watches as `watched`
+    /// under `token`, and lets it say its first packet.
+    fn add_conn(&mut self, key: ConnKey, conn: Connection, token: u64, watched: Option<Interest>) {
+        let entry = Entry {
+            conn,
+            token,
+            watched,
+            queued: false,
+        };
+        self.conns.insert(key, entry);
         self.slots.insert(token, Slot::Conn(key));
         self.refresh(key);
     }
