@@ -212,19 +212,12 @@ impl<S: Hosted> Handle<S> {
         memory_gb: f64,
         stdio: bool,
     ) -> Handle<S> {
-        let pid = sandbox.pid();
         let kill = sandbox.kill_switch();
-        let traffic = Arc::<crate::egress::Traffic>::default();
-        sandbox.bind_egress(crate::egress::Binding {
-            sandbox_id: id.clone(),
-            principal: principal.to_string(),
-            traffic: traffic.clone(),
-        });
-        let handle = Handle {
-            traffic,
-            ..Handle::empty(id, principal, Some(sandbox), kill, memory_gb, stdio)
-        };
-        handle.set_vm(pid);
+        let mut handle = Handle::empty(id, principal, None, kill, memory_gb, stdio);
+        handle.adopt(&sandbox);
+        // Not shared yet: the slot is filled without its lock.
+        let cancel = lock(&handle.cancel).clone();
+        handle.slot = Arc::new(RwLock::new(Some(Slot { sandbox, cancel })));
         handle
     }
 
