@@ -22,6 +22,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The refresh is one small round trip; a guest that sits on it is broken.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_DEADLINE: Duration = Duration::from_secs(5);
+/// Refresh steps kept from a guest's report, and the longest name kept.
+const MAX_REFRESH_STEPS: usize = 16;
+const MAX_STEP_NAME: usize = 32;
 /// Fresh entropy handed to each restored guest.
 const ENTROPY_BYTES: usize = 64;
 
@@ -304,7 +307,15 @@ async fn refresh(client: &AgentClient, egress: bool) -> Result<Vec<(String, u64)
             anyhow::bail!("the sandbox's egress relay did not start: {:?}", r.warnings)
         }
         airlock_protocol::Message::RefreshReply(r) if r.crng_reseeded && r.clock_set => {
-            Ok(r.steps_us)
+            // The guest wrote these and the sandbox keeps them: bounded.
+            Ok(r.steps_us
+                .into_iter()
+                .take(MAX_REFRESH_STEPS)
+                .map(|(mut name, us)| {
+                    name.truncate(name.floor_char_boundary(MAX_STEP_NAME));
+                    (name, us)
+                })
+                .collect())
         }
         airlock_protocol::Message::RefreshReply(r) => {
             anyhow::bail!("the restored sandbox could not be made fresh: {r:?}")
