@@ -15,7 +15,7 @@ use std::io::Read;
 
 use airlock::vmm::devices::virtio::device::{GuestMemory, Interrupt};
 use airlock::vmm::devices::virtio::vsock::fuzzing::{
-    MAX_PAYLOAD, notify_guest, process_event, process_rx, process_tx,
+    HeldTx, MAX_PAYLOAD, notify_guest, process_event, process_rx, process_tx,
 };
 use airlock_fuzz::{Input, layout, load_memory, memory, patch_port, queue, queue_size, with_host};
 use libfuzzer_sys::fuzz_target;
@@ -69,9 +69,11 @@ fuzz_target!(|data: &[u8]| {
                 return;
             };
             let mut pending = flags & 4 != 0;
+            let mut held = HeldTx::default();
             // The worker's pump, a bounded number of rounds.
             for _ in 0..4 {
-                let tx = process_tx(&mut host.muxer, &f.mem, &mut txq, &mut f.scratch);
+                let tx = process_tx(&mut host.muxer, &f.mem, &mut txq, &mut f.scratch, &mut held);
+                assert!(held.len() < HeldTx::limit(size), "held TX chains stay bounded");
                 if tx.used {
                     notify_guest(&mut txq, &f.mem, &f.interrupt);
                 }
@@ -84,6 +86,10 @@ fuzz_target!(|data: &[u8]| {
                 host.poll(0);
                 let rx = process_rx(&mut host.muxer, &f.mem, &mut rxq, &mut f.scratch);
                 if rx.used {
+                    // Held chains ride along with the interrupt.
+                    let mut back = Default::default();
+                    held.give_back(&mut txq, &f.mem, &mut back);
+                    notify_guest(&mut txq, &f.mem, &f.interrupt);
                     notify_guest(&mut rxq, &f.mem, &f.interrupt);
                 }
                 if !(tx.more || rx.more || ev.more) {

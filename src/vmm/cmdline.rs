@@ -1,6 +1,7 @@
 //! The guest kernel command line.
 
 use crate::host_kvm::KvmFlavor;
+use crate::vmm::devices::virtio::{blk, rng, vsock};
 use crate::vmm::layout::MMIO_DEVICE_SIZE;
 use crate::vmm::x86_64::cpuid::{PVM_CMDLINE, PVM_USER_ENV};
 
@@ -11,14 +12,19 @@ const BASE: &str = "console=ttyS0 8250.nr_uarts=1 quiet reboot=k panic=-1 root=/
                     random.trust_cpu=off random.trust_bootloader=off";
 
 /// A short fingerprint of what a guest booted on `flavor` bakes into a
-/// template: its command line (the PVM options only on kvm_pvm) and its
-/// CPUID profile. Templates are kept apart by it, so changing either, or
+/// template: its command line (the PVM options only on kvm_pvm), its
+/// CPUID profile and the virtio features its drivers could accept.
+/// Templates are kept apart by it, so changing any of them, or
 /// moving the cache to the other kind of KVM, makes new ones.
 pub fn profile_fingerprint(flavor: KvmFlavor) -> String {
     use sha2::{Digest, Sha256};
     let cmdline = build(flavor, "", &[], "");
     let profile = crate::vmm::x86_64::cpuid::CpuidProfile::for_flavor(flavor);
-    let digest = Sha256::digest(format!("{}\n{profile:?}\n{cmdline}", flavor.key()));
+    let virtio = [blk::FEATURES, rng::FEATURES, vsock::FEATURES];
+    let digest = Sha256::digest(format!(
+        "{}\n{profile:?}\n{cmdline}\n{virtio:x?}",
+        flavor.key()
+    ));
     digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -253,7 +253,10 @@ fn save_snapshot(
         .iter()
         .map(|t| {
             t.lock()
-                .map(|t| t.save_state())
+                .map(|mut t| {
+                    t.quiesce();
+                    t.save_state()
+                })
                 .map_err(|_| "a device lock is poisoned".to_string())
         })
         .collect::<Result<Vec<_>, _>>()?;

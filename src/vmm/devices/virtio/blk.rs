@@ -12,11 +12,14 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use super::device::{
-    ActivateError, GuestMemory, Interrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1, VirtioDevice,
+    ActivateError, GuestMemory, Interrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VirtioDevice, rearm_notification,
 };
 
 pub const SECTOR_SIZE: u64 = 512;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// What the device offers (a template bakes in what its guest accepted).
+pub const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_RO | VIRTIO_RING_F_EVENT_IDX;
 const QUEUE_SIZE: u16 = 256;
 /// Larger requests are refused: a bound on the bounce buffer a guest can make us allocate.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
@@ -102,9 +105,13 @@ impl Block {
             return 0;
         };
         let mut done = 0;
-        // A guest refilling the ring from another vCPU cannot keep us here forever.
+        // A guest refilling the ring from another vCPU cannot keep us here
+        // forever; one that does stalls only its own disk.
         for _ in 0..usize::from(QUEUE_SIZE) * 2 {
             let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) else {
+                if rearm_notification(&mut active.queue, &active.mem) {
+                    continue;
+                }
                 break;
             };
             let head = chain.head_index();
@@ -209,7 +216,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_RO
+        FEATURES
     }
 
     fn ack_features(&mut self, _features: u64) {}

@@ -17,6 +17,9 @@ pub const TYPE_VSOCK: u32 = 19;
 
 /// Feature bit every modern (non-legacy) device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// The rings carry `used_event`/`avail_event`: each side says how far the
+/// other may go before it wants a notification (virtio 1.2, 2.7.10).
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// InterruptStatus bits of virtio-mmio.
 pub const INT_USED_RING: u32 = 1;
@@ -108,6 +111,58 @@ pub trait VirtioDevice: Send {
 
     /// The driver reset the device: drop the queues and any state.
     fn reset(&mut self);
+
+    /// The vCPUs are paused for a snapshot: give back every buffer the
+    /// device holds, so the saved rings account for all of them.
+    fn quiesce(&mut self) {}
+}
+
+/// With EVENT_IDX, asks the driver to notify when it next makes a buffer
+/// available (`avail_event` = where the device is); true if one already
+/// came in meanwhile, so the caller must look again rather than wait.
+/// Without EVENT_IDX the driver notifies every time and this does nothing.
+pub fn rearm_notification(queue: &mut Queue, mem: &GuestMemory) -> bool {
+    use virtio_queue::QueueT;
+    if !queue.event_idx_enabled() {
+        return false;
+    }
+    // Queues are checked against guest memory when they start, so this
+    // fails only on a broken ring; spinning on it would not mend it.
+    queue.enable_notification(mem).unwrap_or_else(|err| {
+        crate::guest_warn!(?err, "cannot write avail_event");
+        false
+    })
+}
+
+/// With EVENT_IDX, asks for a notification when the driver next posts a
+/// buffer, however many it keeps posted ahead of the device (the vsock
+/// event queue keeps spares): `avail_event` = the driver's own avail index.
+/// True if one was posted meanwhile.
+pub fn notify_on_next_post(queue: &Queue, mem: &GuestMemory) -> bool {
+    use std::sync::atomic::fence;
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+    if !queue.event_idx_enabled() {
+        return false;
+    }
+    let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) else {
+        return false;
+    };
+    // avail_event follows the used ring's header and elements (2.7.8).
+    let offset = 4 + 8 * u64::from(queue.size());
+    let stored = GuestAddress(queue.used_ring())
+        .0
+        .checked_add(offset)
+        .map(GuestAddress)
+        .is_some_and(|at| mem.store(avail.0.to_le(), at, Ordering::Relaxed).is_ok());
+    if !stored {
+        crate::guest_warn!("cannot write avail_event");
+        return false;
+    }
+    fence(Ordering::SeqCst);
+    queue
+        .avail_idx(mem, Ordering::Relaxed)
+        .is_ok_and(|now| now != avail)
 }
 
 #[derive(Debug, thiserror::Error)]

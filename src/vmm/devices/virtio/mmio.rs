@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 
-use super::device::{GuestMemory, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
+use super::device::{
+    GuestMemory, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
+};
 use crate::vmm::bus::{BusAction, BusDevice};
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
@@ -205,10 +207,16 @@ impl MmioTransport {
             }
         }
         // The device gets its own copies; ours keep answering register reads.
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
         let queues = match self
             .queues
             .iter()
-            .map(|q| Queue::try_from(q.state()))
+            .map(|q| {
+                Queue::try_from(virtio_queue::QueueState {
+                    event_idx_enabled: event_idx,
+                    ..q.state()
+                })
+            })
             .collect()
         {
             Ok(queues) => queues,
@@ -227,6 +235,13 @@ impl MmioTransport {
                 crate::guest_warn!(%err, "virtio device failed to activate");
                 self.status |= STATUS_NEEDS_RESET;
             }
+        }
+    }
+
+    /// Before a snapshot: the device gives back the buffers it holds.
+    pub fn quiesce(&mut self) {
+        if self.activated {
+            self.device.quiesce();
         }
     }
 
@@ -286,7 +301,7 @@ impl MmioTransport {
                 max_size: queue.max_size(),
                 next_avail: position,
                 next_used: position,
-                event_idx_enabled: false,
+                event_idx_enabled: self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0,
                 size: config.size,
                 ready: config.ready,
                 desc_table: config.desc_table,

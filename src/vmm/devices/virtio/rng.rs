@@ -7,10 +7,13 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 
 use super::device::{
-    ActivateError, GuestMemory, Interrupt, TYPE_RNG, VIRTIO_F_VERSION_1, VirtioDevice,
+    ActivateError, GuestMemory, Interrupt, TYPE_RNG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VirtioDevice, rearm_notification,
 };
 
 const QUEUE_SIZE: u16 = 64;
+/// What the device offers (a template bakes in what its guest accepted).
+pub const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
 /// The guest asks for small amounts; more per request only burns host time.
 pub const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
 
@@ -33,6 +36,9 @@ impl Rng {
         let mut done = 0;
         for _ in 0..usize::from(QUEUE_SIZE) * 2 {
             let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) else {
+                if rearm_notification(&mut active.queue, &active.mem) {
+                    continue;
+                }
                 break;
             };
             let head = chain.head_index();
@@ -92,7 +98,7 @@ impl VirtioDevice for Rng {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        FEATURES
     }
 
     fn ack_features(&mut self, _features: u64) {}

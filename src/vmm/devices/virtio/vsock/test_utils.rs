@@ -91,6 +91,32 @@ impl<'a> GuestQueue<'a> {
         self.vq.create_queue().unwrap()
     }
 
+    /// The device's view with VIRTIO_RING_F_EVENT_IDX negotiated.
+    pub fn queue_with_event_idx(&self) -> Queue {
+        use virtio_queue::QueueT;
+        let mut q = self.queue();
+        q.set_event_idx(true);
+        q
+    }
+
+    /// `avail_event`, which the device writes after the used ring.
+    pub fn avail_event(&self) -> u16 {
+        let at = self.vq.used_addr().0 + 4 + 8 * u64::from(QUEUE_SIZE);
+        self.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
+    pub fn set_avail_event(&self, value: u16) {
+        let at = self.vq.used_addr().0 + 4 + 8 * u64::from(QUEUE_SIZE);
+        self.mem.write_obj(value, GuestAddress(at)).unwrap();
+    }
+
+    /// Writes `used_event`, after the available ring: any value, as a
+    /// hostile or confused driver might.
+    pub fn set_used_event(&self, value: u16) {
+        let at = self.vq.avail_addr().0 + 4 + 2 * u64::from(QUEUE_SIZE);
+        self.mem.write_obj(value, GuestAddress(at)).unwrap();
+    }
+
     /// One chain over `bufs` (addr, len, device-writable), linked in order.
     pub fn push(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
         let base = self.next_desc;

@@ -10,7 +10,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::muxer::Muxer;
 use super::packet::{EVENT_TRANSPORT_RESET, HDR_SIZE, Header, Op, PacketError};
-use crate::vmm::devices::virtio::device::{GuestMemory, Interrupt};
+use crate::vmm::devices::virtio::device::{
+    GuestMemory, Interrupt, notify_on_next_post, rearm_notification,
+};
 
 /// Chains handled per queue per wake-up, so one busy queue cannot hold the
 /// thread; `Pass::more` asks for another round right away.
@@ -43,16 +45,65 @@ struct Malformed {
     err: ChainError,
 }
 
-/// Handles the guest's TX chains; each is returned with used length 0.
+/// TX chains the device has read but not yet given back. Giving them back
+/// is what costs the guest an interrupt (a status read and an ack, two
+/// exits), and its driver needs them only to reuse ring slots. So with
+/// EVENT_IDX they are held until the guest is interrupted anyway (for RX),
+/// or until a quarter of the ring is held: a packet takes at most two
+/// descriptors, so the guest always keeps half its ring.
+#[derive(Debug, Default)]
+pub struct HeldTx {
+    heads: Vec<u16>,
+}
+
+impl HeldTx {
+    pub fn len(&self) -> usize {
+        self.heads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.heads.is_empty()
+    }
+
+    /// Most chains held at once for a ring of `size` entries.
+    pub fn limit(size: u16) -> usize {
+        usize::from(size / 4).max(1)
+    }
+
+    /// Takes a finished chain: held with EVENT_IDX, else given back now.
+    fn take(&mut self, queue: &mut Queue, mem: &GuestMemory, head: u16, pass: &mut Pass) {
+        if !queue.event_idx_enabled() {
+            add_used(queue, mem, head, 0, pass);
+            return;
+        }
+        self.heads.push(head);
+        if self.heads.len() >= Self::limit(queue.size()) {
+            self.give_back(queue, mem, pass);
+        }
+    }
+
+    /// Puts every held chain on the used ring (used length 0).
+    pub fn give_back(&mut self, queue: &mut Queue, mem: &GuestMemory, pass: &mut Pass) {
+        for head in self.heads.drain(..) {
+            add_used(queue, mem, head, 0, pass);
+        }
+    }
+}
+
+/// Handles the guest's TX chains. Each is given back with used length 0,
+/// at once or later through `held` (see `HeldTx`).
 pub fn process_tx(
     muxer: &mut Muxer,
     mem: &GuestMemory,
     queue: &mut Queue,
     scratch: &mut [u8],
+    held: &mut HeldTx,
 ) -> Pass {
     let mut pass = Pass::default();
     for _ in 0..CHAINS_PER_PASS {
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            // Caught up: the next packet must notify us.
+            pass.more = rearm_notification(queue, mem);
             return pass;
         };
         let head = chain.head_index();
@@ -65,7 +116,7 @@ pub fn process_tx(
                 }
             }
         }
-        add_used(queue, mem, head, 0, &mut pass);
+        held.take(queue, mem, head, &mut pass);
     }
     pass.more = true;
     pass
@@ -120,6 +171,9 @@ pub fn process_rx(
             return pass;
         }
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            // Starved: only now does the device need to hear of new
+            // buffers; refills while it has some cost the guest no exit.
+            pass.more = rearm_notification(queue, mem);
             return pass;
         };
         let head = chain.head_index();
@@ -169,9 +223,13 @@ pub fn process_event(pending: &mut bool, mem: &GuestMemory, queue: &mut Queue) -
     let mut pass = Pass::default();
     for _ in 0..CHAINS_PER_PASS {
         if !*pending {
+            // The guest re-posting an event buffer is how it shows it
+            // handled a transport reset: every new one must notify us.
+            pass.more = notify_on_next_post(queue, mem);
             return pass;
         }
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            pass.more = notify_on_next_post(queue, mem);
             return pass;
         };
         let head = chain.head_index();
@@ -232,7 +290,10 @@ mod tests {
     use crate::vmm::devices::virtio::vsock::test_utils::*;
 
     fn tx(h: &mut Host, mem: &GuestMemory, q: &mut Queue) -> Pass {
-        process_tx(&mut h.muxer, mem, q, &mut vec![0; MAX_PAYLOAD])
+        let mut held = HeldTx::default();
+        let pass = process_tx(&mut h.muxer, mem, q, &mut vec![0; MAX_PAYLOAD], &mut held);
+        assert!(held.is_empty(), "nothing is held without EVENT_IDX");
+        pass
     }
 
     fn rx(h: &mut Host, mem: &GuestMemory, q: &mut Queue) -> Pass {
@@ -821,5 +882,82 @@ mod tests {
         assert_eq!((rxg.used_idx(), txg.used_idx()), (3, 3));
 
         assert_canary(&mem, &allowed);
+    }
+
+    #[test]
+    fn event_idx_tx_chains_are_held_until_a_quarter_of_the_ring() {
+        let mem = memory();
+        let mut h = Host::new();
+        let (mut gq, mut bufs) = (GuestQueue::new(&mem, TX_BASE), Bufs::new());
+        let mut q = gq.queue_with_event_idx();
+        let mut held = HeldTx::default();
+        let limit = HeldTx::limit(QUEUE_SIZE);
+        assert_eq!(limit, 64);
+        // Short chains are dropped, but their slots are held all the same.
+        let chain = bufs.alloc(8);
+        for _ in 0..limit - 1 {
+            gq.push(&[(chain, 8, false)]);
+        }
+        let mut scratch = vec![0; MAX_PAYLOAD];
+        let pass = process_tx(&mut h.muxer, &mem, &mut q, &mut scratch, &mut held);
+        assert!(!pass.used && !pass.more);
+        assert_eq!((held.len(), gq.used_idx()), (limit - 1, 0));
+        assert_eq!(gq.avail_event(), 63, "caught up: the next packet notifies");
+        gq.push(&[(chain, 8, false)]);
+        let pass = process_tx(&mut h.muxer, &mem, &mut q, &mut scratch, &mut held);
+        assert!(pass.used, "the limit gives them all back");
+        assert_eq!((held.len(), gq.used_idx()), (0, 64));
+        assert_eq!(gq.avail_event(), 64);
+        // Without EVENT_IDX nothing is held.
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, TX_BASE);
+        let mut q = gq.queue();
+        gq.push(&[(chain, 8, false)]);
+        process_tx(&mut h.muxer, &mem, &mut q, &mut scratch, &mut held);
+        assert_eq!((held.len(), gq.used_idx()), (0, 1));
+    }
+
+    #[test]
+    fn event_idx_rx_asks_for_buffers_only_when_starved() {
+        let mem = memory();
+        let mut h = Host::new();
+        let (mut gq, mut bufs) = (GuestQueue::new(&mem, RX_BASE), Bufs::new());
+        let mut q = gq.queue_with_event_idx();
+        gq.set_avail_event(0x1234);
+        let _c1 = h.client();
+        let mut c2 = h.client();
+        c2.write_all(b"CONNECT 7\n").unwrap();
+        h.poll_until(|m| m.has_pending_rx());
+        // Buffers while there is something to say: refills need no notice.
+        let buf = bufs.alloc(4096);
+        gq.push(&[(buf, 4096, true)]);
+        let pass = rx(&mut h, &mem, &mut q);
+        assert!(pass.used);
+        assert_eq!(gq.avail_event(), 0x1234, "not starved: left alone");
+        // Starved with something to say: the next buffer must notify.
+        let mut c3 = h.client();
+        c3.write_all(b"CONNECT 8\n").unwrap();
+        h.poll_until(|m| m.has_pending_rx());
+        let pass = rx(&mut h, &mem, &mut q);
+        assert!(!pass.used && !pass.more);
+        assert_eq!(gq.avail_event(), 1, "starved at 1: notify on the next");
+    }
+
+    #[test]
+    fn event_queue_asks_for_every_new_buffer_however_many_are_posted() {
+        let mem = memory();
+        let (mut gq, mut bufs) = (GuestQueue::new(&mem, EVT_BASE), Bufs::new());
+        let mut q = gq.queue_with_event_idx();
+        for _ in 0..3 {
+            gq.push(&[(bufs.alloc(4), 4, true)]);
+        }
+        let mut pending = false;
+        let pass = process_event(&mut pending, &mem, &mut q);
+        assert!(!pass.used && !pass.more);
+        assert_eq!(gq.avail_event(), 3, "spares posted: notify past them");
+        pending = true;
+        let pass = process_event(&mut pending, &mem, &mut q);
+        assert!(pass.used && !pending);
+        assert_eq!((gq.used_idx(), gq.avail_event()), (1, 3));
     }
 }

@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, mpsc};
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
@@ -25,6 +26,8 @@ const TOKEN_CONTROL: u64 = 3;
 pub struct Control {
     evt: EventFd,
     transport_reset: AtomicBool,
+    /// Callers waiting for the held TX chains to be given back.
+    give_back: Mutex<Vec<mpsc::Sender<()>>>,
 }
 
 impl Control {
@@ -32,7 +35,28 @@ impl Control {
         Ok(Control {
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
             transport_reset: AtomicBool::new(false),
+            give_back: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Asks the running device thread to give back every TX chain it
+    /// holds; the receiver hears when it has.
+    pub fn request_give_back(&self) -> mpsc::Receiver<()> {
+        let (done, heard) = mpsc::channel();
+        if let Ok(mut waiting) = self.give_back.lock() {
+            waiting.push(done);
+        }
+        if let Err(e) = self.evt.write(1) {
+            crate::guest_warn!(%e, "vsock: cannot wake the device thread");
+        }
+        heard
+    }
+
+    fn take_give_back(&self) -> Vec<mpsc::Sender<()>> {
+        self.give_back
+            .lock()
+            .map(|mut waiting| std::mem::take(&mut *waiting))
+            .unwrap_or_default()
     }
 
     /// Asks the running (or next) device thread for a transport reset.
@@ -57,6 +81,7 @@ pub struct Worker {
     stop_evt: EventFd,
     control: Arc<Control>,
     scratch: Vec<u8>,
+    held_tx: virtq::HeldTx,
     event_pending: bool,
     /// After a transport reset, the event queue's avail index when the event
     /// went out. Nothing goes to the guest until the driver has handled the
@@ -85,6 +110,7 @@ impl Worker {
             stop_evt,
             control,
             scratch: vec![0; MAX_PAYLOAD],
+            held_tx: virtq::HeldTx::default(),
             event_pending: false,
             reset_unacked_at: None,
         }
@@ -163,23 +189,34 @@ impl Worker {
             self.muxer.drop_connections();
             self.event_pending = true;
         }
+        let waiting = self.control.take_give_back();
+        if !waiting.is_empty() {
+            self.give_back_held(true);
+            for done in waiting {
+                let _ = done.send(());
+            }
+        }
     }
 
     /// One pass over every queue; true if some queue has more to do now.
+    /// The guest is interrupted at most once per pass, and only if a queue
+    /// it wants to hear from has news (EVENT_IDX `used_event`); held TX
+    /// chains go back with that interrupt (see `HeldTx`).
     fn pump(&mut self) -> bool {
         let [rxq, txq, evq] = &mut self.queues;
-        let tx = virtq::process_tx(&mut self.muxer, &self.mem, txq, &mut self.scratch);
-        if tx.used {
-            virtq::notify_guest(txq, &self.mem, &self.interrupt);
-        }
+        let mem = &self.mem;
+        let tx = virtq::process_tx(
+            &mut self.muxer,
+            mem,
+            txq,
+            &mut self.scratch,
+            &mut self.held_tx,
+        );
+        let mut interrupt = tx.used && wants_interrupt(txq, mem);
         let was_pending = self.event_pending;
-        let ev = virtq::process_event(&mut self.event_pending, &self.mem, evq);
-        if ev.used {
-            virtq::notify_guest(evq, &self.mem, &self.interrupt);
-        }
-        let avail = evq
-            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
-            .ok();
+        let ev = virtq::process_event(&mut self.event_pending, mem, evq);
+        interrupt |= ev.used && wants_interrupt(evq, mem);
+        let avail = evq.avail_idx(mem, Ordering::Acquire).ok();
         if was_pending && !self.event_pending {
             self.reset_unacked_at = Some(avail.map_or(0, |a| a.0));
         } else if let (Some(at), Some(now)) = (self.reset_unacked_at, avail)
@@ -188,13 +225,37 @@ impl Worker {
             tracing::debug!("vsock: the guest handled the transport reset");
             self.reset_unacked_at = None;
         }
-        if self.reset_unacked_at.is_some() {
-            return tx.more || ev.more;
+        let mut rx = virtq::Pass::default();
+        if self.reset_unacked_at.is_none() {
+            rx = virtq::process_rx(&mut self.muxer, mem, rxq, &mut self.scratch);
+            interrupt |= rx.used && wants_interrupt(rxq, mem);
         }
-        let rx = virtq::process_rx(&mut self.muxer, &self.mem, rxq, &mut self.scratch);
-        if rx.used {
-            virtq::notify_guest(rxq, &self.mem, &self.interrupt);
+        if interrupt {
+            self.give_back_held(false);
+            self.interrupt.signal_used_queue();
         }
         tx.more || rx.more || ev.more
     }
+
+    /// Puts the held TX chains on the used ring; interrupts the guest for
+    /// them only if `alone` (no interrupt is about to carry them).
+    fn give_back_held(&mut self, alone: bool) {
+        if self.held_tx.is_empty() {
+            return;
+        }
+        let txq = &mut self.queues[1];
+        let mut pass = virtq::Pass::default();
+        self.held_tx.give_back(txq, &self.mem, &mut pass);
+        // Keeps the queue's count of unsignalled entries right either way.
+        let wanted = pass.used && wants_interrupt(txq, &self.mem);
+        if alone && wanted {
+            self.interrupt.signal_used_queue();
+        }
+    }
+}
+
+/// Whether the driver wants an interrupt for what was just put on `queue`'s
+/// used ring; if its ring cannot be read, it gets one.
+fn wants_interrupt(queue: &mut Queue, mem: &GuestMemory) -> bool {
+    queue.needs_notification(mem).unwrap_or(true)
 }
