@@ -33,7 +33,33 @@ pub fn check() -> Result<HostKernel> {
             "cpio not found: the nested test host packs its initramfs with it (apt-get install cpio)"
         );
     }
-    newest_kernel(Path::new("/boot"), Path::new("/lib/modules"))
+    let kernel = newest_kernel(Path::new("/boot"), Path::new("/lib/modules"))?;
+    match std::env::var(KERNEL_ENV) {
+        Ok(release) if !release.is_empty() => {
+            chosen_kernel(Path::new("/boot"), Path::new("/lib/modules"), &release)
+        }
+        _ => Ok(kernel),
+    }
+}
+
+/// Names the kernel release to boot instead of the newest one (for
+/// measuring on both of two installed kernels).
+pub const KERNEL_ENV: &str = "AIRLOCK_NESTED_KERNEL";
+
+fn chosen_kernel(boot: &Path, modules: &Path, release: &str) -> Result<HostKernel> {
+    let kernel = HostKernel {
+        release: release.to_string(),
+        vmlinuz: boot.join(format!("vmlinuz-{release}")),
+        modules_dir: modules.join(release),
+    };
+    if !kernel.vmlinuz.is_file() || !kernel.modules_dir.join("modules.dep").is_file() {
+        bail!(
+            "{KERNEL_ENV}={release}: no {} with its modules in {}",
+            kernel.vmlinuz.display(),
+            kernel.modules_dir.display()
+        );
+    }
+    Ok(kernel)
 }
 
 /// The newest `/boot/vmlinuz-*` that has a module tree with modules.dep.

@@ -183,8 +183,14 @@ fn resolve_modules(modules_dir: &Path) -> Result<Vec<String>> {
         )
     })?;
     let deps = parse_modules_dep(&text);
+    // Newer kernels build some of these in (6.12: virtio_pci).
+    let builtin: Vec<String> = fs::read_to_string(modules_dir.join("modules.builtin"))
+        .unwrap_or_default()
+        .lines()
+        .map(module_name)
+        .collect();
     let mut order = Vec::new();
-    for wanted in MODULES {
+    for wanted in MODULES.iter().filter(|m| !builtin.iter().any(|b| b == *m)) {
         let path = deps
             .keys()
             .find(|path| module_name(path) == *wanted)
