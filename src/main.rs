@@ -93,9 +93,15 @@ struct ServeArgs {
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     allowed_origins: Vec<String>,
     /// Restored sandboxes kept ready for new conversations (default: 1 for
-    /// stdio, 2 for HTTP).
+    /// stdio, 2 for HTTP). The pool grows with demand up to --pool-max.
     #[arg(long, value_name = "N")]
     pool_size: Option<usize>,
+    /// The most sandboxes kept ready when many conversations begin at once:
+    /// the pool keeps as many as began in the last minute, between
+    /// --pool-size and this (default: 8 for HTTP, --pool-size for stdio;
+    /// never above --max-sandboxes).
+    #[arg(long, value_name = "N")]
+    pool_max: Option<usize>,
     /// Destroy a sandbox after this long without tool calls (paused or not).
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     idle_timeout: std::time::Duration,
@@ -220,6 +226,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 allowed_hosts: args.allowed_hosts,
                 allowed_origins: args.allowed_origins,
                 pool_size: args.pool_size,
+                pool_max: args.pool_max,
                 limits: airlock::sandbox::registry::Limits {
                     idle_timeout: args.idle_timeout,
                     pause_after: args.pause_after,

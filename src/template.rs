@@ -80,17 +80,32 @@ impl Template {
 
 /// Templates of one image are kept apart by everything a snapshot bakes in:
 /// the snapshot format, the kind of KVM with its command line and CPUID
-/// profile, and the shape.
+/// profile, the MSRs this KVM saves, and the shape.
 fn template_dir(cache: &Path, image: &Image, shape: TemplateShape, flavor: KvmFlavor) -> PathBuf {
     cache.join("templates").join(format!(
-        "{}-f{}-{}-k{}-{}c-{}m",
+        "{}-f{}-{}-k{}-m{}-{}c-{}m",
         image.manifest.recipe_hash,
         snapshot::FORMAT_VERSION,
         flavor.key(),
         crate::vmm::cmdline::profile_fingerprint(flavor),
+        msr_fingerprint(),
         shape.vcpus,
         shape.memory_mib
     ))
+}
+
+/// A short fingerprint of the MSRs this host's KVM saves and restores. A
+/// snapshot holds exactly those, and another kernel's KVM may refuse one
+/// (a 6.1 template restored under 6.12 failed on MSR 0x309), so a kernel
+/// upgrade makes new templates instead of failing every restore.
+fn msr_fingerprint() -> String {
+    use sha2::{Digest, Sha256};
+    let indices = kvm_ioctls::Kvm::new()
+        .ok()
+        .and_then(|kvm| snapshot::vcpu_state::msr_indices(&kvm).ok())
+        .unwrap_or_default();
+    let digest = Sha256::digest(format!("{indices:x?}"));
+    digest[..3].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The template in `dir`: None if there is none (or one an older airlock
@@ -212,6 +227,23 @@ async fn create(
     eprintln!("[template] interpreters warm after {warm_seconds:.1} s more; saving the snapshot");
     tokio::time::sleep(SETTLE).await;
     let saved = vm.snapshot(&out).await?;
+    let mut sealed_files = SEALED_FILES.to_vec();
+    match record_working_set(airlock_exe, image, shape, &out).await {
+        Ok(set) => {
+            let text = serde_json::to_string(&set).context("cannot serialize the working set")?;
+            std::fs::write(out.join(snapshot::working_set::FILE), text)
+                .context("cannot write the working set")?;
+            sealed_files.push(snapshot::working_set::FILE);
+            eprintln!(
+                "[template] working set recorded: {} pages touched by a restore's refresh and first runs ({} written)",
+                set.pages(),
+                set.written.iter().map(|r| r.1).sum::<u64>()
+            );
+        }
+        Err(err) => eprintln!(
+            "[template] warning: no working set ({err:#}); restored guests fault their pages in one by one"
+        ),
+    }
     let info = TemplateInfo {
         image_recipe_hash: image.manifest.recipe_hash.clone(),
         shape,
@@ -231,7 +263,7 @@ async fn create(
     let key = crate::seal::key(cache)?;
     let (kernel, rootfs) = (image.vmlinux(), image.rootfs());
     let sealing = Instant::now();
-    crate::seal::seal(&out, &SEALED_FILES, &[&kernel, &rootfs], &key)
+    crate::seal::seal(&out, &sealed_files, &[&kernel, &rootfs], &key)
         .context("cannot seal the template")?;
     eprintln!(
         "[template] sealed in {:.1} s (read-only, with a keyed digest checked before use)",
@@ -255,6 +287,102 @@ async fn create(
         info,
         seal,
     })
+}
+
+/// Restores the new snapshot in `dir` once, as a sandbox would be (refresh,
+/// then a first run in each interpreter), and asks its VMM which pages
+/// that touched. The memory file leaves the page cache first and the VMM
+/// reads guest memory without readahead, so a page is present only if it
+/// was touched.
+async fn record_working_set(
+    airlock_exe: &Path,
+    image: &Image,
+    shape: TemplateShape,
+    dir: &Path,
+) -> Result<snapshot::working_set::WorkingSet> {
+    drop_from_page_cache(&snapshot::memory_path(dir))?;
+    let run_dir = tempfile::Builder::new()
+        .prefix("airlock-ws-")
+        .tempdir()
+        .context("cannot create a run directory")?;
+    let spec = VmSpec {
+        airlock_exe: airlock_exe.to_path_buf(),
+        kernel: image.vmlinux(),
+        rootfs: image.rootfs(),
+        vcpus: shape.vcpus,
+        memory_mib: shape.memory_mib,
+        extra_cmdline: String::new(),
+        init: None,
+        run_dir: run_dir.path().to_path_buf(),
+        restore: Some(dir.to_path_buf()),
+        resume: None,
+        snapshot_dir: None,
+        console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
+        label: "template-working-set".into(),
+        confinement: crate::confinement::Confinement::current(),
+        vsock_forward: Vec::new(),
+    };
+    let mut vm = Vm::spawn(&spec).await?;
+    let recorded = async {
+        let client = AgentClient::connect(
+            vm.vsock_socket(),
+            airlock_protocol::AGENT_VSOCK_PORT,
+            CONNECT_TIMEOUT,
+        )
+        .await
+        .context("cannot reach the agent of the restored template")?;
+        let mut entropy = vec![0u8; 64];
+        if !crate::vmm::devices::virtio::rng::fill_random(&mut entropy) {
+            bail!("the host has no entropy to give");
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        client
+            .refresh(Some(now), entropy)
+            .await
+            .context("cannot refresh the restored template")?;
+        use airlock_protocol::Language;
+        for (language, code) in [
+            (Language::Python, "print(1)"),
+            (Language::Bash, "echo 1"),
+            (Language::Javascript, "console.log(1)"),
+        ] {
+            // A cold interpreter is not part of a restore's working set.
+            let _ = client.run_code(language, code, WARM_TIMEOUT).await;
+        }
+        let set = vm.working_set().await?;
+        set.check(u64::from(shape.memory_mib) << 8)
+            .map_err(|e| anyhow::anyhow!("the VMM's working set is not valid: {e}"))?;
+        Ok(set)
+    }
+    .await;
+    let _ = vm.stop(CONNECT_TIMEOUT).await;
+    // The first sandboxes should find the memory in the page cache again.
+    let _ = advise_file(&snapshot::memory_path(dir), libc::POSIX_FADV_WILLNEED);
+    recorded
+}
+
+/// Evicts a file's clean pages from the page cache (pages mapped elsewhere
+/// stay).
+fn drop_from_page_cache(path: &Path) -> Result<()> {
+    advise_file(path, libc::POSIX_FADV_DONTNEED)
+}
+
+fn advise_file(path: &Path, advice: libc::c_int) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: advice on an open file; it changes no contents.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, advice) };
+    if rc != 0 {
+        bail!(
+            "cannot advise the kernel on {}: {}",
+            path.display(),
+            std::io::Error::from_raw_os_error(rc)
+        );
+    }
+    Ok(())
 }
 
 /// Interpreters the template must have warm; the others are best effort.

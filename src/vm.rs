@@ -13,7 +13,10 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
 use crate::confinement::Confinement;
-use crate::vmm::control::{CMD_SNAPSHOT, CMD_STATS, CMD_STOP, ExitReason, ExitReport, VmmMessage};
+use crate::vmm::control::{
+    CMD_SNAPSHOT, CMD_STATS, CMD_STOP, CMD_WORKING_SET, ExitReason, ExitReport, VmmMessage,
+};
+use crate::vmm::snapshot::working_set::WorkingSet;
 use crate::vmm::stats::Stats;
 
 /// What to boot.
@@ -73,11 +76,12 @@ impl VmSpec {
 
 /// Variables a VMM may see; everything else (AIRLOCK_TOKENS above all) is
 /// cleared from its environment.
-const VMM_ENVIRONMENT: [&str; 4] = [
+const VMM_ENVIRONMENT: [&str; 5] = [
     "RUST_LOG",
     "AIRLOCK_LOG",
     "RUST_BACKTRACE",
     "AIRLOCK_KVM_DEVICE",
+    crate::vmm::snapshot::working_set::ENV,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -492,6 +496,26 @@ impl Vm {
         loop {
             match self.next_message().await {
                 Some(VmmMessage::Stats { stats }) => return Ok(stats),
+                Some(VmmMessage::Exit(report)) => return Err(report.into()),
+                Some(_) => {}
+                None => return Err(VmError::NoReport(self.wait_status().await)),
+            }
+        }
+    }
+
+    /// Asks a restored VM's VMM which guest pages it has touched so far.
+    /// The VMM is confined, not trusted: check the set against the guest's
+    /// memory size before using it (`WorkingSet::check`).
+    pub async fn working_set(&mut self) -> Result<WorkingSet, VmError> {
+        self.send(CMD_WORKING_SET).await?;
+        loop {
+            match self.next_message().await {
+                Some(VmmMessage::WorkingSet { set: Some(set), .. }) => return Ok(set),
+                Some(VmmMessage::WorkingSet { error, .. }) => {
+                    return Err(VmError::NoReport(
+                        error.unwrap_or_else(|| "no working set".into()),
+                    ));
+                }
                 Some(VmmMessage::Exit(report)) => return Err(report.into()),
                 Some(_) => {}
                 None => return Err(VmError::NoReport(self.wait_status().await)),

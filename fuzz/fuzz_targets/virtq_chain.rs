@@ -77,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
                 if tx.used {
                     notify_guest(&mut txq, &f.mem, &f.interrupt);
                 }
-                let ev = process_event(&mut pending, &f.mem, &mut evq);
+                let ev = process_event(&mut pending, &f.mem, &mut evq, &mut None);
                 if ev.used {
                     notify_guest(&mut evq, &f.mem, &f.interrupt);
                 }

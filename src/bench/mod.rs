@@ -4,7 +4,8 @@
 //! software-nested KVM, guest-side times say little about real KVM; the
 //! VMM-side times, exit counts and memory figures do not depend on it.
 
-pub mod egress;
+mod conversations;
+mod egress;
 pub mod procfs;
 pub mod qemu;
 pub mod sessions;
@@ -77,6 +78,15 @@ pub struct BenchOptions {
     /// Only the egress measurement.
     #[arg(long)]
     pub only_egress: bool,
+    /// Conversations timed one at a time from a ready warm pool (k).
+    #[arg(long, default_value_t = 5)]
+    pub pool_conversations: usize,
+    /// Conversations beginning at once (l).
+    #[arg(long, default_value_t = 50)]
+    pub conversations_at_once: usize,
+    /// Skip (k) and (l).
+    #[arg(long)]
+    pub skip_conversations: bool,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -167,6 +177,18 @@ pub async fn run(opts: &BenchOptions) -> Result<()> {
         warm.median.as_secs_f64() / host.median.as_secs_f64()
     );
 
+    if !opts.skip_conversations {
+        conversations::from_the_pool(&template, &exe, opts.pool_conversations, &warm).await?;
+        conversations::at_once(
+            &template,
+            &exe,
+            opts.conversations_at_once,
+            crate::mcp::DEFAULT_POOL_SIZE_HTTP,
+            crate::sandbox::pool::DEFAULT_POOL_MAX,
+            &warm,
+        )
+        .await?;
+    }
     concurrent_restores(
         &template,
         &exe,
@@ -467,6 +489,19 @@ async fn warm_round_trips(
             );
         }
         _ => println!("    KVM guest page faults: not available (no KVM statistics interface)"),
+    }
+    let ws = restored.working_set;
+    if ws.populated_pages + ws.prefaulted_pages > 0 {
+        println!(
+            "    template working set mapped before the vCPUs ran: {} pages copied for writing, {} pages pre-faulted into KVM, in {}",
+            ws.populated_pages,
+            ws.prefaulted_pages,
+            ms(Duration::from_micros(ws.micros))
+        );
+    } else {
+        println!(
+            "    template working set: none mapped (the template has none, or this KVM cannot pre-fault)"
+        );
     }
     sandbox.destroy().await;
     Ok(summary)

@@ -25,6 +25,16 @@ pub fn summarize(samples: &[Duration]) -> Option<Summary> {
     })
 }
 
+/// The `q` quantile (0..=1) of `samples`, nearest rank; zero if empty.
+pub fn percentile(samples: &[Duration], q: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return Duration::ZERO;
+    };
+    sorted[((last as f64) * q.clamp(0.0, 1.0)).round() as usize]
+}
+
 pub fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -53,5 +63,7 @@ mod tests {
         assert_eq!(s.p95, Duration::from_millis(95));
         assert_eq!(s.min, Duration::from_millis(1));
         assert!(summarize(&[]).is_none());
+        assert_eq!(percentile(&samples, 0.99), Duration::from_millis(99));
+        assert_eq!(percentile(&[], 0.99), Duration::ZERO);
     }
 }

@@ -32,6 +32,7 @@ struct Recipe {
     airlock_exe: PathBuf,
     shape: TemplateShape,
     pool_size: usize,
+    pool_max: usize,
     options: StartOptions,
 }
 
@@ -44,12 +45,14 @@ pub struct LazyPool {
 
 impl LazyPool {
     /// Starts preparing the image, the template and a pool of `pool_size`
-    /// sandboxes of `shape` in the background.
+    /// sandboxes of `shape` (growing with demand to `pool_max`) in the
+    /// background.
     pub fn start(
         cache: PathBuf,
         airlock_exe: PathBuf,
         shape: TemplateShape,
         pool_size: usize,
+        pool_max: usize,
         options: StartOptions,
     ) -> LazyPool {
         let (state, _) = watch::channel(Readiness::Preparing);
@@ -60,6 +63,7 @@ impl LazyPool {
                 airlock_exe,
                 shape,
                 pool_size,
+                pool_max,
                 options,
             }),
             closed: Arc::new(AtomicBool::new(false)),
@@ -84,7 +88,11 @@ impl LazyPool {
                 }
             };
             if !closed.load(Ordering::SeqCst) {
-                tracing::info!(pool_size = recipe.pool_size, "sandboxes ready");
+                tracing::info!(
+                    pool_size = recipe.pool_size,
+                    pool_max = recipe.pool_max,
+                    "sandboxes ready"
+                );
                 tx.send_replace(Readiness::Ready(pool.clone()));
             }
             // A close that came before or while we sent saw no pool.
@@ -157,6 +165,7 @@ async fn prepare(recipe: &Recipe) -> Result<Arc<WarmPool>> {
         recipe.airlock_exe.clone(),
         recipe.options.clone(),
         recipe.pool_size,
+        recipe.pool_max,
     ))
 }
 

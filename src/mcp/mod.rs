@@ -50,6 +50,8 @@ pub struct ServeOptions {
     pub allowed_origins: Vec<String>,
     /// Warm sandboxes kept ready; `None` for the mode's default.
     pub pool_size: Option<usize>,
+    /// The most the pool grows to with demand; `None` for the mode's default.
+    pub pool_max: Option<usize>,
     pub limits: Limits,
     /// The longest timeout a call may ask for.
     pub max_timeout: Duration,
@@ -102,6 +104,15 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         Some(_) => DEFAULT_POOL_SIZE_HTTP,
         None => DEFAULT_POOL_SIZE_STDIO,
     });
+    // One conversation over stdio: nothing to grow for.
+    let pool_max = options
+        .pool_max
+        .unwrap_or(match options.http {
+            Some(_) => crate::sandbox::pool::DEFAULT_POOL_MAX,
+            None => pool_size,
+        })
+        .min(options.limits.max_sandboxes)
+        .max(pool_size);
     let keep = options
         .keep_on_shutdown
         .unwrap_or(options.http.is_some() || options.persist.is_some());
@@ -117,7 +128,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         ..Default::default()
     };
     let backend = Arc::new(backend::LazyPool::start(
-        cache, exe, shape, pool_size, start,
+        cache, exe, shape, pool_size, pool_max, start,
     ));
     let metrics = Arc::new(Metrics::new());
     let mut limits = options.limits.clone();

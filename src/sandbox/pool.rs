@@ -1,10 +1,15 @@
 //! A pool of restored, idle sandboxes: `take` hands one out at once, and a
 //! background task restores the next. A sandbox leaves the pool exactly once,
 //! so no two callers ever share one.
+//!
+//! The pool follows demand: it keeps as many ready as conversations began in
+//! the last minute, at least its floor and at most its ceiling, and destroys
+//! what it no longer needs once demand falls.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::sync::{Mutex, Notify};
@@ -13,43 +18,109 @@ use super::{Sandbox, SavedSandbox, StartOptions};
 use crate::template::Template;
 
 pub const DEFAULT_POOL_SIZE: usize = 2;
+/// The most sandboxes a pool keeps ready by default, however busy.
+pub const DEFAULT_POOL_MAX: usize = 8;
+/// How far back `take`s count as demand.
+pub const DEMAND_WINDOW: Duration = Duration::from_secs(60);
+
+/// Conversations begun recently: when each took a sandbox.
+#[derive(Debug, Default)]
+pub struct Demand {
+    takes: VecDeque<Instant>,
+}
+
+impl Demand {
+    /// Most takes remembered (more would not raise the target further).
+    const MAX_REMEMBERED: usize = 1024;
+
+    pub fn record(&mut self, now: Instant) {
+        self.forget_before(now);
+        if self.takes.len() >= Self::MAX_REMEMBERED {
+            self.takes.pop_front();
+        }
+        self.takes.push_back(now);
+    }
+
+    /// Takes in the window ending `now`.
+    pub fn recent(&mut self, now: Instant) -> usize {
+        self.forget_before(now);
+        self.takes.len()
+    }
+
+    fn forget_before(&mut self, now: Instant) {
+        while self
+            .takes
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) > DEMAND_WINDOW)
+        {
+            self.takes.pop_front();
+        }
+    }
+}
+
+/// How many sandboxes to keep ready: recent demand, at least `floor` and at
+/// most `ceiling`. A floor of 0 turns the pool off.
+pub fn target_for(recent: usize, floor: usize, ceiling: usize) -> usize {
+    if floor == 0 {
+        return 0;
+    }
+    recent.clamp(floor, ceiling.max(floor))
+}
 
 pub struct WarmPool {
     template: Template,
     airlock_exe: PathBuf,
     options: StartOptions,
-    target: usize,
+    floor: usize,
+    ceiling: usize,
+    demand: std::sync::Mutex<Demand>,
     ready: Mutex<VecDeque<Sandbox>>,
     wake: Notify,
     closed: std::sync::atomic::AtomicBool,
 }
 
 impl WarmPool {
-    /// Starts a pool that keeps `target` sandboxes ready (0 disables it),
-    /// started with `options`.
+    /// Starts a pool that keeps between `floor` and `ceiling` sandboxes
+    /// ready, as demand asks (a floor of 0 disables it), started with
+    /// `options`.
     pub fn start(
         template: Template,
         airlock_exe: PathBuf,
         options: StartOptions,
-        target: usize,
+        floor: usize,
+        ceiling: usize,
     ) -> Arc<WarmPool> {
         let pool = Arc::new(WarmPool {
             template,
             airlock_exe,
             options,
-            target,
+            floor,
+            ceiling: ceiling.max(floor),
+            demand: std::sync::Mutex::new(Demand::default()),
             ready: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
         });
-        if target > 0 {
+        if floor > 0 {
             tokio::spawn(refill(pool.clone()));
         }
         pool
     }
 
+    /// How many sandboxes the pool means to keep ready now.
+    pub fn target(&self) -> usize {
+        let recent = self
+            .demand
+            .lock()
+            .map_or(0, |mut demand| demand.recent(Instant::now()));
+        target_for(recent, self.floor, self.ceiling)
+    }
+
     /// A sandbox for one caller: from the pool if one is ready, else restored now.
     pub async fn take(&self) -> Result<Sandbox> {
+        if let Ok(mut demand) = self.demand.lock() {
+            demand.record(Instant::now());
+        }
         let ready = self.ready.lock().await.pop_front();
         self.wake.notify_one();
         match ready {
@@ -103,13 +174,24 @@ impl WarmPool {
 }
 
 /// Runs until `close`; `notify_one` keeps a permit, so no wake-up is lost.
+/// Demand is looked at again at least every quarter window, so a pool grown
+/// for a burst shrinks back.
 async fn refill(p: Arc<WarmPool>) {
     loop {
         if p.closed.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        if p.ready.lock().await.len() >= p.target {
-            p.wake.notified().await;
+        let target = p.target();
+        let ready = p.ready.lock().await.len();
+        if ready > target {
+            let surplus = p.ready.lock().await.pop_back();
+            if let Some(sandbox) = surplus {
+                sandbox.destroy().await;
+            }
+            continue;
+        }
+        if ready == target {
+            let _ = tokio::time::timeout(DEMAND_WINDOW / 4, p.wake.notified()).await;
             continue;
         }
         match p.restore().await {
@@ -122,5 +204,40 @@ async fn refill(p: Arc<WarmPool>) {
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_target_follows_recent_demand_within_floor_and_ceiling() {
+        assert_eq!(target_for(0, 2, 8), 2, "the floor when idle");
+        assert_eq!(target_for(5, 2, 8), 5);
+        assert_eq!(target_for(50, 2, 8), 8, "capped");
+        assert_eq!(target_for(50, 0, 8), 0, "a floor of 0 is off");
+        assert_eq!(
+            target_for(3, 4, 1),
+            4,
+            "a ceiling below the floor is the floor"
+        );
+    }
+
+    #[test]
+    fn demand_counts_takes_in_the_window_and_forgets_older_ones() {
+        let mut demand = Demand::default();
+        let start = Instant::now();
+        for i in 0..5 {
+            demand.record(start + Duration::from_secs(i));
+        }
+        assert_eq!(demand.recent(start + Duration::from_secs(10)), 5);
+        let later = start + DEMAND_WINDOW + Duration::from_millis(2500);
+        assert_eq!(demand.recent(later), 2, "takes at 0..2 s are forgotten");
+        assert_eq!(demand.recent(later + DEMAND_WINDOW * 2), 0);
+        for _ in 0..Demand::MAX_REMEMBERED + 10 {
+            demand.record(later);
+        }
+        assert_eq!(demand.recent(later), Demand::MAX_REMEMBERED, "bounded");
     }
 }

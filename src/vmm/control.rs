@@ -11,6 +11,8 @@ use crate::vmm::stats::Stats;
 /// Commands, one per line on stdin.
 pub const CMD_STOP: &str = "stop";
 pub const CMD_STATS: &str = "stats";
+/// `working-set`: which guest pages a restored VM has touched so far.
+pub const CMD_WORKING_SET: &str = "working-set";
 /// `snapshot <dir>`: pause, save the VM into <dir> (which must exist), exit.
 pub const CMD_SNAPSHOT: &str = "snapshot";
 /// Debug builds only: `debug-forbidden-syscall [main|control]` makes that
@@ -45,6 +47,13 @@ pub enum VmmMessage {
     AgentReadyHint,
     Stats {
         stats: Stats,
+    },
+    /// The pages a restored VM touched so far, or why they are not known.
+    WorkingSet {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        set: Option<crate::vmm::snapshot::working_set::WorkingSet>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     /// The VM ended; the process exits right after this line.
     Exit(ExitReport),

@@ -17,6 +17,8 @@ pub enum VmEvent {
     StopRequested,
     /// The host asked for the counters.
     StatsRequested,
+    /// The host asked which guest pages have been touched.
+    WorkingSetRequested,
     /// The host asked for a snapshot into this directory (the VM ends after it).
     SnapshotRequested(std::path::PathBuf),
     /// Debug builds: make a syscall no filter allows, on the main thread.

@@ -281,6 +281,7 @@ pub fn restore(
     let kvm = open_kvm(kvm)?;
     let vm = create_vm(&kvm)?;
     let mem = snapshot::memory::map_private(&snapshot::memory_path(dir), state.memory_bytes)?;
+    snapshot::working_set::advise_random(&mem);
     let mut inherited = Vec::new();
     if let (Some(resume), Some(overlay)) = (&config.resume, &state.overlay) {
         snapshot::overlay::apply(&mem, overlay, &resume.join(snapshot::overlay::OVERLAY_FILE))?;
@@ -313,6 +314,9 @@ pub fn restore(
         vcpus.push(vcpu);
     }
     register_kvm_stats(&vm, &vcpus);
+    if config.resume.is_none() {
+        map_working_set(dir, &state, &vm, &vcpus, &mem);
+    }
     // Connections the guest had at snapshot time point nowhere now.
     devices.vsock.send_transport_reset();
     Ok(Machine {
@@ -334,6 +338,23 @@ pub fn restore(
             inherited,
         }),
     })
+}
+
+/// Maps the template's working set, if it recorded one, before the vCPUs
+/// run (see `snapshot::working_set`).
+fn map_working_set(
+    dir: &std::path::Path,
+    state: &MachineState,
+    vm: &VmFd,
+    vcpus: &[VcpuFd],
+    mem: &GuestMemory,
+) {
+    use snapshot::working_set::{WorkingSet, apply, kvm_can_prefault};
+    match WorkingSet::load(dir, state.memory_bytes) {
+        Ok(Some(set)) => apply(&set, mem, vcpus.first().filter(|_| kvm_can_prefault(vm))),
+        Ok(None) => {}
+        Err(err) => tracing::warn!(%err, "the template's working set is not used"),
+    }
 }
 
 fn create_memory(vm: &VmFd, bytes: u64) -> Result<GuestMemory, BuildError> {

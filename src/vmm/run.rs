@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use crate::host_kvm::KvmFlavor;
 use crate::vmm::config::VmmConfig;
-use crate::vmm::control::{CMD_SNAPSHOT, CMD_STATS, CMD_STOP, ExitReason, ExitReport, VmmMessage};
+use crate::vmm::control::{
+    CMD_SNAPSHOT, CMD_STATS, CMD_STOP, CMD_WORKING_SET, ExitReason, ExitReport, VmmMessage,
+};
 use crate::vmm::event::{self, VmEvent, VmEventSender};
 use crate::vmm::jail;
 use crate::vmm::machine::{self, Machine};
@@ -125,6 +127,7 @@ pub fn run(config: &VmmConfig) -> i32 {
             VmEvent::StatsRequested => emit(&VmmMessage::Stats {
                 stats: stats::snapshot(),
             }),
+            VmEvent::WorkingSetRequested => emit(&working_set_message(&machine)),
             VmEvent::GuestPanic => panicked = true,
             VmEvent::GuestReset if panicked => {
                 break (ExitReason::GuestPanic, "the guest kernel panicked".into());
@@ -312,6 +315,26 @@ fn save_memory(
     Ok((overlay.bytes(), Some(overlay)))
 }
 
+fn working_set_message(machine: &Machine) -> VmmMessage {
+    let pagemap = machine.diff_base.as_ref().and_then(|b| b.pagemap.as_ref());
+    let recorded = match pagemap {
+        Some(pagemap) => {
+            snapshot::working_set::record(&machine.mem, pagemap).map_err(|e| e.to_string())
+        }
+        None => Err("only a restored VM with a page map has a working set".to_string()),
+    };
+    match recorded {
+        Ok(set) => VmmMessage::WorkingSet {
+            set: Some(set),
+            error: None,
+        },
+        Err(error) => VmmMessage::WorkingSet {
+            set: None,
+            error: Some(error),
+        },
+    }
+}
+
 /// Ends the process from any thread with a fatal report (for what must not
 /// go on, such as a thread that could not be confined).
 pub fn exit_fatal(detail: &str) -> ! {
@@ -352,6 +375,7 @@ fn spawn_control_reader(events: VmEventSender, snapshot_dir: Option<std::path::P
                         match command {
                             CMD_STOP => events.send(VmEvent::StopRequested),
                             CMD_STATS => events.send(VmEvent::StatsRequested),
+                            CMD_WORKING_SET => events.send(VmEvent::WorkingSetRequested),
                             CMD_SNAPSHOT if !argument.is_empty() => {
                                 let dir = snapshot_dir.clone().unwrap_or_else(|| argument.into());
                                 events.send(VmEvent::SnapshotRequested(dir))

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 static INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+static WORKING_SET: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
 static EXITS: [AtomicU64; ExitKind::COUNT] = [const { AtomicU64::new(0) }; ExitKind::COUNT];
 
 /// The KVM exit reasons the VMM tells apart.
@@ -62,6 +63,16 @@ pub fn count_exit(kind: ExitKind) {
     EXITS[kind as usize].fetch_add(1, Ordering::Relaxed);
 }
 
+/// What mapping a restored template's working set did before the vCPUs ran.
+pub fn record_working_set(populated_pages: u64, prefaulted_pages: u64, micros: u64) {
+    for (slot, value) in WORKING_SET
+        .iter()
+        .zip([populated_pages, prefaulted_pages, micros])
+    {
+        slot.store(value, Ordering::Relaxed);
+    }
+}
+
 pub fn count_interrupt() {
     INTERRUPTS.fetch_add(1, Ordering::Relaxed);
 }
@@ -77,6 +88,18 @@ pub struct Stats {
     /// has no statistics interface.
     #[serde(default)]
     pub kvm: std::collections::BTreeMap<String, u64>,
+    /// The template's working set, mapped at restore (see
+    /// `snapshot::working_set`): pages copied for writing, pages entered in
+    /// KVM's page tables, and the time it took.
+    #[serde(default)]
+    pub working_set: WorkingSetStats,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct WorkingSetStats {
+    pub populated_pages: u64,
+    pub prefaulted_pages: u64,
+    pub micros: u64,
 }
 
 pub fn snapshot() -> Stats {
@@ -94,5 +117,10 @@ pub fn snapshot() -> Stats {
         exits,
         interrupts_injected: INTERRUPTS.load(Ordering::Relaxed),
         kvm: super::kvm_stats::snapshot(),
+        working_set: WorkingSetStats {
+            populated_pages: WORKING_SET[0].load(Ordering::Relaxed),
+            prefaulted_pages: WORKING_SET[1].load(Ordering::Relaxed),
+            micros: WORKING_SET[2].load(Ordering::Relaxed),
+        },
     }
 }

@@ -50,6 +50,28 @@ impl PageMap {
     /// copies (present or swapped out, not file-backed), as offsets from
     /// `host`, merged and in order.
     pub fn private_ranges(&self, host: usize, len: usize) -> io::Result<Vec<PageRange>> {
+        let (_, private) = self.scan(host, len, false)?;
+        Ok(private)
+    }
+
+    /// The pages of `[host, host + len)` the guest (or a device) touched
+    /// since the mapping was made: (still the file's page, private copy).
+    pub fn touched_ranges(
+        &self,
+        host: usize,
+        len: usize,
+    ) -> io::Result<(Vec<PageRange>, Vec<PageRange>)> {
+        self.scan(host, len, true)
+    }
+
+    /// One pass over the page map: file-backed present pages (if asked
+    /// for) and private copies, as merged ranges of offsets from `host`.
+    fn scan(
+        &self,
+        host: usize,
+        len: usize,
+        with_file: bool,
+    ) -> io::Result<(Vec<PageRange>, Vec<PageRange>)> {
         let page = PAGE as usize;
         if !host.is_multiple_of(page) || !len.is_multiple_of(page) {
             return Err(io::Error::new(
@@ -59,6 +81,7 @@ impl PageMap {
         }
         let pages = len / page;
         let mut ranges: Vec<PageRange> = Vec::new();
+        let mut file_ranges: Vec<PageRange> = Vec::new();
         let mut buf = vec![0u8; CHUNK_ENTRIES * ENTRY_BYTES];
         let mut index = 0usize;
         while index < pages {
@@ -69,13 +92,17 @@ impl PageMap {
             for (i, entry) in bytes.chunks_exact(ENTRY_BYTES).enumerate() {
                 let mut raw = [0u8; ENTRY_BYTES];
                 raw.copy_from_slice(entry);
-                if is_private_copy(u64::from_le_bytes(raw)) {
-                    push_page(&mut ranges, ((index + i) * page) as u64);
+                let entry = u64::from_le_bytes(raw);
+                let at = ((index + i) * page) as u64;
+                if is_private_copy(entry) {
+                    push_page(&mut ranges, at);
+                } else if with_file && entry & PM_PRESENT != 0 {
+                    push_page(&mut file_ranges, at);
                 }
             }
             index += count;
         }
-        Ok(ranges)
+        Ok((file_ranges, ranges))
     }
 }
 
@@ -140,6 +167,21 @@ mod tests {
                     len: PAGE
                 },
             ]
+        );
+        let (read, written) = map.touched_ranges(host as usize, len).unwrap();
+        assert_eq!(written, ranges);
+        // The kernel may map a read page's cached neighbours too (fault-
+        // around), so they can show as well.
+        let covers = |page: u64| {
+            read.iter()
+                .any(|r| r.start <= page * PAGE && r.end() > page * PAGE)
+        };
+        assert!(covers(1), "a page only read is touched: {read:?}");
+        assert!(
+            !read
+                .iter()
+                .any(|r| r.start <= 20 * PAGE && r.end() > 20 * PAGE),
+            "a page never touched is not"
         );
         assert!(map.private_ranges(host as usize + 1, len).is_err());
         // SAFETY: unmaps what was mapped above.

@@ -8,6 +8,7 @@ pub mod memory;
 pub mod overlay;
 pub mod vcpu_state;
 pub mod vm_state;
+pub mod working_set;
 
 use std::path::{Path, PathBuf};
 

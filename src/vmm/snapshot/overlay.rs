@@ -70,11 +70,12 @@ impl Overlay {
 }
 
 /// The one region of guest memory: its host address and length.
-fn region(mem: &GuestMemory) -> Result<(usize, usize), SnapshotError> {
+/// Guest memory as one host mapping: (host address, length).
+pub(super) fn region(mem: &GuestMemory) -> Result<(usize, usize), SnapshotError> {
     let mut regions = mem.iter();
     let (Some(region), None) = (regions.next(), regions.next()) else {
         return Err(SnapshotError::Invalid(
-            "a diff snapshot needs guest memory in one region".into(),
+            "guest memory must be one region".into(),
         ));
     };
     let len = usize::try_from(region.len()).map_err(|e| SnapshotError::Invalid(e.to_string()))?;

@@ -219,7 +219,15 @@ fn write_rx(writer: &mut virtio_queue::Writer<'_>, hdr: &Header, payload: &[u8])
 }
 
 /// Delivers a pending transport-reset event, if any.
-pub fn process_event(pending: &mut bool, mem: &GuestMemory, queue: &mut Queue) -> Pass {
+/// `delivered_at` gets the driver's avail index as it was just before the
+/// event went on the used ring: a later one means the driver has posted a
+/// buffer since, which it does once it handled the event.
+pub fn process_event(
+    pending: &mut bool,
+    mem: &GuestMemory,
+    queue: &mut Queue,
+    delivered_at: &mut Option<u16>,
+) -> Pass {
     let mut pass = Pass::default();
     for _ in 0..CHAINS_PER_PASS {
         if !*pending {
@@ -253,6 +261,9 @@ pub fn process_event(pending: &mut bool, mem: &GuestMemory, queue: &mut Queue) -
         };
         if written > 0 {
             *pending = false;
+            *delivered_at = queue
+                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .map_or(Some(0), |idx| Some(idx.0));
         }
         add_used(queue, mem, head, written, &mut pass);
     }
@@ -784,9 +795,12 @@ mod tests {
         gq.push(&[(bufs.alloc(4), 4, true)]);
 
         let mut pending = false;
-        assert_eq!(process_event(&mut pending, &mem, &mut q), Pass::default());
+        assert_eq!(
+            process_event(&mut pending, &mem, &mut q, &mut None),
+            Pass::default()
+        );
         pending = true;
-        let pass = process_event(&mut pending, &mem, &mut q);
+        let pass = process_event(&mut pending, &mem, &mut q, &mut None);
         assert!(pass.used && !pending);
         assert_eq!(gq.used_idx(), 3);
         assert_eq!((gq.used(0).1, gq.used(1).1), (0, 0));
@@ -952,11 +966,11 @@ mod tests {
             gq.push(&[(bufs.alloc(4), 4, true)]);
         }
         let mut pending = false;
-        let pass = process_event(&mut pending, &mem, &mut q);
+        let pass = process_event(&mut pending, &mem, &mut q, &mut None);
         assert!(!pass.used && !pass.more);
         assert_eq!(gq.avail_event(), 3, "spares posted: notify past them");
         pending = true;
-        let pass = process_event(&mut pending, &mem, &mut q);
+        let pass = process_event(&mut pending, &mem, &mut q, &mut None);
         assert!(pass.used && !pending);
         assert_eq!((gq.used_idx(), gq.avail_event()), (1, 3));
     }

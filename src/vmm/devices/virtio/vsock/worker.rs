@@ -213,13 +213,14 @@ impl Worker {
             &mut self.held_tx,
         );
         let mut interrupt = tx.used && wants_interrupt(txq, mem);
-        let was_pending = self.event_pending;
-        let ev = virtq::process_event(&mut self.event_pending, mem, evq);
+        let mut delivered_at = None;
+        let ev = virtq::process_event(&mut self.event_pending, mem, evq, &mut delivered_at);
         interrupt |= ev.used && wants_interrupt(evq, mem);
-        let avail = evq.avail_idx(mem, Ordering::Acquire).ok();
-        if was_pending && !self.event_pending {
-            self.reset_unacked_at = Some(avail.map_or(0, |a| a.0));
-        } else if let (Some(at), Some(now)) = (self.reset_unacked_at, avail)
+        if delivered_at.is_some() {
+            tracing::debug!("vsock: transport reset delivered");
+            self.reset_unacked_at = delivered_at;
+        } else if let (Some(at), Ok(now)) =
+            (self.reset_unacked_at, evq.avail_idx(mem, Ordering::Acquire))
             && now.0 != at
         {
             tracing::debug!("vsock: the guest handled the transport reset");
