@@ -6,6 +6,7 @@
 
 mod conversations;
 mod egress;
+mod firecracker;
 pub mod procfs;
 pub mod qemu;
 pub mod sessions;
@@ -87,6 +88,13 @@ pub struct BenchOptions {
     /// Skip (k) and (l).
     #[arg(long)]
     pub skip_conversations: bool,
+    /// A Firecracker binary to restore the same guest with, beside airlock
+    /// (m); airlock neither ships nor builds it.
+    #[arg(long, value_name = "PATH")]
+    pub firecracker: Option<PathBuf>,
+    /// Only the comparison with Firecracker (needs --firecracker).
+    #[arg(long)]
+    pub only_firecracker: bool,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -144,6 +152,16 @@ pub async fn run(opts: &BenchOptions) -> Result<()> {
 
     if opts.only_sessions {
         return sessions_part(&template, &exe, opts).await;
+    }
+    if opts.only_firecracker || opts.firecracker.is_some() {
+        if let Some(binary) = &opts.firecracker {
+            firecracker::beside_firecracker(binary, &template, &exe, opts.restores).await?;
+        } else {
+            bail!("--only-firecracker needs --firecracker PATH");
+        }
+        if opts.only_firecracker {
+            return Ok(());
+        }
     }
     if opts.only_egress {
         return egress::egress(&template, &exe, opts.egress_mib, opts.egress_connections).await;

@@ -20,6 +20,8 @@ use crate::vmm::devices::virtio::device::{GuestMemory, Interrupt};
 const TOKEN_QUEUE: u64 = 1;
 const TOKEN_STOP: u64 = 2;
 const TOKEN_CONTROL: u64 = 3;
+/// How often an unacknowledged transport reset is looked at again (ms).
+const RESET_POLL_MS: i32 = 20;
 
 /// Requests from other threads that outlive one activation of the device.
 #[derive(Debug)]
@@ -88,6 +90,8 @@ pub struct Worker {
     /// reset, which it shows by re-posting the event buffer: a connection
     /// made before that would be torn down by the reset itself.
     reset_unacked_at: Option<u16>,
+    /// Interrupts repeated while waiting for that acknowledgement.
+    reset_nudges: u32,
 }
 
 impl Worker {
@@ -113,6 +117,7 @@ impl Worker {
             held_tx: virtq::HeldTx::default(),
             event_pending: false,
             reset_unacked_at: None,
+            reset_nudges: 0,
         }
     }
 
@@ -175,12 +180,37 @@ impl Worker {
                         .handle_event(token, EventSet::from_bits_truncate(ev.events())),
                 }
             }
-            timeout = if self.pump() { 0 } else { -1 };
+            if n == 0 && self.reset_unacked_at.is_some() {
+                self.nudge_unacked_reset();
+            }
+            timeout = if self.pump() {
+                0
+            } else if self.reset_unacked_at.is_some() {
+                // The ack is the guest's re-posted event buffer; it is also
+                // looked for on a timer, so a lost notification either way
+                // cannot leave the device waiting.
+                RESET_POLL_MS
+            } else {
+                -1
+            };
         }
         for (fd, _) in self.thread_fds() {
             self.muxer.remove_thread_fd(fd);
         }
         self.muxer
+    }
+
+    /// The guest has not shown it handled the transport reset within a poll
+    /// interval: interrupt it again (harmless if it had the first one).
+    fn nudge_unacked_reset(&mut self) {
+        self.reset_nudges += 1;
+        if self.reset_nudges == 1 || self.reset_nudges.is_power_of_two() {
+            tracing::debug!(
+                nudges = self.reset_nudges,
+                "vsock: transport reset not acknowledged yet; interrupting the guest again"
+            );
+        }
+        self.interrupt.signal_used_queue();
     }
 
     fn take_control(&mut self) {
@@ -219,12 +249,17 @@ impl Worker {
         if delivered_at.is_some() {
             tracing::debug!("vsock: transport reset delivered");
             self.reset_unacked_at = delivered_at;
+            self.reset_nudges = 0;
         } else if let (Some(at), Ok(now)) =
             (self.reset_unacked_at, evq.avail_idx(mem, Ordering::Acquire))
             && now.0 != at
         {
-            tracing::debug!("vsock: the guest handled the transport reset");
+            tracing::debug!(
+                nudges = self.reset_nudges,
+                "vsock: the guest handled the transport reset"
+            );
             self.reset_unacked_at = None;
+            self.reset_nudges = 0;
         }
         let mut rx = virtq::Pass::default();
         if self.reset_unacked_at.is_none() {
