@@ -281,6 +281,13 @@ fn make_read_only(path: &Path) -> Result<(), SealError> {
         std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io("chown", path))?;
     }
     let mode = meta.mode() & 0o555 | 0o444;
+    // A chmod changes the inode's ctime even when the mode stays. The image's
+    // kernel and rootfs are sealed by every template made from them (and the
+    // kernel is one inode shared by the images that use it), so touching them
+    // again would break the seals of the templates made before.
+    if meta.mode() & 0o7777 == mode {
+        return Ok(());
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io("make read-only", path))
 }
@@ -423,6 +430,21 @@ mod tests {
             mac,
             "198a607eb44bfbc69903a0f1cf2bbdc5ba0aa3f3d9ae3c1c7a3b1696a0b68cf7"
         );
+    }
+
+    #[test]
+    fn sealing_a_second_template_of_one_image_keeps_the_first_sealed() {
+        let cache = tempfile::tempdir().unwrap();
+        let key = key(cache.path()).unwrap();
+        let image = tempfile::tempdir().unwrap();
+        let kernel = image.path().join("vmlinux");
+        std::fs::write(&kernel, b"kernel").unwrap();
+        let [first, second] = [(); 2].map(|()| tempfile::tempdir().unwrap());
+        for dir in [&first, &second] {
+            std::fs::write(dir.path().join("state.json"), b"{}").unwrap();
+            seal(dir.path(), &["state.json"], &[&kernel], &key).unwrap();
+        }
+        verify(first.path(), &key).expect("the second seal left the shared kernel untouched");
     }
 
     #[test]
