@@ -123,10 +123,19 @@ async fn make_snapshot(
     fc.call("PUT", "/entropy", json!({}))?;
     fc.call("PUT", "/vsock", json!({"guest_cid": 3, "uds_path": vsock}))?;
     fc.call("PUT", "/actions", json!({"action_type": "InstanceStart"}))?;
-    let client = AgentClient::connect(&vsock, airlock_protocol::AGENT_VSOCK_PORT, WARM_TIMEOUT)
-        .await
-        .context("Firecracker's guest agent did not answer")?;
+    // Until the guest's agent listens, Firecracker answers CONNECT by closing.
     let deadline = Instant::now() + WARM_TIMEOUT;
+    let client = loop {
+        match AgentClient::connect(&vsock, airlock_protocol::AGENT_VSOCK_PORT, CONNECT_TIMEOUT)
+            .await
+        {
+            Ok(client) => break client,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).context("Firecracker's guest agent did not answer"),
+        }
+    };
     loop {
         let status = client.warm_status(Some(Duration::from_secs(30))).await?;
         let settled = !status.interpreters.is_empty()
