@@ -180,7 +180,7 @@ pub async fn run(opts: &BenchOptions) -> Result<()> {
         println!("\n(a) cold boot to first print(1): {}", ms(cold));
     }
 
-    let (restore_total, vmm_part) = restores(&template, &exe, opts.restores).await?;
+    let (restore_total, vmm_part, guest_part) = restores(&template, &exe, opts.restores).await?;
     confinement_cost(&template, &exe, opts.restores).await?;
     if let Some(cold) = cold {
         println!(
@@ -190,6 +190,10 @@ pub async fn run(opts: &BenchOptions) -> Result<()> {
     }
 
     let warm = warm_round_trips(&template, &exe, opts.rounds).await?;
+    println!(
+        "    ratio guest part of a restore (b) / warm round trip: {:.1}x (goal: at most 3x)",
+        guest_part.median.as_secs_f64() / warm.median.as_secs_f64()
+    );
     println!(
         "    ratio warm round trip / host python3 start: {:.3}",
         warm.median.as_secs_f64() / host.median.as_secs_f64()
@@ -322,7 +326,7 @@ async fn restores(
     template: &Template,
     exe: &Path,
     count: usize,
-) -> Result<(stats::Summary, stats::Summary)> {
+) -> Result<(stats::Summary, stats::Summary, stats::Summary)> {
     let mut totals = Vec::new();
     let mut vmm_parts = Vec::new();
     let mut spawn_parts = Vec::new();
@@ -387,7 +391,11 @@ async fn restores(
         })
         .collect();
     println!("      refresh in the guest, medians: {}", steps.join(", "));
-    Ok((total, summarize(&spawn_parts).context("no samples")?))
+    Ok((
+        total,
+        summarize(&spawn_parts).context("no samples")?,
+        summarize(&guest_parts).context("no samples")?,
+    ))
 }
 
 /// (j) What confinement costs a restore: the VMM's part with the jail and
@@ -612,10 +620,11 @@ async fn memory_and_rate(template: &Template, exe: &Path, levels: &[usize]) -> R
                 / (1 << 20) as f64
         };
         println!(
-            "    {level:>3} alive: PSS {:.1} MiB each = guest memory {:.1} MiB + VMM overhead {:.1} MiB",
+            "    {level:>3} alive: PSS {:.1} MiB each = guest memory {:.1} MiB + VMM overhead {:.1} MiB; at this PSS, 16 GiB would hold {:.0} (computed, not started to the limit)",
             avg(|p| p.total),
             avg(|p| p.guest),
-            avg(|p| p.vmm_overhead())
+            avg(|p| p.vmm_overhead()),
+            16.0 * 1024.0 / avg(|p| p.total).max(f64::EPSILON)
         );
     }
     let total: Duration = restore_times.iter().sum();
