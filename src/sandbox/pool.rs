@@ -20,6 +20,11 @@ use crate::template::Template;
 pub const DEFAULT_POOL_SIZE: usize = 2;
 /// The most sandboxes a pool keeps ready by default, however busy.
 pub const DEFAULT_POOL_MAX: usize = 8;
+/// How long a pooled sandbox's warm-up cell may take.
+const PREWARM_TIMEOUT: Duration = Duration::from_secs(30);
+/// While sandboxes are still ready, a refill waits this long after a take,
+/// so the conversation's first call does not share the CPU with a restore.
+const REFILL_DELAY: Duration = Duration::from_millis(300);
 /// How far back `take`s count as demand.
 pub const DEMAND_WINDOW: Duration = Duration::from_secs(60);
 
@@ -133,6 +138,22 @@ impl WarmPool {
         Sandbox::start(&self.template, &self.airlock_exe, &self.options, None).await
     }
 
+    /// A sandbox for the pool: restored, then its warm Python runs an empty
+    /// cell, so the pages a first cell touches are mapped before a
+    /// conversation's first call needs them (a nested page fault each
+    /// otherwise). The cell leaves no state; only the cell count moves.
+    async fn restore_for_pool(&self) -> Result<Sandbox> {
+        let sandbox = self.restore().await?;
+        let warmed = sandbox
+            .client()
+            .run_code(airlock_protocol::Language::Python, "pass", PREWARM_TIMEOUT)
+            .await;
+        if let Err(err) = warmed {
+            tracing::debug!(%err, "a pooled sandbox's warm-up cell failed; it is served anyway");
+        }
+        Ok(sandbox)
+    }
+
     /// A paused sandbox, resumed over this pool's template.
     pub async fn resume(&self, saved: &SavedSandbox) -> Result<Sandbox> {
         Sandbox::start(
@@ -194,7 +215,10 @@ async fn refill(p: Arc<WarmPool>) {
             let _ = tokio::time::timeout(DEMAND_WINDOW / 4, p.wake.notified()).await;
             continue;
         }
-        match p.restore().await {
+        if ready > 0 {
+            tokio::time::sleep(REFILL_DELAY).await;
+        }
+        match p.restore_for_pool().await {
             Ok(sandbox) if !p.closed.load(std::sync::atomic::Ordering::SeqCst) => {
                 p.ready.lock().await.push_back(sandbox);
             }
