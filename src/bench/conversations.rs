@@ -42,29 +42,32 @@ async fn first_call(pool: &WarmPool) -> Result<Duration> {
     Ok(took)
 }
 
-/// (k): `n` conversations one after another, each from a full pool.
+/// (k): `n` conversations one after another, each from a full pool of
+/// `size` (the HTTP default: with one still ready, the refill waits a
+/// moment rather than restore beside the first call).
 pub async fn from_the_pool(
     template: &Template,
     exe: &Path,
     n: usize,
+    size: usize,
     warm: &Summary,
 ) -> Result<()> {
     let pool = WarmPool::start(
         template.clone(),
         exe.to_path_buf(),
         StartOptions::default(),
-        1,
-        1,
+        size,
+        size,
     );
     let mut samples = Vec::new();
     for _ in 0..n.max(1) {
-        filled(&pool, 1).await?;
+        filled(&pool, size).await?;
         samples.push(first_call(&pool).await?);
     }
     pool.close().await;
     let summary = summarize(&samples).context("no samples")?;
     println!(
-        "\n(k) a new conversation's first print(1), its sandbox taken from the warm pool: {summary}"
+        "\n(k) a new conversation's first print(1), its sandbox taken from a warm pool of {size}: {summary}"
     );
     println!(
         "    ratio first call / warm round trip: {:.2}x (goal: at most 1.5x)",

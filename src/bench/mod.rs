@@ -200,7 +200,14 @@ pub async fn run(opts: &BenchOptions) -> Result<()> {
     );
 
     if !opts.skip_conversations {
-        conversations::from_the_pool(&template, &exe, opts.pool_conversations, &warm).await?;
+        conversations::from_the_pool(
+            &template,
+            &exe,
+            opts.pool_conversations,
+            crate::mcp::DEFAULT_POOL_SIZE_HTTP,
+            &warm,
+        )
+        .await?;
         conversations::at_once(
             &template,
             &exe,
