@@ -1,6 +1,6 @@
 //! New conversations as a server sees them: a sandbox taken from the warm
-//! pool, then its first call. (k) one conversation at a time from a ready
-//! pool; (l) many beginning at once, with the pool growing with demand.
+//! pool, then its first call. (o) one conversation at a time from a ready
+//! pool; (p) many beginning at once, with the pool growing with demand.
 //! Both against the warm round trip of the same run.
 
 use std::path::Path;
@@ -42,7 +42,7 @@ async fn first_call(pool: &WarmPool) -> Result<Duration> {
     Ok(took)
 }
 
-/// (k): `n` conversations one after another, each from a full pool of
+/// (o): `n` conversations one after another, each from a full pool of
 /// `size` (the HTTP default: with one still ready, the refill waits a
 /// moment rather than restore beside the first call).
 pub async fn from_the_pool(
@@ -67,7 +67,7 @@ pub async fn from_the_pool(
     pool.close().await;
     let summary = summarize(&samples).context("no samples")?;
     println!(
-        "\n(k) a new conversation's first print(1), its sandbox taken from a warm pool of {size}: {summary}"
+        "\n(o) a new conversation's first print(1), its sandbox taken from a warm pool of {size}: {summary}"
     );
     println!(
         "    ratio first call / warm round trip: {:.2}x (goal: at most 1.5x)",
@@ -76,7 +76,7 @@ pub async fn from_the_pool(
     Ok(())
 }
 
-/// (l): `n` conversations begin at once; the pool starts at `floor` ready
+/// (p): `n` conversations begin at once; the pool starts at `floor` ready
 /// and grows with demand to `ceiling`.
 pub async fn at_once(
     template: &Template,
@@ -115,7 +115,7 @@ pub async fn at_once(
     );
     let ratio = |d: Duration| d.as_secs_f64() / warm.median.as_secs_f64();
     println!(
-        "\n(l) {n} conversations beginning at once (pool of {floor} ready, growing to {ceiling}), each until its first print(1), in {:.1} s",
+        "\n(p) {n} conversations beginning at once (pool of {floor} ready, growing to {ceiling}), each until its first print(1), in {:.1} s",
         wall.as_secs_f64()
     );
     println!(

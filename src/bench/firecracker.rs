@@ -1,4 +1,4 @@
-//! (m) Firecracker beside airlock: the same kernel, rootfs and agent, booted
+//! (q) Firecracker beside airlock: the same kernel, rootfs and agent, booted
 //! by a Firecracker binary the operator names (`--firecracker PATH`; airlock
 //! neither ships nor builds it), snapshotted once its interpreters are warm,
 //! then restored again and again. Each restore is timed to the end of its
@@ -241,7 +241,7 @@ async fn airlock_restore_once(template: &Template, exe: &Path) -> Result<[Durati
     Ok([running, answered, first_run])
 }
 
-/// Runs (m): Firecracker's restores, then airlock's of its own template,
+/// Runs (q): Firecracker's restores, then airlock's of its own template,
 /// alternating so both see the same machine.
 pub async fn beside_firecracker(
     binary: &Path,
@@ -284,7 +284,7 @@ pub async fn beside_firecracker(
     let ours = summaries(airlock_samples)?;
     let ratio = |a: &Summary, b: &Summary| a.median.as_secs_f64() / b.median.as_secs_f64();
     println!(
-        "\n(m) beside Firecracker ({}, without its seccomp filter or jailer; airlock confined as it serves): the same kernel, rootfs and agent, a full snapshot with warm interpreters; restores alternate, no refresh on either",
+        "\n(q) beside Firecracker ({}, without its seccomp filter or jailer; airlock confined as it serves): the same kernel, rootfs and agent, a full snapshot with warm interpreters; restores alternate, no refresh on either",
         binary.display()
     );
     for (i, what) in [
