@@ -177,11 +177,13 @@ mod tests {
                 .any(|r| r.start <= page * PAGE && r.end() > page * PAGE)
         };
         assert!(covers(1), "a page only read is touched: {read:?}");
+        // How far around a read the kernel maps is its choice (with large
+        // folios, a whole folio), so no page is asserted untouched.
         assert!(
-            !read
+            written
                 .iter()
-                .any(|r| r.start <= 20 * PAGE && r.end() > 20 * PAGE),
-            "a page never touched is not"
+                .all(|w| !read.iter().any(|r| r.start < w.end() && w.start < r.end())),
+            "a written page is never counted as only read"
         );
         assert!(map.private_ranges(host as usize + 1, len).is_err());
         // SAFETY: unmaps what was mapped above.
