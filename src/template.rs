@@ -307,20 +307,11 @@ async fn record_working_set(
         .context("cannot create a run directory")?;
     let spec = VmSpec {
         airlock_exe: airlock_exe.to_path_buf(),
-        kernel: image.vmlinux(),
-        rootfs: image.rootfs(),
         vcpus: shape.vcpus,
         memory_mib: shape.memory_mib,
-        extra_cmdline: String::new(),
-        init: None,
-        run_dir: run_dir.path().to_path_buf(),
         restore: Some(dir.to_path_buf()),
-        resume: None,
-        snapshot_dir: None,
-        console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
         label: "template-working-set".into(),
-        confinement: crate::confinement::Confinement::current(),
-        vsock_forward: Vec::new(),
+        ..VmSpec::for_image(image, run_dir.path()).context("cannot find the airlock executable")?
     };
     let mut vm = Vm::spawn(&spec).await?;
     let recorded = async {

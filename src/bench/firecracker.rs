@@ -205,20 +205,12 @@ async fn airlock_restore_once(template: &Template, exe: &Path) -> Result<[Durati
         .context("cannot create a run directory")?;
     let spec = VmSpec {
         airlock_exe: exe.to_path_buf(),
-        kernel: template.image.vmlinux(),
-        rootfs: template.image.rootfs(),
         vcpus: template.info.shape.vcpus,
         memory_mib: template.info.shape.memory_mib,
-        extra_cmdline: String::new(),
-        init: None,
-        run_dir: run.path().to_path_buf(),
         restore: Some(template.dir.clone()),
-        resume: None,
-        snapshot_dir: None,
-        console_max_bytes: crate::vmm::config::DEFAULT_CONSOLE_MAX_BYTES,
         label: "bench-beside-firecracker".into(),
-        confinement: crate::confinement::Confinement::current(),
-        vsock_forward: Vec::new(),
+        ..VmSpec::for_image(&template.image, run.path())
+            .context("cannot find the airlock executable")?
     };
     let started = Instant::now();
     let mut vm = Vm::spawn(&spec).await?;

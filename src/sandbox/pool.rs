@@ -22,8 +22,9 @@ pub const DEFAULT_POOL_SIZE: usize = 2;
 pub const DEFAULT_POOL_MAX: usize = 8;
 /// How long a pooled sandbox's warm-up cell may take.
 const PREWARM_TIMEOUT: Duration = Duration::from_secs(30);
-/// While sandboxes are still ready, a refill waits this long after a take,
-/// so the conversation's first call does not share the CPU with a restore.
+/// While sandboxes are still ready, a refill starts no sooner than this
+/// after the last take, so the conversation's first call does not share the
+/// CPU with a restore.
 const REFILL_DELAY: Duration = Duration::from_millis(300);
 /// How far back `take`s count as demand.
 pub const DEMAND_WINDOW: Duration = Duration::from_secs(60);
@@ -44,6 +45,11 @@ impl Demand {
             self.takes.pop_front();
         }
         self.takes.push_back(now);
+    }
+
+    /// When the last take was.
+    pub fn last(&self) -> Option<Instant> {
+        self.takes.back().copied()
     }
 
     /// Takes in the window ending `now`.
@@ -215,8 +221,13 @@ async fn refill(p: Arc<WarmPool>) {
             let _ = tokio::time::timeout(DEMAND_WINDOW / 4, p.wake.notified()).await;
             continue;
         }
-        if ready > 0 {
-            tokio::time::sleep(REFILL_DELAY).await;
+        // Right after a take, not between refills: a burst still refills
+        // at full speed.
+        let last_take = p.demand.lock().ok().and_then(|demand| demand.last());
+        if ready > 0
+            && let Some(last) = last_take
+        {
+            tokio::time::sleep_until((last + REFILL_DELAY).into()).await;
         }
         match p.restore_for_pool().await {
             Ok(sandbox) if !p.closed.load(std::sync::atomic::Ordering::SeqCst) => {
@@ -256,6 +267,7 @@ mod tests {
             demand.record(start + Duration::from_secs(i));
         }
         assert_eq!(demand.recent(start + Duration::from_secs(10)), 5);
+        assert_eq!(demand.last(), Some(start + Duration::from_secs(4)));
         let later = start + DEMAND_WINDOW + Duration::from_millis(2500);
         assert_eq!(demand.recent(later), 2, "takes at 0..2 s are forgotten");
         assert_eq!(demand.recent(later + DEMAND_WINDOW * 2), 0);

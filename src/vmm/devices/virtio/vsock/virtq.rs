@@ -280,10 +280,15 @@ fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32, pass: &mu
 
 /// Interrupts the guest if it wants to hear about the used buffers.
 pub fn notify_guest(queue: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
-    // If the ring cannot be read, err on the side of an interrupt.
-    if queue.needs_notification(mem).unwrap_or(true) {
+    if wants_interrupt(queue, mem) {
         interrupt.signal_used_queue();
     }
+}
+
+/// Whether the driver wants an interrupt for what was just put on `queue`'s
+/// used ring (EVENT_IDX `used_event`); if its ring cannot be read, it gets one.
+pub fn wants_interrupt(queue: &mut Queue, mem: &GuestMemory) -> bool {
+    queue.needs_notification(mem).unwrap_or(true)
 }
 
 #[cfg(test)]

@@ -20,8 +20,10 @@ use crate::vmm::devices::virtio::device::{GuestMemory, Interrupt};
 const TOKEN_QUEUE: u64 = 1;
 const TOKEN_STOP: u64 = 2;
 const TOKEN_CONTROL: u64 = 3;
-/// How often an unacknowledged transport reset is looked at again (ms).
+/// How often an unacknowledged transport reset is looked at again (ms),
+/// doubling per nudge up to 2^RESET_POLL_BACKOFF times that.
 const RESET_POLL_MS: i32 = 20;
+const RESET_POLL_BACKOFF: u32 = 5;
 
 /// Requests from other threads that outlive one activation of the device.
 #[derive(Debug)]
@@ -180,16 +182,17 @@ impl Worker {
                         .handle_event(token, EventSet::from_bits_truncate(ev.events())),
                 }
             }
-            if n == 0 && self.reset_unacked_at.is_some() {
+            // Only the reset poll's own timer, not a busy pass, nudges.
+            if n == 0 && timeout > 0 && self.reset_unacked_at.is_some() {
                 self.nudge_unacked_reset();
             }
             timeout = if self.pump() {
                 0
             } else if self.reset_unacked_at.is_some() {
                 // The ack is the guest's re-posted event buffer; it is also
-                // looked for on a timer, so a lost notification either way
-                // cannot leave the device waiting.
-                RESET_POLL_MS
+                // looked for on a timer (backing off), so a lost notification
+                // either way cannot leave the device waiting.
+                RESET_POLL_MS << self.reset_nudges.min(RESET_POLL_BACKOFF)
             } else {
                 -1
             };
@@ -242,10 +245,10 @@ impl Worker {
             &mut self.scratch,
             &mut self.held_tx,
         );
-        let mut interrupt = tx.used && wants_interrupt(txq, mem);
+        let mut interrupt = tx.used && virtq::wants_interrupt(txq, mem);
         let mut delivered_at = None;
         let ev = virtq::process_event(&mut self.event_pending, mem, evq, &mut delivered_at);
-        interrupt |= ev.used && wants_interrupt(evq, mem);
+        interrupt |= ev.used && virtq::wants_interrupt(evq, mem);
         if delivered_at.is_some() {
             tracing::debug!("vsock: transport reset delivered");
             self.reset_unacked_at = delivered_at;
@@ -264,7 +267,7 @@ impl Worker {
         let mut rx = virtq::Pass::default();
         if self.reset_unacked_at.is_none() {
             rx = virtq::process_rx(&mut self.muxer, mem, rxq, &mut self.scratch);
-            interrupt |= rx.used && wants_interrupt(rxq, mem);
+            interrupt |= rx.used && virtq::wants_interrupt(rxq, mem);
         }
         if interrupt {
             self.give_back_held(false);
@@ -283,15 +286,9 @@ impl Worker {
         let mut pass = virtq::Pass::default();
         self.held_tx.give_back(txq, &self.mem, &mut pass);
         // Keeps the queue's count of unsignalled entries right either way.
-        let wanted = pass.used && wants_interrupt(txq, &self.mem);
+        let wanted = pass.used && virtq::wants_interrupt(txq, &self.mem);
         if alone && wanted {
             self.interrupt.signal_used_queue();
         }
     }
-}
-
-/// Whether the driver wants an interrupt for what was just put on `queue`'s
-/// used ring; if its ring cannot be read, it gets one.
-fn wants_interrupt(queue: &mut Queue, mem: &GuestMemory) -> bool {
-    queue.needs_notification(mem).unwrap_or(true)
 }
