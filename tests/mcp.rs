@@ -12,6 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 /// The scripts start VMs and measure timeouts: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -117,7 +118,8 @@ fn run_script_with(script: &str, env: &[(&str, &std::ffi::OsStr)]) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = manifest_dir().join("tests").join("mcp");
     let started = std::time::Instant::now();
-    let out = Command::new(python())
+    let mut command = Command::new(python());
+    command
         .arg(dir.join(script))
         .current_dir(&dir)
         .env("AIRLOCK_BIN", env!("CARGO_BIN_EXE_airlock"))
@@ -132,22 +134,131 @@ fn run_script_with(script: &str, env: &[(&str, &std::ffi::OsStr)]) {
             } else {
                 ""
             },
-        )
-        .output()
-        .expect("the python test runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+        );
+    let out = run_bounded(command, script_limit());
     // Keep the measured latencies visible in the test log.
-    for line in stderr.lines().filter(|l| l.starts_with("LATENCY")) {
+    for line in out.stderr.lines().filter(|l| l.starts_with("LATENCY")) {
         println!("{line}");
     }
+    let status = match out.status {
+        Some(status) => format!("{status:?}"),
+        None => format!(
+            "hung: killed after {:.0?}, with its server and VMs; the Python stacks are at the end of stderr",
+            script_limit()
+        ),
+    };
     assert!(
-        out.status.success(),
-        "{script} failed ({:?}) after {:.0?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status,
-        started.elapsed()
+        out.status.is_some_and(|s| s.success()),
+        "{script} failed ({status}) after {:.0?}\n--- stdout\n{}\n--- stderr\n{}",
+        started.elapsed(),
+        out.stdout,
+        out.stderr
     );
     println!("{script}: passed in {:.1?}", started.elapsed());
+}
+
+/// How long one script may run before it counts as hung (the slowest takes
+/// a few minutes in a nested test host); AIRLOCK_TEST_SCRIPT_LIMIT_SECS
+/// overrides it.
+fn script_limit() -> Duration {
+    std::env::var("AIRLOCK_TEST_SCRIPT_LIMIT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(15 * 60), Duration::from_secs)
+}
+
+struct ScriptOutput {
+    /// None when the script was killed at its time limit.
+    status: Option<std::process::ExitStatus>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `command` in a process group of its own. At `limit` the script is
+/// asked for its Python stacks (SIGUSR1, see harness.py), then the whole
+/// group is killed, so a hung script fails with what it printed instead of
+/// holding the suite until the nested host's own limit.
+fn run_bounded(mut command: Command, limit: Duration) -> ScriptOutput {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    use std::sync::Arc;
+
+    let mut child = command
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the python test runs");
+    // Read as it comes, so what was printed survives a child that keeps a
+    // pipe open past the kill.
+    let collect = |pipe: Option<Box<dyn Read + Send>>| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&buffer);
+        let reader = pipe.map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend_from_slice(&chunk[..n]);
+                }
+            })
+        });
+        (buffer, reader)
+    };
+    let stdout = collect(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = collect(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let pgid = child.id() as libc::pid_t;
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waitpid on the python test") {
+            break Some(status);
+        }
+        if started.elapsed() > limit {
+            // SAFETY: signals to the child and the group it leads.
+            unsafe {
+                libc::kill(pgid, libc::SIGUSR1);
+                libc::kill(pgid, libc::SIGUSR2);
+            }
+            std::thread::sleep(Duration::from_secs(3));
+            // SAFETY: as above.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The readers see EOF once the last writer is gone; one that escaped the
+    // group and keeps a pipe open must not hold the test.
+    let drained_by = std::time::Instant::now() + Duration::from_secs(5);
+    for reader in [&stdout.1, &stderr.1].into_iter().flatten() {
+        while !reader.is_finished() && std::time::Instant::now() < drained_by {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let text = |(b, _): &(Arc<Mutex<Vec<u8>>>, _)| {
+        String::from_utf8_lossy(&b.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    };
+    ScriptOutput {
+        status,
+        stdout: text(&stdout),
+        stderr: text(&stderr),
+    }
 }
 
 #[test]

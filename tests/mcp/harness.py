@@ -7,7 +7,9 @@ check. tests/mcp.rs runs them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import faulthandler
 import os
 import secrets
 import shutil
@@ -25,6 +27,23 @@ import httpx2
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
+
+# tests/mcp.rs asks a script it is about to kill as hung where it is: SIGUSR1
+# dumps every thread's stack (even one blocked in C), SIGUSR2 every asyncio
+# task's.
+faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def _dump_tasks(_signum: int, _frame: Any) -> None:
+    try:
+        tasks = asyncio.all_tasks()
+    except RuntimeError:
+        return
+    for task in tasks:
+        task.print_stack(file=sys.stderr)
+
+
+signal.signal(signal.SIGUSR2, _dump_tasks)
 
 AIRLOCK = os.environ.get("AIRLOCK_BIN") or (sys.argv[1] if len(sys.argv) > 1 else "airlock")
 
