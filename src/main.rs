@@ -88,8 +88,9 @@ struct ServeArgs {
     #[arg(long = "allowed-host", value_name = "HOST")]
     allowed_hosts: Vec<String>,
     /// HTTP mode: accept browser requests from this origin (e.g.
-    /// https://app.example.com:443); requests with any other Origin are
-    /// refused. Repeatable.
+    /// https://app.example.com:443). Bound to loopback, pages on loopback
+    /// (http://localhost:*, 127.0.0.1, [::1]) are accepted too; requests
+    /// with any other Origin are refused. Repeatable.
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     allowed_origins: Vec<String>,
     /// Restored sandboxes kept ready for new conversations (default: 1 for

@@ -129,6 +129,7 @@ pub async fn egress(template: &Template, exe: &Path, mib: u64, connections: usiz
         sandbox_id: "bench".into(),
         principal: "bench".into(),
         traffic: traffic.clone(),
+        events: None,
     });
     let result = measure(&sandbox, port, mib, connections).await;
     let report = traffic.report();

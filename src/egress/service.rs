@@ -85,6 +85,8 @@ pub struct Binding {
     pub sandbox_id: String,
     pub principal: String,
     pub traffic: Arc<Traffic>,
+    /// Where its denials are told to its owner.
+    pub events: Option<crate::sandbox::registry::EventFeed>,
 }
 
 type BindingSlot = Arc<Mutex<Option<Binding>>>;
@@ -258,6 +260,14 @@ impl Egress {
                 .denied
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.deny_log.note(&binding, why);
+            if let Some(events) = &binding.events {
+                events.emit(
+                    &binding.sandbox_id,
+                    crate::sandbox::registry::SandboxEvent::EgressDenied {
+                        why: why.to_string(),
+                    },
+                );
+            }
         };
         let limit = self.limits.max_connections_per_sandbox;
         let Some(_slot) = traffic.try_open(limit) else {

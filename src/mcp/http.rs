@@ -62,9 +62,28 @@ fn allowed_hosts(addr: SocketAddr, extra: &[String]) -> Vec<String> {
     hosts
 }
 
+/// Browser origins accepted: `extra`, and when bound to loopback, pages
+/// served from loopback on any port (the MCP Inspector's UI, local web
+/// clients). A page elsewhere cannot reach a loopback server then; one
+/// beyond loopback is refused unless named. Tokens are checked either way.
+fn allowed_origins(addr: SocketAddr, extra: &[String]) -> Vec<String> {
+    let mut origins: Vec<String> = extra.to_vec();
+    if addr.ip().is_loopback() {
+        for scheme in ["http", "https"] {
+            for host in ["localhost", "127.0.0.1", "[::1]"] {
+                origins.push(format!("{scheme}://{host}:*"));
+            }
+        }
+    }
+    origins.sort();
+    origins.dedup();
+    origins
+}
+
 pub async fn serve(addr: SocketAddr, app: App, options: &ServeOptions) -> Result<()> {
     let stop = CancellationToken::new();
     let hosts = allowed_hosts(addr, &options.allowed_hosts);
+    let origins = allowed_origins(addr, &options.allowed_origins);
     let mut sessions = LocalSessionManager::default();
     // A session outlives its sandbox's idle timeout, so that a call after
     // the sandbox expired hears so (instead of "unknown session").
@@ -83,7 +102,7 @@ pub async fn serve(addr: SocketAddr, app: App, options: &ServeOptions) -> Result
     let config = StreamableHttpServerConfig::default()
         .with_legacy_session_mode(true)
         .with_allowed_hosts(hosts.clone())
-        .with_allowed_origins(options.allowed_origins.clone())
+        .with_allowed_origins(origins)
         .enforce_origin_validation()
         .with_max_request_body_bytes(MAX_REQUEST_BODY)
         .with_cancellation_token(stop.child_token());
@@ -239,6 +258,27 @@ mod tests {
         assert!(check_bind(public, &none, true).is_ok());
         let tokens = Tokens::parse("a:0123456789abcdef0123", "t").unwrap();
         assert!(check_bind(public, &tokens, false).is_ok());
+    }
+
+    #[test]
+    fn loopback_servers_accept_loopback_origins_only() {
+        let loopback: SocketAddr = "127.0.0.1:18080".parse().unwrap();
+        let origins = allowed_origins(loopback, &[]);
+        for o in [
+            "http://localhost:*",
+            "http://127.0.0.1:*",
+            "http://[::1]:*",
+            "https://localhost:*",
+        ] {
+            assert!(origins.contains(&o.to_string()), "{o}: {origins:?}");
+        }
+        assert!(!origins.iter().any(|o| o.contains("evil")));
+        let public: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        assert!(allowed_origins(public, &[]).is_empty());
+        assert_eq!(
+            allowed_origins(public, &["https://app.example.com:443".into()]),
+            ["https://app.example.com:443"]
+        );
     }
 
     #[test]

@@ -7,11 +7,15 @@
 //! - [`session`]: HTTP sessions whose close destroys their sandbox.
 //! - [`auth`]: bearer tokens and principals.
 //! - [`http`]: the HTTP app (`/mcp`, `/healthz`, `/metrics`).
+//! - [`resources`]: sandbox files as MCP resources.
+//! - [`logging`]: each session's log level and the messages about its sandboxes.
 
 pub mod admission;
 pub mod auth;
 pub mod backend;
 pub mod http;
+pub mod logging;
+pub mod resources;
 pub mod session;
 pub mod tools;
 
@@ -46,7 +50,7 @@ pub struct ServeOptions {
     pub insecure_no_auth: bool,
     /// Extra Host values accepted (loopback names are always accepted).
     pub allowed_hosts: Vec<String>,
-    /// Browser origins accepted (none by default: requests with an Origin are refused).
+    /// Browser origins accepted beyond loopback ones (requests with any other Origin are refused).
     pub allowed_origins: Vec<String>,
     /// Warm sandboxes kept ready; `None` for the mode's default.
     pub pool_size: Option<usize>,

@@ -62,7 +62,7 @@ pub const DEFAULT_MAX_TIMEOUT: Duration = Duration::from_secs(600);
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// How long a cancelled run may take to report that it stopped.
 const CANCEL_GRACE: Duration = Duration::from_secs(10);
-const SANDBOX_HOME: &str = "/home/sandbox";
+pub const SANDBOX_HOME: &str = "/home/sandbox";
 
 /// How the server is reached, which decides what a conversation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,10 +89,12 @@ pub struct AirlockServer {
     metrics: Arc<Metrics>,
     mode: Mode,
     limits: CallLimits,
+    /// This session's log level and messages (one server per session).
+    log: Arc<super::logging::SessionLog>,
 }
 
 /// A tool error for the model.
-struct Fail(String);
+pub(super) struct Fail(pub(super) String);
 
 impl From<RegistryError> for Fail {
     fn from(err: RegistryError) -> Fail {
@@ -103,7 +105,7 @@ impl From<RegistryError> for Fail {
 type ToolResult = Result<CallToolResult, Fail>;
 
 /// Which sandbox a call is about.
-enum Target {
+pub(super) enum Target {
     Conversation(Conversation),
     Explicit(String),
     /// A sessionless call without an id: a new sandbox.
@@ -118,11 +120,16 @@ impl AirlockServer {
             metrics,
             mode,
             limits,
+            log: Arc::default(),
         }
     }
 
+    pub(super) fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
     /// The caller's principal and which sandbox the call is about.
-    fn target(
+    pub(super) fn target(
         &self,
         ctx: &RequestContext<RoleServer>,
         sandbox_id: Option<String>,
@@ -158,6 +165,24 @@ impl AirlockServer {
         sandbox_id: Option<String>,
     ) -> Result<(Lease<Sandbox>, bool), Fail> {
         let (principal, target) = self.target(ctx, sandbox_id)?;
+        // Only a session (stdio, or HTTP with Mcp-Session-Id) outlives the
+        // call to hear what happens to its sandbox later.
+        let in_session = !matches!(target, Target::New)
+            && (self.mode == Mode::Stdio
+                || ctx
+                    .extensions
+                    .get::<http::request::Parts>()
+                    .is_some_and(|p| p.headers.contains_key("mcp-session-id")));
+        if in_session {
+            self.log.attach(&ctx.peer, self.registry.events());
+            if self.registry.provider().status().0 == "preparing" {
+                self.log
+                    .notice(
+                        "airlock is preparing the guest image and the warm template (first use after an install: minutes); this call waits for it".into(),
+                    )
+                    .await;
+            }
+        }
         let getting = async {
             match &target {
                 Target::Conversation(c) => self
@@ -176,6 +201,9 @@ impl AirlockServer {
         // The first sandbox of a fresh install waits for the template
         // (minutes): keep the client informed.
         let lease = with_progress(ctx, "starting the sandbox", None, getting).await?;
+        if in_session {
+            self.log.watch(lease.0.id()).await;
+        }
         Ok(lease)
     }
 
@@ -503,9 +531,52 @@ impl AirlockServer {
 
 #[tool_handler(router = Self::all_tools())]
 impl ServerHandler for AirlockServer {
+    #[allow(deprecated)] // logging: see mcp/logging.rs
+    async fn set_level(
+        &self,
+        request: rmcp::model::SetLevelRequestParams,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.log.set_level(request.level);
+        Ok(())
+    }
+
+    async fn list_resources(
+        &self,
+        request: Option<rmcp::model::PaginatedRequestParams>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListResourcesResult, McpError> {
+        self.list_sandbox_resources(request.and_then(|r| r.cursor), &ctx)
+            .await
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListResourceTemplatesResult, McpError> {
+        Ok(super::resources::templates())
+    }
+
+    async fn read_resource(
+        &self,
+        request: rmcp::model::ReadResourceRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ReadResourceResponse, McpError> {
+        self.read_sandbox_resource(&request.uri, &ctx)
+            .await
+            .map(Into::into)
+    }
+
     fn get_info(&self) -> ServerConfig {
         let limits = self.registry.limits();
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        #[allow(deprecated)] // logging: see mcp/logging.rs
+        let capabilities = ServerCapabilities::builder()
+            .enable_tools()
+            .enable_logging()
+            .enable_resources()
+            .build();
+        ServerConfig::new(capabilities)
             .with_server_info(Implementation::new("airlock", env!("CARGO_PKG_VERSION")))
             .with_instructions(format!(
                 "airlock runs code in a private Linux microVM (a sandbox) that belongs to this conversation: \
@@ -514,7 +585,8 @@ impl ServerHandler for AirlockServer {
                  first tool call; idle, it is paused to disk and resumed intact at the next call; it is \
                  destroyed after {} without tool calls, or {} after it was created; \
                  reset_sandbox starts over. Clients without MCP sessions get a sandbox_id from their first call \
-                 and pass it to later calls.",
+                 and pass it to later calls. The sandbox's files are resources too \
+                 (sandbox:///home/sandbox/<file>).",
                 fmt_duration(limits.idle_timeout),
                 fmt_duration(limits.max_lifetime)
             ))

@@ -232,6 +232,7 @@ impl<P: Provider> Registry<P> {
             KillSwitch::none(),
             self.memory_gb,
             row.stdio,
+            self.events.clone(),
         );
         handle.carry_over(&row.counters);
         *lock(&handle.created) = instant_of(row.created);

@@ -173,6 +173,10 @@ pub(super) struct Handle<S: Hosted> {
     pub(super) session_bound: AtomicBool,
     /// `created` on the wall clock, for the durable record.
     pub(super) created_wall: Mutex<SystemTime>,
+    /// Where its events are told (its egress denials come from elsewhere).
+    pub(super) events: super::EventFeed,
+    /// The expiry last warned about, so each is warned about once.
+    pub(super) expiry_warned: Mutex<Option<Instant>>,
     /// Said once, with the next call's result (it came back older than it was).
     pub(super) notice: Mutex<Option<String>>,
     /// Its checkpoints, oldest first.
@@ -211,9 +215,10 @@ impl<S: Hosted> Handle<S> {
         sandbox: S,
         memory_gb: f64,
         stdio: bool,
+        events: super::EventFeed,
     ) -> Handle<S> {
         let kill = sandbox.kill_switch();
-        let mut handle = Handle::empty(id, principal, None, kill, memory_gb, stdio);
+        let mut handle = Handle::empty(id, principal, None, kill, memory_gb, stdio, events);
         handle.adopt(&sandbox);
         // Not shared yet: the slot is filled without its lock.
         let cancel = lock(&handle.cancel).clone();
@@ -229,6 +234,7 @@ impl<S: Hosted> Handle<S> {
         kill: KillSwitch,
         memory_gb: f64,
         stdio: bool,
+        events: super::EventFeed,
     ) -> Handle<S> {
         let now = Instant::now();
         let cancel = CancellationToken::new();
@@ -257,6 +263,8 @@ impl<S: Hosted> Handle<S> {
             stdio,
             session_bound: AtomicBool::new(false),
             created_wall: Mutex::new(SystemTime::now()),
+            events,
+            expiry_warned: Mutex::new(None),
             notice: Mutex::new(None),
             checkpoints: Mutex::new(Vec::new()),
             resume_checkpoint: Mutex::new(None),
@@ -272,6 +280,7 @@ impl<S: Hosted> Handle<S> {
             sandbox_id: self.id.clone(),
             principal: self.principal.clone(),
             traffic: self.traffic.clone(),
+            events: Some(self.events.clone()),
         });
     }
 

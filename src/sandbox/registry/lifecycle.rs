@@ -27,6 +27,7 @@ impl<P: Provider> Registry<P> {
         conversation: Option<&Conversation>,
     ) -> Result<Arc<Handle<P::Sandbox>>, RegistryError> {
         self.reserve(principal)?;
+        let started = Instant::now();
         let taken = self.provider.take().await;
         let sandbox = match taken {
             Ok(sandbox) => sandbox,
@@ -46,6 +47,12 @@ impl<P: Provider> Registry<P> {
         if let Some(conversation) = conversation {
             handle.mark_session(conversation);
         }
+        self.events.emit(
+            &handle.id,
+            SandboxEvent::Started {
+                took: started.elapsed(),
+            },
+        );
         Ok(handle)
     }
 
@@ -94,6 +101,7 @@ impl<P: Provider> Registry<P> {
             sandbox,
             self.memory_gb,
             stdio,
+            self.events.clone(),
         ));
         {
             // Counted as live from now on instead of as being created.
@@ -216,6 +224,7 @@ impl<P: Provider> Registry<P> {
         });
         *lock(&handle.created_wall) = std::time::SystemTime::now();
         self.record(handle);
+        self.events.emit(&handle.id, SandboxEvent::Reset);
         tracing::info!(sandbox = %handle.id, "sandbox reset");
         Ok(())
     }
@@ -262,7 +271,32 @@ impl<P: Provider> Registry<P> {
             let registry = self.clone();
             tokio::spawn(async move { registry.end(&handle, reason).await });
         }
+        self.warn_of_expiry(now);
         self.pause_idle(now);
+    }
+
+    /// Tells each sandbox's owner, once per deadline, that it ends soon.
+    fn warn_of_expiry(&self, now: Instant) {
+        let lead = self.expiry_warning_lead();
+        let handles: Vec<_> = self.state().handles.values().cloned().collect();
+        for handle in handles {
+            let idle_deadline = *lock(&handle.last_used) + self.limits.idle_timeout;
+            let life_deadline = *lock(&handle.created) + self.limits.max_lifetime;
+            let (deadline, reason) = if life_deadline <= idle_deadline {
+                (life_deadline, EndReason::Lifetime)
+            } else {
+                (idle_deadline, EndReason::Idle)
+            };
+            let within = deadline.saturating_duration_since(now);
+            if within.is_zero() || within > lead {
+                continue;
+            }
+            if lock(&handle.expiry_warned).replace(deadline) == Some(deadline) {
+                continue;
+            }
+            self.events
+                .emit(&handle.id, SandboxEvent::ExpiresSoon { within, reason });
+        }
     }
 
     /// Removes a handle, cancels its calls, kills its VM, and destroys it
@@ -301,6 +335,7 @@ impl<P: Provider> Registry<P> {
         self.record_end(handle);
         handle.forget_saved();
         handle.forget_checkpoints();
+        self.events.emit(&handle.id, SandboxEvent::Ended { reason });
         tracing::info!(sandbox = %handle.id, reason = reason.label(), ?usage, "sandbox destroyed");
     }
 

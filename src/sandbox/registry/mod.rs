@@ -35,6 +35,7 @@ use crate::metrics::{EndReason, Metrics};
 
 mod checkpoints;
 mod durable;
+mod events;
 mod handle;
 mod leasing;
 mod lifecycle;
@@ -45,6 +46,7 @@ mod store;
 mod tests;
 
 pub use checkpoints::{CheckpointList, fmt_bytes};
+pub use events::{EventFeed, Notice, SandboxEvent};
 pub use handle::{CheckpointInfo, Info, Lease, PauseRecord, SandboxRef, SnapshotUsage, Usage};
 use handle::{Handle, lock};
 pub use policy::*;
@@ -248,6 +250,9 @@ pub struct Registry<P: Provider> {
     keep_on_shutdown: bool,
     /// Held while a checkpoint is admitted against the quota and recorded.
     checkpoint_admission: Mutex<()>,
+    events: EventFeed,
+    /// How often the reaper looks.
+    reaper_tick: Duration,
 }
 
 impl<P: Provider> Registry<P> {
@@ -314,8 +319,10 @@ impl<P: Provider> Registry<P> {
             store,
             keep_on_shutdown,
             checkpoint_admission: Mutex::new(()),
+            events: EventFeed::default(),
+            reaper_tick: reaper_tick(soonest),
         });
-        let tick = (soonest / 5).clamp(Duration::from_millis(200), Duration::from_secs(30));
+        let tick = registry.reaper_tick;
         let weak = Arc::downgrade(&registry);
         let stop = registry.reaper_stop.clone();
         tokio::spawn(async move {
@@ -335,6 +342,27 @@ impl<P: Provider> Registry<P> {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// What happens to each sandbox, as it happens.
+    pub fn events(&self) -> &EventFeed {
+        &self.events
+    }
+
+    /// Where sandboxes come from.
+    pub fn provider(&self) -> &Arc<P> {
+        &self.provider
+    }
+
+    /// How long before an expiry its sandbox's owner is warned: a fifth of
+    /// the idle timeout, at most 5 minutes, and never less than two reaper
+    /// rounds (or the warning could be missed) nor more than half the idle
+    /// timeout.
+    pub fn expiry_warning_lead(&self) -> Duration {
+        (self.limits.idle_timeout / 5)
+            .min(Duration::from_secs(300))
+            .max(self.reaper_tick * 2)
+            .min(self.limits.idle_timeout / 2)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -439,4 +467,9 @@ impl<P: Provider> Registry<P> {
                 runs: a.runs + u.runs,
             })
     }
+}
+
+/// How often the reaper looks, for the soonest of the timeouts.
+fn reaper_tick(soonest: Duration) -> Duration {
+    (soonest / 5).clamp(Duration::from_millis(200), Duration::from_secs(30))
 }

@@ -114,6 +114,10 @@ impl<P: Provider> Registry<P> {
                     tracing::warn!(sandbox = %handle.id, "the record still names the older saved state; it is kept on disk");
                 }
                 self.metrics.paused(took, bytes);
+                let idle = handle.idle(Instant::now());
+                handle
+                    .events
+                    .emit(&handle.id, super::SandboxEvent::Paused { idle });
                 tracing::info!(sandbox = %handle.id, ?took, bytes, "sandbox paused");
             }
             Err((err, Some(sandbox))) => {
@@ -182,6 +186,8 @@ impl<P: Provider> Registry<P> {
         *lock(&handle.resume_checkpoint) = None;
         self.record(handle);
         self.metrics.resumed(took);
+        self.events
+            .emit(&handle.id, super::SandboxEvent::Resumed { took });
         tracing::info!(sandbox = %handle.id, ?took, "sandbox resumed");
         Ok(())
     }

@@ -628,3 +628,73 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
     let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
     assert_eq!(mark(&lease), 1);
 }
+
+#[tokio::test]
+async fn a_sandbox_s_life_is_told_on_the_event_feed_with_one_warning_per_expiry() {
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(2000),
+        pause_after: Duration::from_millis(600),
+        ..Limits::default()
+    };
+    let (r, _fake) = registry(limits);
+    let mut events = r.events().subscribe();
+    let lease = r.acquire(&session("s"), "p").await.unwrap();
+    let id = lease.id().to_string();
+    drop(lease);
+    // Paused at 0.6 s, warned before 2 s, ended at 2 s.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let mut seen = Vec::new();
+    while let Ok(notice) = events.try_recv() {
+        assert_eq!(notice.sandbox_id, id);
+        seen.push(notice.event);
+    }
+    let kinds: Vec<&str> = seen
+        .iter()
+        .map(|e| match e {
+            SandboxEvent::Started { .. } => "started",
+            SandboxEvent::Paused { .. } => "paused",
+            SandboxEvent::ExpiresSoon { .. } => "expires soon",
+            SandboxEvent::Ended { .. } => "ended",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["started", "paused", "expires soon", "ended"],
+        "{seen:?}"
+    );
+    let lead = r.expiry_warning_lead();
+    assert!(
+        matches!(seen[2], SandboxEvent::ExpiresSoon { within, reason: EndReason::Idle } if within <= lead && !within.is_zero()),
+        "{seen:?}"
+    );
+    assert!(matches!(
+        seen[3],
+        SandboxEvent::Ended {
+            reason: EndReason::Idle
+        }
+    ));
+
+    // A resume is told, and a call moves the deadline: a new warning.
+    let lease = r.acquire(&session("t"), "p").await.unwrap();
+    let id = lease.id().to_string();
+    drop(lease);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    drop(r.acquire(&session("t"), "p").await.unwrap());
+    let mut resumed = 0;
+    let mut warnings = 0;
+    loop {
+        let notice = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("the sandbox ends")
+            .unwrap();
+        assert_eq!(notice.sandbox_id, id);
+        match notice.event {
+            SandboxEvent::Resumed { .. } => resumed += 1,
+            SandboxEvent::ExpiresSoon { .. } => warnings += 1,
+            SandboxEvent::Ended { .. } => break,
+            _ => {}
+        }
+    }
+    assert_eq!((resumed, warnings), (1, 1));
+}
