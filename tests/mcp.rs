@@ -4,8 +4,8 @@
 //!
 //! The SDK lives in a virtualenv at target/pyenv (made by `cargo xtask test`,
 //! or here on first use with `python3 -m venv` and tests/mcp/requirements.txt); AIRLOCK_TEST_PYTHON
-//! names another interpreter that has it. The MCP Inspector CLI, a second
-//! independent client, is installed with npm into target/inspector.
+//! names another interpreter that has it. The Node.js clients (the MCP
+//! Inspector, the conformance suite) are driven from tests/mcp_clients.rs.
 
 mod common;
 
@@ -56,56 +56,6 @@ fn python() -> PathBuf {
             python
         })
         .clone()
-}
-
-/// The MCP Inspector's command-line client, installed once with npm.
-fn inspector() -> PathBuf {
-    static INSPECTOR: OnceLock<PathBuf> = OnceLock::new();
-    INSPECTOR
-        .get_or_init(|| {
-            let prefix = manifest_dir().join("target").join("inspector");
-            let bin = prefix
-                .join("node_modules")
-                .join(".bin")
-                .join("mcp-inspector");
-            if !bin.exists() {
-                eprintln!("installing the MCP Inspector into {}", prefix.display());
-                let npm = Command::new("npm")
-                    .args(["install", "--no-audit", "--no-fund", "--prefix"])
-                    .arg(&prefix)
-                    .arg(format!(
-                        "@modelcontextprotocol/inspector@{}",
-                        INSPECTOR_VERSION.trim()
-                    ))
-                    .status()
-                    .expect("npm runs (install Node.js and npm)");
-                assert!(npm.success(), "npm install of the MCP Inspector failed");
-            }
-            bin
-        })
-        .clone()
-}
-
-/// The version `cargo xtask test` installs too (0.15.0 is the last release
-/// that runs on Node.js 20).
-const INSPECTOR_VERSION: &str = include_str!("mcp/inspector-version");
-
-/// `mcp-inspector --cli airlock serve <args>`: its JSON output.
-fn inspector_call(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(inspector())
-        .args(["--cli", env!("CARGO_BIN_EXE_airlock"), "serve"])
-        .args(args)
-        .output()
-        .expect("the inspector runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "inspector {args:?} failed ({:?})\n--- stdout\n{stdout}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("inspector output is not JSON ({e}): {stdout}"))
 }
 
 /// Runs tests/mcp/<script> against the built binary; its output shows with
@@ -301,6 +251,11 @@ fn http_egress_by_policy_allowlists_bounds_and_principals() {
     run_script("egress_test.py");
 }
 
+#[test]
+fn http_resources_and_logging_stay_within_their_session() {
+    run_script("resources_logging_test.py");
+}
+
 /// The uid an unprivileged gateway runs as when the tests run as root.
 const UNPRIVILEGED_UID: u32 = 65534;
 
@@ -405,48 +360,4 @@ fn stdio_as_an_unprivileged_user_jails_each_vmm_in_a_user_namespace() {
             ("AIRLOCK_TEST_AS_UID", uid.as_ref()),
         ],
     );
-}
-
-#[test]
-fn the_mcp_inspector_cli_lists_and_calls_tools() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let listed = inspector_call(&["--method", "tools/list"]);
-    let mut names: Vec<&str> = listed["tools"]
-        .as_array()
-        .expect("a tools array")
-        .iter()
-        .filter_map(|t| t["name"].as_str())
-        .collect();
-    names.sort_unstable();
-    assert_eq!(
-        names,
-        [
-            "checkpoint_sandbox",
-            "fork_sandbox",
-            "list_checkpoints",
-            "list_files",
-            "read_file",
-            "reset_sandbox",
-            "rollback_sandbox",
-            "run_code",
-            "run_command",
-            "sandbox_info",
-            "write_file"
-        ]
-    );
-    // One call restores a sandbox (or builds the template on a fresh
-    // machine) and runs code in it.
-    let called = inspector_call(&[
-        "--method",
-        "tools/call",
-        "--tool-name",
-        "run_code",
-        "--tool-arg",
-        "language=python",
-        "--tool-arg",
-        "code=import numpy; print(int(numpy.arange(7).sum() * 2))",
-    ]);
-    assert_eq!(called["isError"], serde_json::json!(false), "{called}");
-    assert_eq!(called["structuredContent"]["exit_code"], 0, "{called}");
-    assert_eq!(called["structuredContent"]["stdout"], "42\n", "{called}");
 }

@@ -207,7 +207,9 @@ class HttpServer:
             shutil.rmtree(self.own_state_dir, ignore_errors=True)
 
     @contextlib.asynccontextmanager
-    async def session(self, principal: str = "alice", *, token: str | None = None, modern: bool = False):
+    async def session(
+        self, principal: str = "alice", *, token: str | None = None, modern: bool = False, logging_callback: Any = None
+    ):
         """An MCP client session: legacy (initialize, Mcp-Session-Id) or
         modern (2026-07-28 discover, no session)."""
         token = token if token is not None else self.tokens[principal]
@@ -221,7 +223,7 @@ class HttpServer:
             async with streamable_http_client(
                 f"{self.url}/mcp", http_client=client, max_sse_event_size=64 << 20
             ) as (read, write):
-                async with ClientSession(read, write) as session:
+                async with ClientSession(read, write, logging_callback=logging_callback) as session:
                     if modern:
                         await session.discover()
                     else:

@@ -17,8 +17,15 @@ import anyio
 from harness import FIRST_CALL_TIMEOUT, HttpServer, call, check, log, run, text_of
 
 
-def raw_post(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
-    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode()
+def raw_post(url: str, headers: dict[str, str], method: str = "tools/list") -> tuple[int, dict[str, str]]:
+    message = {"jsonrpc": "2.0", "id": 1, "method": method}
+    if method == "initialize":
+        message["params"] = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "0"},
+        }
+    body = json.dumps(message).encode()
     request = urllib.request.Request(
         url,
         data=body,
@@ -54,6 +61,11 @@ async def main() -> None:
         check(status in (400, 403, 421), f"a foreign Host header is refused ({status})")
         status, _ = raw_post(mcp_url, {"Authorization": f"Bearer {alice}", "Origin": "https://evil.example.com"})
         check(status == 403, f"a browser Origin is refused ({status})")
+        for origin in (f"http://127.0.0.1:{server.port}", "http://localhost:6274", "http://[::1]:3000"):
+            status, _ = raw_post(mcp_url, {"Authorization": f"Bearer {alice}", "Origin": origin}, "initialize")
+            check(status == 200, f"a loopback page's Origin {origin} is accepted on a loopback server ({status})")
+        status, _ = raw_post(mcp_url, {"Origin": f"http://127.0.0.1:{server.port}"}, "initialize")
+        check(status == 401, f"a loopback page still needs a token ({status})")
         with urllib.request.urlopen(f"{server.url}/healthz", timeout=10) as r:
             health = json.loads(r.read())
         check(health["status"] in ("ready", "preparing"), f"/healthz answers without a token: {health}")

@@ -253,26 +253,36 @@ fn install_test_clients(workspace: &Path) -> Result<()> {
             .arg(workspace.join("tests/mcp/requirements.txt")),
         "pip install -r tests/mcp/requirements.txt",
     )?;
-    let version = std::fs::read_to_string(workspace.join("tests/mcp/inspector-version"))
-        .context("cannot read tests/mcp/inspector-version")?;
-    let prefix = workspace.join("target/inspector");
-    let installed = prefix.join("node_modules/@modelcontextprotocol/inspector/package.json");
-    let current = std::fs::read_to_string(&installed)
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .is_some_and(|pkg| pkg["version"] == version.trim());
-    if !current {
-        run_checked(
-            Command::new("npm")
-                .args(["install", "--no-audit", "--no-fund", "--prefix"])
-                .arg(&prefix)
-                .arg(format!(
-                    "@modelcontextprotocol/inspector@{}",
-                    version.trim()
-                )),
-            "npm install of the MCP Inspector (apt-get install nodejs npm)",
-        )?;
+    install_node_clients(workspace)
+}
+
+/// Node.js 22, the MCP Inspector and the MCP conformance suite, at the
+/// versions tests/mcp/node/package-lock.json pins, into target/mcp-node
+/// (again only when the lock changed). Node.js itself comes from the npm
+/// registry: the distribution's is too old for both clients.
+fn install_node_clients(workspace: &Path) -> Result<()> {
+    let source = workspace.join("tests/mcp/node");
+    let prefix = workspace.join("target/mcp-node");
+    let lock = std::fs::read(source.join("package-lock.json"))
+        .context("cannot read tests/mcp/node/package-lock.json")?;
+    let stamp = prefix.join("node_modules/.airlock-installed-lock");
+    if std::fs::read(&stamp).is_ok_and(|installed| installed == lock) {
+        return Ok(());
     }
+    std::fs::create_dir_all(&prefix)?;
+    for file in ["package.json", "package-lock.json"] {
+        std::fs::copy(source.join(file), prefix.join(file))
+            .with_context(|| format!("cannot copy tests/mcp/node/{file}"))?;
+    }
+    // Install scripts stay off: they would run under the system's Node.js,
+    // and nothing the tests use needs them.
+    run_checked(
+        Command::new("npm")
+            .args(["ci", "--ignore-scripts", "--no-audit", "--no-fund"])
+            .current_dir(&prefix),
+        "npm ci of Node.js 22, the MCP Inspector and the conformance suite (apt-get install nodejs npm)",
+    )?;
+    std::fs::write(&stamp, lock).context("cannot record the installed lock")?;
     Ok(())
 }
 
