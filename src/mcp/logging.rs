@@ -33,6 +33,11 @@ const UNCLAIMED_KEPT: usize = 16;
 /// Messages one session gets per minute at most; the rest are counted and
 /// the count told with the next one let through.
 const MESSAGES_PER_MINUTE: u32 = 60;
+/// Messages waiting for the session's transport; more are dropped, so a
+/// client that stops reading never holds a call or the registry.
+const OUTBOX: usize = 64;
+
+type Message = (LoggingLevel, String);
 
 /// One session's logging: its level, its peer, what it follows.
 pub struct SessionLog {
@@ -43,6 +48,8 @@ pub struct SessionLog {
     /// of this session is given the sandbox, which proves it is its own.
     unclaimed: Mutex<VecDeque<Notice>>,
     budget: Mutex<Budget>,
+    /// To the forwarding task, which alone talks to the peer.
+    outbox: OnceLock<tokio::sync::mpsc::Sender<Message>>,
     /// Ends the forwarding task with the session.
     stop: CancellationToken,
 }
@@ -55,6 +62,7 @@ impl Default for SessionLog {
             watched: Mutex::new(BTreeSet::new()),
             unclaimed: Mutex::new(VecDeque::new()),
             budget: Mutex::new(Budget::default()),
+            outbox: OnceLock::new(),
             stop: CancellationToken::new(),
         }
     }
@@ -125,9 +133,13 @@ impl SessionLog {
     /// Starts forwarding this session's sandbox events to `peer` (once).
     pub fn attach(self: &Arc<Self>, peer: &Peer<RoleServer>, feed: &EventFeed) {
         if self.peer.set(peer.clone()).is_ok() {
+            let (tx, rx) = tokio::sync::mpsc::channel(OUTBOX);
+            let _ = self.outbox.set(tx);
             tokio::spawn(forward(
                 Arc::downgrade(self),
+                peer.clone(),
                 feed.subscribe(),
+                rx,
                 self.stop.clone(),
             ));
         }
@@ -135,7 +147,7 @@ impl SessionLog {
 
     /// Follows `sandbox_id` from now on (the registry gave it to a call of
     /// this session), telling what happened to it since the call began.
-    pub async fn watch(&self, sandbox_id: &str) {
+    pub fn watch(&self, sandbox_id: &str) {
         {
             let mut watched = lock(&self.watched);
             if watched.contains(sandbox_id) {
@@ -156,13 +168,13 @@ impl SessionLog {
         };
         for notice in claimed {
             let (level, text) = describe(&notice.sandbox_id, &notice.event);
-            self.send(level, text).await;
+            self.queue(level, text);
         }
     }
 
     /// Takes an event in: told if its sandbox is followed, else kept a
     /// moment in case a call of this session is being given it.
-    async fn take_in(&self, notice: Notice) {
+    fn take_in(&self, notice: Notice) {
         if !lock(&self.watched).contains(&notice.sandbox_id) {
             let mut unclaimed = lock(&self.unclaimed);
             if unclaimed.len() >= UNCLAIMED_KEPT {
@@ -172,20 +184,23 @@ impl SessionLog {
             return;
         }
         let (level, text) = describe(&notice.sandbox_id, &notice.event);
-        self.send(level, text).await;
+        self.queue(level, text);
     }
 
     /// Tells the session something it should know about its own call.
-    pub async fn notice(&self, text: String) {
-        self.send(LoggingLevel::Notice, text).await;
+    pub fn notice(&self, text: String) {
+        self.queue(LoggingLevel::Notice, text);
     }
 
-    /// Sends one message now, if the level and the budget let it through.
-    async fn send(&self, level: LoggingLevel, text: String) {
+    /// Queues one message for the session, if the level and the budget let
+    /// it through; never waits.
+    fn queue(&self, level: LoggingLevel, text: String) {
         if !self.wants(level) {
             return;
         }
-        let Some(peer) = self.peer.get() else { return };
+        let Some(outbox) = self.outbox.get() else {
+            return;
+        };
         let Some(held_back) = lock(&self.budget).take(Instant::now()) else {
             return;
         };
@@ -196,38 +211,41 @@ impl SessionLog {
         } else {
             text
         };
-        let param = LoggingMessageNotificationParam::new(level, serde_json::Value::String(text))
-            .with_logger(LOGGER);
-        let _ = peer.notify_logging_message(param).await;
+        if outbox.try_send((level, text)).is_err() {
+            lock(&self.budget).suppressed += 1;
+        }
     }
 }
 
 async fn forward(
     log: Weak<SessionLog>,
+    peer: Peer<RoleServer>,
     mut events: tokio::sync::broadcast::Receiver<Notice>,
+    mut outbox: tokio::sync::mpsc::Receiver<Message>,
     stop: CancellationToken,
 ) {
     loop {
-        let notice = tokio::select! {
+        tokio::select! {
             _ = stop.cancelled() => return,
-            notice = events.recv() => notice,
-        };
-        let Some(log) = log.upgrade() else { return };
-        match notice {
-            Ok(notice) => {
-                log.take_in(notice).await;
-                if log.peer.get().is_some_and(|p| p.is_transport_closed()) {
+            message = outbox.recv() => {
+                let Some((level, text)) = message else { return };
+                let param = LoggingMessageNotificationParam::new(level, serde_json::Value::String(text))
+                    .with_logger(LOGGER);
+                if peer.notify_logging_message(param).await.is_err() && peer.is_transport_closed() {
                     return;
                 }
             }
-            Err(RecvError::Lagged(missed)) => {
-                log.send(
-                    LoggingLevel::Warning,
-                    format!("{missed} sandbox events were missed (the server was busy)"),
-                )
-                .await;
+            notice = events.recv() => {
+                let Some(log) = log.upgrade() else { return };
+                match notice {
+                    Ok(notice) => log.take_in(notice),
+                    Err(RecvError::Lagged(missed)) => log.queue(
+                        LoggingLevel::Warning,
+                        format!("{missed} sandbox events were missed (the server was busy)"),
+                    ),
+                    Err(RecvError::Closed) => return,
+                }
             }
-            Err(RecvError::Closed) => return,
         }
     }
 }
@@ -348,38 +366,39 @@ mod tests {
         assert!(text.contains("evil.test"), "{text}");
     }
 
-    #[tokio::test]
-    async fn claimed_events_leave_the_waiting_list_and_forwarding_ends_with_the_session() {
-        let feed = EventFeed::default();
-        let log = Arc::new(SessionLog::default());
-        let task = tokio::spawn(forward(
-            Arc::downgrade(&log),
-            feed.subscribe(),
-            log.stop.clone(),
-        ));
-        feed.emit("mine", SandboxEvent::Reset);
-        feed.emit("theirs", SandboxEvent::Reset);
-        for _ in 0..100 {
-            if lock(&log.unclaimed).len() == 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        log.watch("mine").await;
-        let left: Vec<_> = lock(&log.unclaimed)
+    #[test]
+    fn a_session_hears_of_a_sandbox_only_once_a_call_of_its_own_is_given_it() {
+        let log = SessionLog::default();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(OUTBOX);
+        log.outbox.set(tx).unwrap();
+        let notice = |id: &str| Notice {
+            sandbox_id: id.into(),
+            event: SandboxEvent::Reset,
+        };
+        // Events before the call that makes the sandbox returns wait.
+        log.take_in(notice("mine"));
+        log.take_in(notice("theirs"));
+        assert!(rx.try_recv().is_err(), "nothing is told before a claim");
+        log.watch("mine");
+        let (_, text) = rx.try_recv().expect("the claimed event is told");
+        assert!(text.contains("mine"), "{text}");
+        assert!(rx.try_recv().is_err(), "and only it");
+        let waiting: Vec<_> = lock(&log.unclaimed)
             .iter()
             .map(|n| n.sandbox_id.clone())
             .collect();
-        assert_eq!(
-            left,
-            ["theirs"],
-            "a claimed sandbox's events leave the waiting list"
-        );
-        tokio::task::yield_now().await;
-        drop(log);
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("forwarding ends when the session does")
-            .unwrap();
+        assert_eq!(waiting, ["theirs"]);
+        // Once followed, its events go straight out; the waiting list is bounded.
+        log.take_in(notice("mine"));
+        assert!(rx.try_recv().is_ok());
+        for _ in 0..UNCLAIMED_KEPT * 2 {
+            log.take_in(notice("theirs"));
+        }
+        assert_eq!(lock(&log.unclaimed).len(), UNCLAIMED_KEPT);
+        assert!(rx.try_recv().is_err());
+        // Below the session's level nothing is queued.
+        log.set_level(LoggingLevel::Warning);
+        log.take_in(notice("mine"));
+        assert!(rx.try_recv().is_err());
     }
 }

@@ -18,11 +18,37 @@ pub(super) fn portable_output_schema<T: JsonSchema + std::any::Any>()
                 {
                     map.remove("format");
                 }
+                split_type_list(map);
                 map.values_mut().for_each(strip);
             }
             serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
             _ => {}
         }
+    }
+    /// `"type": ["integer", "null"]` becomes one `anyOf` branch per type,
+    /// the bounds going with the non-null one: clients that map schemas
+    /// onto a single-`type` dialect (Gemini's OpenAPI subset) reject lists.
+    fn split_type_list(map: &mut serde_json::Map<String, serde_json::Value>) {
+        let Some(serde_json::Value::Array(types)) = map.get("type").cloned() else {
+            return;
+        };
+        map.remove("type");
+        let branches = types
+            .into_iter()
+            .map(|t| {
+                let mut branch = serde_json::Map::new();
+                if t != "null" {
+                    for key in ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"] {
+                        if let Some(bound) = map.remove(key) {
+                            branch.insert(key.into(), bound);
+                        }
+                    }
+                }
+                branch.insert("type".into(), t);
+                serde_json::Value::Object(branch)
+            })
+            .collect();
+        map.insert("anyOf".into(), serde_json::Value::Array(branches));
     }
     let mut schema = rmcp::handler::server::tool::schema_for_output::<T>()
         .as_ref()
