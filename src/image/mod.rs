@@ -126,7 +126,9 @@ pub fn ensure(cache: &Path) -> Result<(Image, Outcome)> {
     let scratch = Scratch::create(cache, &format!("image-{key}"))?;
     let out = scratch.path().join("out");
     std::fs::create_dir(&out).context("cannot create the image output directory")?;
-    link_or_copy(&kernel.vmlinux(), &out.join("vmlinux"))?;
+    // A copy, not a hard link: each link changes the shared inode's ctime,
+    // which the seals of every template made from an earlier image check.
+    std::fs::copy(kernel.vmlinux(), out.join("vmlinux")).context("cannot copy the kernel")?;
     let ext4 = out.join("rootfs.ext4");
     std::fs::copy(rootfs.ext4(), &ext4).context("cannot copy the base root filesystem")?;
     std::fs::write(scratch.path().join("airlock-agent"), &agent_bytes)
@@ -208,15 +210,6 @@ fn install_agent(workdir: &Path, ext4: &Path, agent_len: u64) -> Result<()> {
         bail!("the agent did not land in the root filesystem as expected; debugfs says:\n{text}");
     }
     Ok(())
-}
-
-fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
-    if std::fs::hard_link(from, to).is_ok() {
-        return Ok(());
-    }
-    std::fs::copy(from, to)
-        .map(|_| ())
-        .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))
 }
 
 /// Moves a finished build into its final place in one rename.
