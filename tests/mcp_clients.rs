@@ -161,7 +161,17 @@ fn assert_ran_42(called: &serde_json::Value) {
 #[test]
 fn the_mcp_inspector_cli_lists_and_calls_tools_over_stdio() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let airlock = [env!("CARGO_BIN_EXE_airlock"), "serve"];
+    // The Inspector starts a stdio server with a minimal environment: hand
+    // on what decides where airlock keeps its sockets and cache.
+    let passed: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k == "TMPDIR" || k.starts_with("AIRLOCK_"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let mut airlock = Vec::new();
+    for pair in &passed {
+        airlock.extend(["-e", pair.as_str()]);
+    }
+    airlock.extend([env!("CARGO_BIN_EXE_airlock"), "serve"]);
     let listed = inspector(&airlock, &["--method", "tools/list"]).unwrap();
     assert_eq!(tool_names(&listed), TOOLS);
     assert_ran_42(&inspector(&airlock, &RUN_CODE).unwrap());

@@ -47,7 +47,7 @@ async def main() -> None:
         async with server.session("alice", logging_callback=inbox_a) as a, server.session(
             "bob", logging_callback=inbox_b
         ) as b:
-            caps = a.get_server_capabilities()
+            caps = a.server_capabilities
             check(caps is not None and caps.logging is not None and caps.resources is not None,
                   "the server offers logging and resources")
             listed = await a.list_resources()
