@@ -84,6 +84,12 @@ const VMM_ENVIRONMENT: [&str; 5] = [
     crate::vmm::snapshot::working_set::ENV,
 ];
 
+/// The longest a snapshot may take: a paused 512 MiB guest is written in
+/// seconds even in a nested test host.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(300);
+/// The longest the VMM may take to answer a question about itself.
+const CONTROL_REPLY_DEADLINE: Duration = Duration::from_secs(60);
+
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("cannot start the VMM process {exe}: {source}")]
@@ -402,6 +408,22 @@ impl Vm {
         let dir = dir.canonicalize().map_err(VmError::Control)?;
         self.send(&format!("{CMD_SNAPSHOT} {}", dir.display()))
             .await?;
+        // A VMM that never finishes would hold the sandbox (and every call
+        // waiting on it) forever: past the deadline it is killed, and the
+        // pause or checkpoint fails like one whose VM died.
+        match tokio::time::timeout(SNAPSHOT_DEADLINE, self.snapshot_reply()).await {
+            Ok(result) => result,
+            Err(_) => {
+                let _ = self.child.kill().await;
+                Err(VmError::Timeout(
+                    SNAPSHOT_DEADLINE,
+                    "the VMM to save the snapshot",
+                ))
+            }
+        }
+    }
+
+    async fn snapshot_reply(&mut self) -> Result<SnapshotInfo, VmError> {
         loop {
             match self.next_message().await {
                 Some(VmmMessage::SnapshotSaved {
@@ -508,6 +530,12 @@ impl Vm {
     /// memory size before using it (`WorkingSet::check`).
     pub async fn working_set(&mut self) -> Result<WorkingSet, VmError> {
         self.send(CMD_WORKING_SET).await?;
+        tokio::time::timeout(CONTROL_REPLY_DEADLINE, self.working_set_reply())
+            .await
+            .map_err(|_| VmError::Timeout(CONTROL_REPLY_DEADLINE, "the VMM's working set"))?
+    }
+
+    async fn working_set_reply(&mut self) -> Result<WorkingSet, VmError> {
         loop {
             match self.next_message().await {
                 Some(VmmMessage::WorkingSet { set: Some(set), .. }) => return Ok(set),
