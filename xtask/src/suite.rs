@@ -124,7 +124,7 @@ fn run_nested(options: &SuiteOptions) -> Result<i32> {
     }
 
     phase(
-        "test clients: the Python mcp SDK and the MCP Inspector (the nested hosts have no network)",
+        "test clients: the Python mcp SDK; Node.js 22, the MCP Inspector and the conformance suite (the nested hosts have no network)",
     );
     install_test_clients(&workspace)?;
 
