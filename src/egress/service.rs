@@ -255,12 +255,12 @@ impl Egress {
         let totals = self.totals_for(&binding.principal);
         let traffic = binding.traffic.clone();
         let deny = |why: &str| {
-            traffic.denied();
+            let tell = traffic.denied();
             totals
                 .denied
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.deny_log.note(&binding, why);
-            if let Some(events) = &binding.events {
+            if let Some(events) = binding.events.as_ref().filter(|_| tell) {
                 events.emit(
                     &binding.sandbox_id,
                     crate::sandbox::registry::SandboxEvent::EgressDenied {

@@ -19,6 +19,19 @@ pub struct Traffic {
     denied: AtomicU64,
     open: AtomicUsize,
     rate: OnceLock<RateLimiter>,
+    /// When a denial was last told to the sandbox's owner (ms after
+    /// [`epoch`], plus one; 0: never).
+    denial_told_ms: AtomicU64,
+}
+
+/// Denials told to a sandbox's owner, at most one per this: a guest that
+/// opens connections in a loop must not flood its owner's session, nor the
+/// registry's event feed that every session reads.
+const DENIAL_TOLD_EVERY_MS: u64 = 1000;
+
+fn epoch() -> std::time::Instant {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
 }
 
 /// What [`Traffic`] shows in `sandbox_info`.
@@ -62,8 +75,16 @@ impl Traffic {
         self.allowed.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn denied(&self) {
+    /// Counts a denial; true if it is to be told to the sandbox's owner.
+    pub(super) fn denied(&self) -> bool {
         self.denied.fetch_add(1, Ordering::Relaxed);
+        let now = epoch().elapsed().as_millis() as u64 + 1;
+        let last = self.denial_told_ms.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= DENIAL_TOLD_EVERY_MS)
+            && self
+                .denial_told_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// The sandbox's rate limiter, made on first use.
@@ -150,6 +171,16 @@ pub fn render_metrics(out: &mut String, principals: &[(String, PrincipalReport)]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_denials_is_told_once_a_second_and_all_counted() {
+        let traffic = Traffic::default();
+        let told = (0..1000).filter(|_| traffic.denied()).count();
+        assert_eq!(told, 1);
+        assert_eq!(traffic.report().connections_denied, 1000);
+        std::thread::sleep(std::time::Duration::from_millis(DENIAL_TOLD_EVERY_MS + 50));
+        assert!(traffic.denied(), "a second later the next one is told");
+    }
 
     #[test]
     fn open_slots_are_bounded_and_given_back() {

@@ -138,6 +138,11 @@ impl LazyPool {
         }
     }
 
+    /// Whether the image and the template are still being made.
+    pub fn is_preparing(&self) -> bool {
+        matches!(*self.state.borrow(), Readiness::Preparing)
+    }
+
     /// Whether sandboxes can be made now (for /healthz).
     pub fn status(&self) -> (&'static str, Option<String>) {
         match &*self.state.borrow() {

@@ -39,10 +39,9 @@ const OUTBOX: usize = 64;
 
 type Message = (LoggingLevel, String);
 
-/// One session's logging: its level, its peer, what it follows.
+/// One session's logging: its level, what it follows, its outbox.
 pub struct SessionLog {
     level: Mutex<LoggingLevel>,
-    peer: OnceLock<Peer<RoleServer>>,
     watched: Mutex<BTreeSet<String>>,
     /// Recent events of sandboxes not (yet) watched; sent only once a call
     /// of this session is given the sandbox, which proves it is its own.
@@ -58,7 +57,6 @@ impl Default for SessionLog {
     fn default() -> Self {
         SessionLog {
             level: Mutex::new(LoggingLevel::Info),
-            peer: OnceLock::new(),
             watched: Mutex::new(BTreeSet::new()),
             unclaimed: Mutex::new(VecDeque::new()),
             budget: Mutex::new(Budget::default()),
@@ -132,9 +130,8 @@ impl SessionLog {
 
     /// Starts forwarding this session's sandbox events to `peer` (once).
     pub fn attach(self: &Arc<Self>, peer: &Peer<RoleServer>, feed: &EventFeed) {
-        if self.peer.set(peer.clone()).is_ok() {
-            let (tx, rx) = tokio::sync::mpsc::channel(OUTBOX);
-            let _ = self.outbox.set(tx);
+        let (tx, rx) = tokio::sync::mpsc::channel(OUTBOX);
+        if self.outbox.set(tx).is_ok() {
             tokio::spawn(forward(
                 Arc::downgrade(self),
                 peer.clone(),
@@ -306,7 +303,8 @@ pub fn describe(sandbox_id: &str, event: &SandboxEvent) -> (LoggingLevel, String
         SandboxEvent::EgressDenied { why } => (
             LoggingLevel::Warning,
             format!(
-                "sandbox {sandbox_id}: a network connection was refused by the egress policy: {why}"
+                "sandbox {sandbox_id}: a network connection was refused by the egress policy: {why} \
+                 (told at most once a second; sandbox_info counts every denial)"
             ),
         ),
     }

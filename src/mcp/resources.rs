@@ -142,7 +142,6 @@ pub fn mime_for(path: &str) -> &'static str {
         "gz" => "application/gzip",
         "tar" => "application/x-tar",
         "parquet" => "application/vnd.apache.parquet",
-        "npy" | "pkl" | "bin" => "application/octet-stream",
         _ => "application/octet-stream",
     }
 }
@@ -199,6 +198,7 @@ fn agent_error(uri: &str, err: AgentError) -> McpError {
 
 impl AirlockServer {
     /// The sandbox a resource request is about, if it exists; never made.
+    /// A sessionless caller that names no sandbox has none.
     async fn resource_lease(
         &self,
         ctx: &RequestContext<RoleServer>,
@@ -219,10 +219,7 @@ impl AirlockServer {
                 .await
                 .map(Some)
                 .map_err(registry_error),
-            Target::New => Err(McpError::invalid_params(
-                "without an MCP session, name the sandbox in the URI: sandbox://<sandbox_id>/<path>",
-                None,
-            )),
+            Target::New => Ok(None),
         }
     }
 
@@ -241,15 +238,7 @@ impl AirlockServer {
                 .filter(|&n| n <= MAX_LISTED as usize)
                 .ok_or_else(|| McpError::invalid_params("unknown cursor", None))?,
         };
-        let Some(lease) = self.resource_lease(ctx, None).await.or_else(|err| {
-            // Sessionless callers have no conversation to list.
-            if err.code == rmcp::model::ErrorCode::INVALID_PARAMS {
-                Ok(None)
-            } else {
-                Err(err)
-            }
-        })?
-        else {
+        let Some(lease) = self.resource_lease(ctx, None).await? else {
             return Ok(ListResourcesResult::with_all_items(Vec::new()));
         };
         let list = ListFiles {
@@ -299,7 +288,8 @@ impl AirlockServer {
         let parsed = parse_uri(uri).map_err(|m| McpError::invalid_params(m, None))?;
         let Some(lease) = self.resource_lease(ctx, parsed.sandbox_id.clone()).await? else {
             return Err(McpError::resource_not_found(
-                "this conversation has no sandbox yet: it is created at the first tool call",
+                "this conversation has no sandbox yet: it is created at the first tool call \
+                 (clients without MCP sessions name theirs: sandbox://<sandbox_id>/<path>)",
                 None,
             ));
         };

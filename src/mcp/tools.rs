@@ -146,15 +146,18 @@ impl AirlockServer {
         }
         let target = match self.mode {
             Mode::Stdio => Target::Conversation(Conversation::Stdio),
-            Mode::Http => match parts
-                .and_then(|p| p.headers.get("mcp-session-id"))
-                .and_then(|v| v.to_str().ok())
-            {
+            Mode::Http => match session_id(ctx) {
                 Some(session) => Target::Conversation(Conversation::Session(session.to_string())),
                 None => Target::New,
             },
         };
         Ok((principal, target))
+    }
+
+    /// Whether the call belongs to a session that outlives it (stdio, or
+    /// HTTP with Mcp-Session-Id), which can hear later of its sandbox.
+    fn in_session(&self, ctx: &RequestContext<RoleServer>) -> bool {
+        self.mode == Mode::Stdio || session_id(ctx).is_some()
     }
 
     /// The sandbox for a call; the flag says it was created for it (a
@@ -165,22 +168,13 @@ impl AirlockServer {
         sandbox_id: Option<String>,
     ) -> Result<(Lease<Sandbox>, bool), Fail> {
         let (principal, target) = self.target(ctx, sandbox_id)?;
-        // Only a session (stdio, or HTTP with Mcp-Session-Id) outlives the
-        // call to hear what happens to its sandbox later.
-        let in_session = !matches!(target, Target::New)
-            && (self.mode == Mode::Stdio
-                || ctx
-                    .extensions
-                    .get::<http::request::Parts>()
-                    .is_some_and(|p| p.headers.contains_key("mcp-session-id")));
+        let in_session = self.in_session(ctx);
         if in_session {
             self.log.attach(&ctx.peer, self.registry.events());
-            if self.registry.provider().status().0 == "preparing" {
-                self.log
-                    .notice(
-                        "airlock is preparing the guest image and the warm template (first use after an install: minutes); this call waits for it".into(),
-                    )
-                    ;
+            if self.registry.provider().is_preparing() {
+                self.log.notice(
+                    "airlock is preparing the guest image and the warm template (first use after an install: minutes); this call waits for it".into(),
+                );
             }
         }
         let getting = async {
@@ -301,6 +295,16 @@ impl AirlockServer {
             }
         }
     }
+}
+
+/// The HTTP session a call came in, if any.
+fn session_id(ctx: &RequestContext<RoleServer>) -> Option<&str> {
+    ctx.extensions
+        .get::<http::request::Parts>()?
+        .headers
+        .get("mcp-session-id")?
+        .to_str()
+        .ok()
 }
 
 /// Runs `work`, sending progress notifications every few seconds while it
