@@ -85,7 +85,8 @@ fn run_script_with(script: &str, env: &[(&str, &std::ffi::OsStr)]) {
                 ""
             },
         );
-    let out = run_bounded(command, script_limit());
+    // Asked for its Python thread and task stacks first (see harness.py).
+    let out = common::run_bounded(command, script_limit(), &[libc::SIGUSR1, libc::SIGUSR2]);
     // Keep the measured latencies visible in the test log.
     for line in out.stderr.lines().filter(|l| l.starts_with("LATENCY")) {
         println!("{line}");
@@ -115,100 +116,6 @@ fn script_limit() -> Duration {
         .ok()
         .and_then(|s| s.parse().ok())
         .map_or(Duration::from_secs(15 * 60), Duration::from_secs)
-}
-
-struct ScriptOutput {
-    /// None when the script was killed at its time limit.
-    status: Option<std::process::ExitStatus>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `command` in a process group of its own. At `limit` the script is
-/// asked for its Python stacks (SIGUSR1, see harness.py), then the whole
-/// group is killed, so a hung script fails with what it printed instead of
-/// holding the suite until the nested host's own limit.
-fn run_bounded(mut command: Command, limit: Duration) -> ScriptOutput {
-    use std::io::Read;
-    use std::os::unix::process::CommandExt;
-    use std::process::Stdio;
-    use std::sync::Arc;
-
-    let mut child = command
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the python test runs");
-    // Read as it comes, so what was printed survives a child that keeps a
-    // pipe open past the kill.
-    let collect = |pipe: Option<Box<dyn Read + Send>>| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&buffer);
-        let reader = pipe.map(|mut pipe| {
-            std::thread::spawn(move || {
-                let mut chunk = [0u8; 8192];
-                while let Ok(n) = pipe.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .extend_from_slice(&chunk[..n]);
-                }
-            })
-        });
-        (buffer, reader)
-    };
-    let stdout = collect(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = collect(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let pgid = child.id() as libc::pid_t;
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waitpid on the python test") {
-            break Some(status);
-        }
-        if started.elapsed() > limit {
-            // SAFETY: signals to the child and the group it leads.
-            unsafe {
-                libc::kill(pgid, libc::SIGUSR1);
-                libc::kill(pgid, libc::SIGUSR2);
-            }
-            std::thread::sleep(Duration::from_secs(3));
-            // SAFETY: as above.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    // The readers see EOF once the last writer is gone; one that escaped the
-    // group and keeps a pipe open must not hold the test.
-    let drained_by = std::time::Instant::now() + Duration::from_secs(5);
-    for reader in [&stdout.1, &stderr.1].into_iter().flatten() {
-        while !reader.is_finished() && std::time::Instant::now() < drained_by {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    let text = |(b, _): &(Arc<Mutex<Vec<u8>>>, _)| {
-        String::from_utf8_lossy(&b.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    };
-    ScriptOutput {
-        status,
-        stdout: text(&stdout),
-        stderr: text(&stderr),
-    }
 }
 
 #[test]

@@ -7,9 +7,11 @@
 //! and installed into target/mcp-node by `cargo xtask test`, or here on
 //! first use (`npm ci`).
 
+mod common;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -69,30 +71,10 @@ fn node_script(package_script: &str) -> Command {
     command
 }
 
-/// Runs `command` to its end, killed at [`CLIENT_LIMIT`].
-fn run_bounded(mut command: Command, what: &str) -> Output {
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
-    let pid = child.id();
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let out = child.wait_with_output();
-        let _ = done_tx.send(());
-        out
-    });
-    if done_rx.recv_timeout(CLIENT_LIMIT).is_err() {
-        // SAFETY: a signal to the child we started (not yet reaped: the
-        // waiter holds it until it exits).
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    }
-    waiter
-        .join()
-        .expect("the waiter thread")
-        .unwrap_or_else(|e| panic!("{what}: {e}"))
+/// Runs `command` to its end, killed with its process group at
+/// [`CLIENT_LIMIT`] (`status` is then `None`).
+fn run_bounded(command: Command) -> common::BoundedOutput {
+    common::run_bounded(command, CLIENT_LIMIT, &[])
 }
 
 /// `mcp-inspector --cli <target...> <args...>`: its JSON output, or the
@@ -101,16 +83,15 @@ fn inspector(target: &[&str], args: &[&str]) -> Result<serde_json::Value, String
     let mut command =
         node_script("@modelcontextprotocol/inspector/clients/launcher/build/index.js");
     command.arg("--cli").args(target).args(args);
-    let out = run_bounded(command, "the MCP Inspector");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
+    let out = run_bounded(command);
+    let stdout = &out.stdout;
+    if !out.status.is_some_and(|s| s.success()) {
         return Err(format!(
-            "inspector {args:?} failed ({:?})\n--- stdout\n{stdout}\n--- stderr\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            "inspector {args:?} failed ({:?}; None: killed at the time limit)\n--- stdout\n{stdout}\n--- stderr\n{}",
+            out.status, out.stderr
         ));
     }
-    serde_json::from_str(&stdout)
+    serde_json::from_str(stdout)
         .map_err(|e| format!("inspector output is not JSON ({e}): {stdout}"))
 }
 
@@ -274,18 +255,18 @@ fn the_official_mcp_conformance_suite_passes_but_for_its_reference_scenarios() {
         .args(["server", "--url", &server.url, "--expected-failures"])
         .arg(&expected)
         .current_dir(results.path());
-    let out = run_bounded(command, "the conformance suite");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let out = run_bounded(command);
+    let stdout = &out.stdout;
     let summary = stdout
         .rfind("=== SUMMARY ===")
         .map_or(&stdout[..], |at| &stdout[at..]);
     println!("{summary}");
     assert!(
-        out.status.success(),
-        "conformance server failed ({:?}): a scenario outside {} failed, or one listed there passes now\n{summary}\n--- stderr\n{}",
+        out.status.is_some_and(|s| s.success()),
+        "conformance server failed ({:?}; None: killed at the time limit): a scenario outside {} failed, or one listed there passes now\n{summary}\n--- stderr\n{}",
         out.status,
         expected.display(),
-        String::from_utf8_lossy(&out.stderr)
+        out.stderr
     );
     for must_pass in [
         "server-initialize",

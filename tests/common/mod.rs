@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
+use std::sync::Mutex;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 pub fn airlock() -> Command {
     Command::new(env!("CARGO_BIN_EXE_airlock"))
@@ -93,5 +95,104 @@ pub fn boot_spec(
         label: label.into(),
         confinement: airlock::confinement::Confinement::current(),
         vsock_forward: Vec::new(),
+    }
+}
+
+pub struct BoundedOutput {
+    /// None when it was killed at its time limit.
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `command` in a process group of its own. At `limit` its leader is
+/// sent `ask_first` (a script's request for its stacks, say), then the whole
+/// group is killed, so a hung client fails with what it printed instead of
+/// holding the suite until the nested host's own limit.
+pub fn run_bounded(
+    mut command: Command,
+    limit: Duration,
+    ask_first: &[libc::c_int],
+) -> BoundedOutput {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    use std::sync::Arc;
+
+    let mut child = command
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the client runs");
+    // Read as it comes, so what was printed survives a child that keeps a
+    // pipe open past the kill.
+    let collect = |pipe: Option<Box<dyn Read + Send>>| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&buffer);
+        let reader = pipe.map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend_from_slice(&chunk[..n]);
+                }
+            })
+        });
+        (buffer, reader)
+    };
+    let stdout = collect(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = collect(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let pgid = child.id() as libc::pid_t;
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waitpid on the client") {
+            break Some(status);
+        }
+        if started.elapsed() > limit {
+            for &signal in ask_first {
+                // SAFETY: a signal to the child we started, not yet reaped.
+                unsafe { libc::kill(pgid, signal) };
+            }
+            if !ask_first.is_empty() {
+                std::thread::sleep(Duration::from_secs(3));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The readers see EOF once the last writer is gone; one that escaped the
+    // group and keeps a pipe open must not hold the test.
+    let drained_by = std::time::Instant::now() + Duration::from_secs(5);
+    for reader in [&stdout.1, &stderr.1].into_iter().flatten() {
+        while !reader.is_finished() && std::time::Instant::now() < drained_by {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let text = |(b, _): &(Arc<Mutex<Vec<u8>>>, _)| {
+        String::from_utf8_lossy(&b.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    };
+    BoundedOutput {
+        status,
+        stdout: text(&stdout),
+        stderr: text(&stderr),
     }
 }

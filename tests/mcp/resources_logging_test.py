@@ -41,6 +41,15 @@ class Inbox:
         return sum(fragment in m[1] for m in self.messages)
 
 
+async def read_error(session, uri: str) -> str | None:
+    """The error a resource read gets, or None if it succeeds."""
+    try:
+        await session.read_resource(uri)
+    except MCPError as e:
+        return str(e)
+    return None
+
+
 async def main() -> None:
     with HttpServer("--pool-size", "1") as server:
         inbox_a, inbox_b = Inbox(), Inbox()
@@ -95,19 +104,11 @@ async def main() -> None:
 
             # Another principal's session cannot read it, either way.
             for uri in ("sandbox:///home/sandbox/notes.txt", f"sandbox://{sandbox_id}/home/sandbox/notes.txt"):
-                try:
-                    await b.read_resource(uri)
-                    refused = None
-                except MCPError as e:
-                    refused = str(e)
+                refused = await read_error(b, uri)
                 check(refused is not None, f"bob cannot read alice's {uri} ({refused})")
             for bad in ("file:///etc/passwd", "sandbox:///home/sandbox/%zz", "sandbox:///nope/missing.txt"):
-                try:
-                    await a.read_resource(bad)
-                    err = None
-                except MCPError as e:
-                    err = str(e)
-                check(err is not None, f"{bad} is refused with an error ({err})")
+                refused = await read_error(a, bad)
+                check(refused is not None, f"{bad} is refused with an error ({refused})")
 
             # setLevel decides what the session hears: at warning a reset
             # (a notice) is not told; at notice it is.
