@@ -120,12 +120,8 @@ impl SessionLog {
         *lock(&self.level) = level;
     }
 
-    pub fn level(&self) -> LoggingLevel {
-        *lock(&self.level)
-    }
-
     fn wants(&self, level: LoggingLevel) -> bool {
-        rank(level) >= rank(self.level())
+        rank(level) >= rank(*lock(&self.level))
     }
 
     /// Starts forwarding this session's sandbox events to `peer` (once).
