@@ -10,7 +10,12 @@
 //! Checking is cheap where it runs often: a load compares each stamp with
 //! the file (any write changes ctime, which no one but the clock sets), and
 //! reads the content again only when a stamp differs (a backup restored,
-//! say); a restore compares the stamps only.
+//! say), and then writes the seal again with the new stamps; a restore
+//! compares the stamps only.
+//!
+//! Files outside the directory (the image's) carry a digest too when they
+//! are small (the kernel): an older airlock hard-linked one kernel into
+//! every image, and each new link moved the shared inode's ctime.
 
 use std::fs::File;
 use std::io::Read;
@@ -23,7 +28,12 @@ use sha2::{Digest, Sha256};
 pub const SEAL_FILE: &str = "seal.json";
 const KEY_FILE: &str = "seal.key";
 const KEY_BYTES: usize = 32;
-const VERSION: u32 = 1;
+/// Version 2 digests the small files outside the directory; a seal of an
+/// older version is reported as [`SealError::Outdated`].
+const VERSION: u32 = 2;
+/// Outside files up to this size are digested (the kernel, not the rootfs:
+/// reading that again at each load would take seconds).
+const OUTSIDE_DIGEST_LIMIT: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
@@ -36,6 +46,8 @@ pub enum SealError {
     },
     #[error("{0} has no valid seal: {1}")]
     Unsealed(String, String),
+    #[error("{0} was sealed by an older airlock (seal version {1})")]
+    Outdated(String, u32),
     #[error(
         "{path} changed after it was sealed ({why}); it was damaged or tampered with, so it is \
          refused. Remove {dir} and recreate it (airlock snapshot create)"
@@ -87,7 +99,7 @@ struct Entry {
     path: PathBuf,
     stamp: Stamp,
     /// Hex SHA-256 of the content; none for files too big to read at each
-    /// load (the image), which are checked by their stamp.
+    /// load (the image's rootfs), which are checked by their stamp alone.
     sha256: Option<String>,
 }
 
@@ -203,12 +215,24 @@ pub fn seal(
     }
     for path in outside {
         make_read_only(path)?;
+        let stamp = Stamp::read(path)?;
+        let sha256 = if stamp.size <= OUTSIDE_DIGEST_LIMIT {
+            Some(digest(path)?)
+        } else {
+            None
+        };
         entries.push(Entry {
             path: path.to_path_buf(),
-            stamp: Stamp::read(path)?,
-            sha256: None,
+            stamp,
+            sha256,
         });
     }
+    write_seal(dir, entries, key)
+}
+
+/// Writes the seal beside the files: to a temporary name first, so that a
+/// reader sees the old seal or the new one, never half of one.
+fn write_seal(dir: &Path, entries: Vec<Entry>, key: &[u8; KEY_BYTES]) -> Result<(), SealError> {
     let body = serde_json::to_string(&entries)
         .map_err(|e| SealError::Unsealed(dir.display().to_string(), e.to_string()))?;
     let seal = SealFile {
@@ -219,8 +243,11 @@ pub fn seal(
     let text = serde_json::to_string_pretty(&seal)
         .map_err(|e| SealError::Unsealed(dir.display().to_string(), e.to_string()))?;
     let path = dir.join(SEAL_FILE);
-    std::fs::write(&path, text + "\n").map_err(io("write", &path))?;
-    make_read_only(&path)
+    let tmp = dir.join(format!("{SEAL_FILE}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::write(&tmp, text + "\n").map_err(io("write", &tmp))?;
+    make_read_only(&tmp)?;
+    std::fs::rename(&tmp, &path).map_err(io("rename", &path))
 }
 
 /// Checks the seal of `dir`: its MAC, then each file's stamp, reading a
@@ -230,6 +257,9 @@ pub fn verify(dir: &Path, key: &[u8; KEY_BYTES]) -> Result<Sealed, SealError> {
     let path = dir.join(SEAL_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| unsealed(format!("{SEAL_FILE}: {e}")))?;
     let seal: SealFile = serde_json::from_str(&text).map_err(|e| unsealed(e.to_string()))?;
+    if seal.version < VERSION {
+        return Err(SealError::Outdated(dir.display().to_string(), seal.version));
+    }
     if seal.version != VERSION {
         return Err(unsealed(format!("seal version {}", seal.version)));
     }
@@ -243,7 +273,9 @@ pub fn verify(dir: &Path, key: &[u8; KEY_BYTES]) -> Result<Sealed, SealError> {
         dir: dir.to_path_buf(),
         stamps: Vec::new(),
     };
-    for entry in seal.entries {
+    let mut moved = false;
+    let mut entries = seal.entries;
+    for entry in &mut entries {
         let path = if entry.path.is_absolute() {
             entry.path.clone()
         } else {
@@ -260,8 +292,17 @@ pub fn verify(dir: &Path, key: &[u8; KEY_BYTES]) -> Result<Sealed, SealError> {
                 return Err(sealed.changed(&path, describe_change(&entry.stamp, &now)));
             }
             tracing::info!(path = %path.display(), "sealed file moved or was copied; its content still matches");
+            entry.stamp = now;
+            moved = true;
         }
         sealed.stamps.push((path, now));
+    }
+    if moved {
+        // The next load need not read the content again. A seal that cannot
+        // be written (a read-only cache) still verified.
+        if let Err(e) = write_seal(dir, entries, key) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot record the moved stamps in the seal");
+        }
     }
     Ok(sealed)
 }
@@ -445,6 +486,68 @@ mod tests {
             seal(dir.path(), &["state.json"], &[&kernel], &key).unwrap();
         }
         verify(first.path(), &key).expect("the second seal left the shared kernel untouched");
+    }
+
+    #[test]
+    fn a_new_link_to_the_kernel_keeps_the_seal_and_is_restamped() {
+        let cache = tempfile::tempdir().unwrap();
+        let key = key(cache.path()).unwrap();
+        let image = tempfile::tempdir().unwrap();
+        let kernel = image.path().join("vmlinux");
+        std::fs::write(&kernel, b"kernel").unwrap();
+        // A rootfs too big to digest at each load: sparse, so cheap here.
+        let rootfs = image.path().join("rootfs.ext4");
+        File::create(&rootfs)
+            .unwrap()
+            .set_len(OUTSIDE_DIGEST_LIMIT + 4096)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("state.json"), b"{}").unwrap();
+        seal(dir.path(), &["state.json"], &[&kernel, &rootfs], &key).unwrap();
+
+        // An older airlock's image build linked the kernel: its ctime moves.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::hard_link(&kernel, image.path().join("another-image-vmlinux")).unwrap();
+        let before = std::fs::read_to_string(dir.path().join(SEAL_FILE)).unwrap();
+        let sealed = verify(dir.path(), &key).expect("same content, so still sealed");
+        sealed.check_unchanged().unwrap();
+        let after = std::fs::read_to_string(dir.path().join(SEAL_FILE)).unwrap();
+        assert_ne!(before, after, "the moved stamp is recorded");
+        verify(dir.path(), &key).unwrap();
+
+        // The rootfs carries no digest: a moved stamp is refused.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::hard_link(&rootfs, image.path().join("another-rootfs")).unwrap();
+        let err = verify(dir.path(), &key).unwrap_err().to_string();
+        assert!(
+            err.contains("rootfs.ext4 changed after it was sealed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_seal_of_an_older_version_is_outdated_not_tampered() {
+        let cache = tempfile::tempdir().unwrap();
+        let key = key(cache.path()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("state.json"), b"{}").unwrap();
+        seal(dir.path(), &["state.json"], &[], &key).unwrap();
+        let path = dir.path().join(SEAL_FILE);
+        let mut old: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        old["version"] = 1.into();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, old.to_string()).unwrap();
+        assert!(matches!(
+            verify(dir.path(), &key),
+            Err(SealError::Outdated(_, 1))
+        ));
+        old["version"] = (VERSION + 1).into();
+        std::fs::write(&path, old.to_string()).unwrap();
+        assert!(matches!(
+            verify(dir.path(), &key),
+            Err(SealError::Unsealed(..))
+        ));
     }
 
     #[test]

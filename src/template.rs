@@ -109,7 +109,8 @@ fn msr_fingerprint() -> String {
 }
 
 /// The template in `dir`: None if there is none (or one an older airlock
-/// made, without a seal: it is remade); an error if its seal fails.
+/// made, without a seal or with an older one: it is remade); an error if its
+/// seal fails.
 pub fn open(cache: &Path, dir: &Path, image: &Image) -> Result<Option<Template>> {
     read_template(cache, dir, image)
 }
@@ -119,8 +120,16 @@ fn read_template(cache: &Path, dir: &Path, image: &Image) -> Result<Option<Templ
         return Ok(None);
     }
     let key = crate::seal::key(cache)?;
-    let seal = crate::seal::verify(dir, &key)
-        .with_context(|| format!("the template {} is refused", dir.display()))?;
+    let seal = match crate::seal::verify(dir, &key) {
+        Ok(seal) => seal,
+        Err(outdated @ crate::seal::SealError::Outdated(..)) => {
+            eprintln!("[template] {outdated}: it is made again");
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("the template {} is refused", dir.display()));
+        }
+    };
     let text = std::fs::read_to_string(dir.join("template.json"))
         .with_context(|| format!("cannot read {}/template.json", dir.display()))?;
     let info: TemplateInfo = serde_json::from_str(&text)
