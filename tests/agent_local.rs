@@ -38,6 +38,19 @@ mod local {
     }
 
     pub async fn start() -> Local {
+        let l = start_with(None).await;
+        let status = l
+            .client
+            .warm_status(Some(SHORT))
+            .await
+            .expect("warm status");
+        assert!(status.all_warm(), "{status:?}");
+        l
+    }
+
+    /// An agent honouring `image` as its image file (see the agent's
+    /// `Config::debug`); its interpreters may still be starting.
+    pub async fn start_with(image: Option<&serde_json::Value>) -> Local {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
         std::fs::create_dir(&home).unwrap();
@@ -48,6 +61,11 @@ mod local {
             .arg("--home")
             .arg(&home)
             .stderr(Stdio::piped());
+        if let Some(image) = image {
+            let path = dir.path().join("image.json");
+            std::fs::write(&path, image.to_string()).unwrap();
+            cmd.env("AIRLOCK_IMAGE_CONFIG", &path);
+        }
         // Started as `nohup` or a shell's `&` would start it: with SIGINT and
         // SIGQUIT ignored. Its interpreters must still be interruptible.
         // SAFETY: signal() is async-signal-safe; nothing else runs here.
@@ -78,8 +96,6 @@ mod local {
         let client = AgentClient::connect_unix(&sock, SHORT)
             .await
             .expect("connect");
-        let status = client.warm_status(Some(SHORT)).await.expect("warm status");
-        assert!(status.all_warm(), "{status:?}");
         Local { client, dir, child }
     }
 
@@ -577,6 +593,122 @@ mod local {
                     ping_time.as_secs_f64() * 1000.0 / N as f64,
                 );
             }
+        });
+    }
+
+    /// A program's absolute path, from this process's PATH.
+    fn in_path(name: &str) -> String {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("{name} is not in PATH"))
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn remote_error(e: airlock::agent_client::AgentError) -> (ErrorCode, String) {
+        match e {
+            airlock::agent_client::AgentError::Remote { code, message } => (code, message),
+            other => panic!("not an error from the agent: {other}"),
+        }
+    }
+
+    /// A custom image's settings: python where the image says, its modules
+    /// imported before "ready" (one missing: a note), its env for all user
+    /// code but not the agent's plumbing, no node (refused by name), and
+    /// bash started on first use.
+    #[test]
+    fn image_file_sets_env_imports_and_languages() {
+        RT.block_on(async {
+            let image = serde_json::json!({
+                "name": "local-test",
+                "python": in_path("python3"),
+                "node": null,
+                "warm": ["python"],
+                "python_imports": ["xml.dom.minidom", "airlock_no_such_module"],
+                "env": {"IMAGE_GREETING": "hello from the image", "HOME": "/refused"},
+            });
+            let l = start_with(Some(&image)).await;
+            let c = &l.client;
+            let status = c.warm_status(Some(SHORT)).await.unwrap();
+            assert!(status.settled(), "{status:?}");
+            let python = status.get(Language::Python).unwrap();
+            assert_eq!(python.state, InterpreterState::Warm, "{python:?}");
+            let detail = python.detail.as_deref().unwrap_or_default();
+            assert!(detail.contains("airlock_no_such_module"), "{detail}");
+            let node = status.get(Language::Javascript).unwrap();
+            assert_eq!(node.state, InterpreterState::Unavailable, "{node:?}");
+            assert!(node.detail.as_deref().unwrap_or_default().contains("has no node"), "{node:?}");
+            let bash = status.get(Language::Bash).unwrap();
+            assert_eq!((bash.state, bash.starts), (InterpreterState::Stopped, 0), "{bash:?}");
+
+            let code = "import os, sys, subprocess\n\
+                        print(os.environ['IMAGE_GREETING'], os.environ['HOME'] == os.getcwd())\n\
+                        print('AIRLOCK_PYTHON_IMPORTS' in os.environ, 'xml.dom.minidom' in sys.modules, flush=True)\n\
+                        _ = subprocess.run(['sh', '-c', 'echo ${AIRLOCK_PYTHON_IMPORTS:-clean}'])";
+            let out = run(c, Language::Python, code, SHORT).await;
+            assert_ok(&out, "python in the image");
+            assert_eq!(run_text(&out), "hello from the image True\nFalse True\nclean\n");
+
+            let err = c.run_code(Language::Javascript, "1", SHORT).await.unwrap_err();
+            let (code, message) = remote_error(err);
+            assert_eq!(code, ErrorCode::Unsupported);
+            assert_eq!(
+                message,
+                "this image (local-test) has no node (javascript); its languages are python, bash"
+            );
+            let (code, _) = remote_error(c.reset(Some(Language::Javascript)).await.unwrap_err());
+            assert_eq!(code, ErrorCode::Unsupported);
+            c.reset(None).await.unwrap();
+
+            // Not warmed: bash starts on its first call.
+            let out = run(c, Language::Bash, "echo $IMAGE_GREETING", SHORT).await;
+            assert_eq!(run_text(&out), "hello from the image\n");
+            let status = c.warm_status(None).await.unwrap();
+            assert_eq!(status.get(Language::Bash).unwrap().state, InterpreterState::Warm);
+            let out = c.sh("echo $IMAGE_GREETING; echo $HOME", SHORT).await.unwrap();
+            assert_eq!(text(&out), format!("hello from the image\n{}\n", home(&l)));
+        });
+    }
+
+    /// Without bash, a shell command is refused by name; argv still runs.
+    #[test]
+    fn image_without_bash_or_node() {
+        RT.block_on(async {
+            let image = serde_json::json!({"bash": null, "node": null, "warm": []});
+            let l = start_with(Some(&image)).await;
+            let c = &l.client;
+            let status = c.warm_status(Some(SHORT)).await.unwrap();
+            assert!(status.settled(), "{status:?}");
+            assert_eq!(
+                status.get(Language::Python).unwrap().state,
+                InterpreterState::Stopped
+            );
+            assert_eq!(
+                status.get(Language::Bash).unwrap().state,
+                InterpreterState::Unavailable
+            );
+            let (code, message) = remote_error(c.sh("true", SHORT).await.unwrap_err());
+            assert_eq!(code, ErrorCode::Unsupported);
+            assert!(message.contains("this image has no bash"), "{message}");
+            assert!(message.contains("its languages are python"), "{message}");
+            let out = c
+                .exec(
+                    Exec {
+                        command: Command::Argv(vec!["echo".into(), "argv".into()]),
+                        cwd: None,
+                        env: Vec::new(),
+                        timeout_ms: None,
+                        output: OutputLimits::default(),
+                    },
+                    Vec::new(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(text(&out), "argv\n");
+            let out = run(c, Language::Python, "print(6 * 7)", SHORT).await;
+            assert_eq!(run_text(&out), "42\n");
         });
     }
 

@@ -51,7 +51,10 @@ pub async fn exec(
             return Message::error(ErrorCode::BadRequest, "argv is empty");
         }
         Command::Argv(argv) => argv,
-        Command::Shell(script) => vec![ops.config.bash.clone(), "-c".into(), script],
+        Command::Shell(script) => match &ops.config.bash {
+            Some(bash) => vec![bash.clone(), "-c".into(), script],
+            None => return Message::error(ErrorCode::Unsupported, ops.config.lacks_shell()),
+        },
     };
     let cwd = match &req.cwd {
         Some(dir) => ops.resolve(dir),

@@ -1,7 +1,10 @@
 //! Warm, stateful interpreters for run_code: one long-lived process per
 //! language (python3, node, bash), started when the agent starts, each
 //! running a small driver (drivers/) that executes cells in a persistent
-//! namespace. No interpreter process is started on the run_code path.
+//! namespace. No interpreter process is started on the run_code path, except
+//! for one left out of the warm set (`Config::warm`), which starts on its
+//! first call. An interpreter the image lacks (see `image`) is never started:
+//! its calls are refused, naming the image.
 //!
 //! Each interpreter runs as the sandbox user in its own session and cgroup.
 //! Its fds 1 and 2 are pipes the agent reads (so subprocess output is
@@ -59,6 +62,8 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_LINE: usize = 16 << 20;
 /// Stderr kept from a failed start, for its error message.
 const START_TAIL: usize = 2048;
+/// The image's python_imports for driver.py (comma-separated module names).
+const PYTHON_IMPORTS_VAR: &str = "AIRLOCK_PYTHON_IMPORTS";
 
 pub struct Interpreters {
     sessions: Vec<Arc<Session>>,
@@ -66,7 +71,8 @@ pub struct Interpreters {
 
 struct Session {
     lang: Language,
-    argv: Vec<String>,
+    /// `None`: the image has no such interpreter.
+    argv: Option<Vec<String>>,
     /// Where bash's cells are written.
     cell_path: PathBuf,
     inner: Arc<Mutex<Option<Proc>>>,
@@ -169,8 +175,9 @@ impl Interpreters {
         let sessions = Language::ALL
             .into_iter()
             .map(|lang| {
-                let argv = match lang {
-                    Language::Python => vec![config.python.clone(), file("driver.py")],
+                let program = config.program(lang).map(str::to_string);
+                let argv = program.map(|program| match lang {
+                    Language::Python => vec![program, file("driver.py")],
                     // The REPL's top-level-await rewriter lives in node's internals.
                     // --single-threaded: V8's background GC and compiler threads
                     // crash node on a software-nested KVM (kvm_pvm; seen as a
@@ -178,7 +185,7 @@ impl Interpreters {
                     // a REPL gains little from them; fewer threads also mean fewer
                     // guest wake-ups.
                     Language::Javascript => {
-                        let mut argv = vec![config.node.clone(), "--single-threaded".into()];
+                        let mut argv = vec![program, "--single-threaded".into()];
                         if config.no_avx {
                             argv.extend(NODE_NO_AVX_FLAGS.iter().map(|f| f.to_string()));
                         }
@@ -186,12 +193,17 @@ impl Interpreters {
                         argv
                     }
                     _ => vec![
-                        config.bash.clone(),
+                        program,
                         "--noprofile".into(),
                         "--norc".into(),
                         file("driver.sh"),
                         cell_path.to_string_lossy().into_owned(),
                     ],
+                });
+                // Unavailable for good: never Starting, so nobody waits on it.
+                let (state, detail) = match argv {
+                    Some(_) => (InterpreterState::Starting, None),
+                    None => (InterpreterState::Unavailable, Some(config.lacks(lang))),
                 };
                 Arc::new(Session {
                     lang,
@@ -199,9 +211,9 @@ impl Interpreters {
                     cell_path: cell_path.clone(),
                     inner: Arc::new(Mutex::new(None)),
                     status: watch::Sender::new(Status {
-                        state: InterpreterState::Starting,
+                        state,
                         warm_after_ms: None,
-                        detail: None,
+                        detail,
                         starts: 0,
                     }),
                     generation: AtomicU64::new(0),
@@ -217,6 +229,9 @@ impl Interpreters {
     pub fn start_all(&self, ops: &Arc<Ops>, eager: &[Language]) {
         let mut queue = Vec::new();
         for session in &self.sessions {
+            if session.argv.is_none() {
+                continue;
+            }
             if eager.contains(&session.lang) {
                 // Taken now, so that calls queue behind the start.
                 let guard = session.inner.clone().try_lock_owned().ok();
@@ -261,6 +276,9 @@ impl Interpreters {
                 "unsupported language (use python, javascript or bash)",
             );
         };
+        if session.argv.is_none() {
+            return Message::error(ErrorCode::Unsupported, ops.config.lacks(session.lang));
+        }
         let (stdout_max, stderr_max) = match request::output_limits(&req.output) {
             Ok(l) => l,
             Err(e) => return Message::error(ErrorCode::BadRequest, e),
@@ -494,7 +512,18 @@ impl Interpreters {
             None => self.sessions.iter().collect(),
         };
         for session in chosen {
+            if session.argv.is_none() {
+                if lang.is_some() {
+                    return Message::error(ErrorCode::Unsupported, ops.config.lacks(session.lang));
+                }
+                continue;
+            }
             let mut guard = session.inner.clone().lock_owned().await;
+            // Never started (not warmed at agent start): no state to drop,
+            // and it still starts on first use.
+            if guard.is_none() && session.status.borrow().state == InterpreterState::Stopped {
+                continue;
+            }
             let in_place = match guard.as_mut() {
                 Some(proc) if !proc.is_dead() && session.lang != Language::Bash => {
                     let line = control_line(&serde_json::json!({"op": "reset"}));
@@ -519,7 +548,9 @@ impl Interpreters {
     /// Reseeds the generators of every warm, idle interpreter; returns the
     /// languages reseeded and why others were not.
     pub async fn reseed_all(&self) -> (Vec<Language>, Vec<String>, Vec<(String, u64)>) {
-        let attempts = self.sessions.iter().map(|session| async move {
+        // An interpreter the image lacks has nothing to reseed.
+        let present = self.sessions.iter().filter(|s| s.argv.is_some());
+        let attempts = present.map(|session| async move {
             let started = std::time::Instant::now();
             let result = Self::reseed_one(session).await;
             let took = (
@@ -693,6 +724,8 @@ impl Session {
     /// Starts a fresh interpreter and waits for it to be warm, holding the
     /// session all along. Any previous process must be gone already.
     async fn start(self: Arc<Self>, ops: Arc<Ops>, mut guard: OwnedMutexGuard<Option<Proc>>) {
+        // Callers check first; an interpreter the image lacks stays as it is.
+        let Some(argv) = &self.argv else { return };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         self.set_status(|s| {
             s.state = InterpreterState::Starting;
@@ -700,10 +733,10 @@ impl Session {
             s.detail = None;
         });
         let t0 = Instant::now();
-        let mut proc = match self.spawn(&ops, generation) {
+        let mut proc = match self.spawn(&ops, argv.clone(), generation) {
             Ok(proc) => proc,
             Err(e) => {
-                let why = spawn::describe_spawn_error(&self.argv[0], &e);
+                let why = spawn::describe_spawn_error(&argv[0], &e);
                 log!("{}: {why}", self.lang.name());
                 self.set_status(|s| {
                     s.state = InterpreterState::Failed;
@@ -782,7 +815,12 @@ impl Session {
         }
     }
 
-    fn spawn(self: &Arc<Self>, ops: &Arc<Ops>, generation: u64) -> std::io::Result<Proc> {
+    fn spawn(
+        self: &Arc<Self>,
+        ops: &Arc<Ops>,
+        argv: Vec<String>,
+        generation: u64,
+    ) -> std::io::Result<Proc> {
         let (out_r, out_w) = sys::pipe()?;
         let (err_r, err_w) = sys::pipe()?;
         let (in_r, in_w) = sys::pipe()?;
@@ -796,11 +834,18 @@ impl Session {
         };
         let mut env = ops.config.base_env();
         env.push(("PWD".into(), ops.config.home.to_string_lossy().into_owned()));
+        if self.lang == Language::Python && !ops.config.python_imports.is_empty() {
+            // The driver takes this out of its environment before user code runs.
+            env.push((
+                PYTHON_IMPORTS_VAR.into(),
+                ops.config.python_imports.join(","),
+            ));
+        }
         let env = merge_env(env, &[]);
         let spawned = spawn::spawn(
             &ops.reaper,
             SpawnSpec {
-                argv: self.argv.clone(),
+                argv,
                 env,
                 cwd: ops.config.home.clone(),
                 creds: ops.config.creds,

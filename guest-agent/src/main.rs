@@ -13,6 +13,8 @@
 //! `airlock-agent --serve-unix PATH [--home DIR]` serves the same protocol
 //! on a Unix socket as the current user, without mounts or cgroups: for
 //! tests and for measuring the agent (e.g. under `strace -f -c`) on a host.
+//! There, `AIRLOCK_IMAGE_CONFIG=FILE` stands for a custom image's
+//! `/etc/airlock/image.json` (see `image`).
 
 mod cgroup;
 mod config;
@@ -22,6 +24,7 @@ mod exec;
 mod file_helper;
 mod files;
 mod freshness;
+mod image;
 mod init;
 mod interp;
 mod log;

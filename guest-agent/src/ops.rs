@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use airlock_protocol::{ErrorCode, Language, Limits, Message, SetLimits};
+use airlock_protocol::{ErrorCode, Limits, Message, SetLimits};
 
 use crate::cgroup::{Cgroup, Sandbox};
 use crate::config::Config;
@@ -63,7 +63,7 @@ impl Ops {
             exec_seq: AtomicU64::new(0),
             lingering: Mutex::default(),
         });
-        ops.interpreters.start_all(&ops, &eager_interpreters());
+        ops.interpreters.start_all(&ops, &ops.config.warm);
         ops
     }
 
@@ -184,23 +184,6 @@ impl Ops {
             guest_memory_bytes: sys::total_memory(),
         }
     }
-}
-
-/// The interpreters started with the agent, in start order: bash (cheap),
-/// python, javascript; `AIRLOCK_INTERPRETERS` (e.g. `python,bash`, or
-/// `none`; on the kernel command line for PID 1) picks others.
-fn eager_interpreters() -> Vec<Language> {
-    const DEFAULT: [Language; 3] = [Language::Bash, Language::Python, Language::Javascript];
-    let Ok(list) = std::env::var("AIRLOCK_INTERPRETERS") else {
-        return DEFAULT.to_vec();
-    };
-    list.split(',')
-        .filter_map(|name| {
-            Language::ALL.into_iter().find(|l| {
-                l.name() == name.trim() || (name.trim() == "node" && *l == Language::Javascript)
-            })
-        })
-        .collect()
 }
 
 pub fn resolve(home: &Path, path: &str) -> PathBuf {

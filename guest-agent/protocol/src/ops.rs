@@ -240,6 +240,11 @@ pub enum InterpreterState {
     Warm,
     /// Could not start; see the detail. The next call tries again.
     Failed,
+    /// The image has no such interpreter (its `/etc/airlock/image.json`
+    /// says so); calls in this language are refused with
+    /// [`crate::ErrorCode::Unsupported`]. It never changes. An older peer
+    /// reads it as [`InterpreterState::Unknown`].
+    Unavailable,
     #[serde(other)]
     Unknown,
 }
@@ -273,6 +278,21 @@ impl WarmStatusReply {
                 .interpreters
                 .iter()
                 .all(|i| i.state == InterpreterState::Warm)
+    }
+
+    /// Whether no interpreter is starting any more: each is warm, failed,
+    /// stopped (started on first use) or unavailable in this image.
+    pub fn settled(&self) -> bool {
+        !self.interpreters.is_empty()
+            && self.interpreters.iter().all(|i| {
+                matches!(
+                    i.state,
+                    InterpreterState::Warm
+                        | InterpreterState::Failed
+                        | InterpreterState::Stopped
+                        | InterpreterState::Unavailable
+                )
+            })
     }
 
     pub fn get(&self, language: Language) -> Option<&InterpreterStatus> {

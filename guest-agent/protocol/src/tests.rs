@@ -158,6 +158,13 @@ fn operation_samples() -> Vec<Frame> {
                         detail: Some("no bash".into()),
                         starts: 3,
                     },
+                    InterpreterStatus {
+                        language: Language::Javascript,
+                        state: InterpreterState::Unavailable,
+                        warm_after_ms: None,
+                        detail: Some("this image (data) has no node (javascript)".into()),
+                        starts: 0,
+                    },
                 ],
             }),
         ),
@@ -487,6 +494,36 @@ fn forward_compatible_headers() {
     ))
     .unwrap();
     assert_eq!(f[0].message, Message::error(ErrorCode::Unknown, "m"));
+}
+
+#[test]
+fn warm_states_settle_and_unavailable_is_its_own() {
+    let status = |states: &[InterpreterState]| WarmStatusReply {
+        interpreters: states
+            .iter()
+            .zip(Language::ALL)
+            .map(|(&state, language)| InterpreterStatus {
+                language,
+                state,
+                warm_after_ms: None,
+                detail: None,
+                starts: 0,
+            })
+            .collect(),
+    };
+    use InterpreterState::*;
+    assert!(status(&[Warm, Warm, Warm]).all_warm());
+    assert!(status(&[Warm, Unavailable, Stopped]).settled());
+    assert!(!status(&[Warm, Unavailable, Stopped]).all_warm());
+    assert!(status(&[Failed, Warm, Warm]).settled());
+    assert!(!status(&[Warm, Starting, Warm]).settled());
+    assert!(!status(&[Warm, Unknown, Warm]).settled());
+    assert!(!status(&[]).settled());
+    let json = serde_json::to_string(&Unavailable).unwrap();
+    assert_eq!(json, r#""unavailable""#);
+    // A peer that predates it reads a state it does not know as Unknown.
+    let later: InterpreterState = serde_json::from_str(r#""hibernating""#).unwrap();
+    assert_eq!(later, Unknown);
 }
 
 #[test]

@@ -12,7 +12,12 @@ base64 PNG), "done" (status 0 or 1, and the exception if one escaped).
 
 Everything expensive (numpy, pandas, matplotlib with its font cache) is
 imported and exercised before "ready", so that a snapshot of a warm guest
-holds it and the first cell pays nothing for it.
+holds it and the first cell pays nothing for it; so are the image's own
+modules, named in $AIRLOCK_PYTHON_IMPORTS (comma-separated), which leaves
+the environment before any user code runs. Each of these is optional: one
+that fails to import is a note in "ready", not a failure.
+
+Runs on Python 3.9 and later (a custom image brings its own Python).
 """
 
 import os
@@ -21,6 +26,9 @@ import time
 
 _T0 = time.monotonic()
 CTL_IN, CTL_OUT = 3, 4
+# airlock's plumbing, not the user's: out of os.environ (and so of every
+# subprocess's environment) at once.
+_IMPORTS = [m for m in os.environ.pop("AIRLOCK_PYTHON_IMPORTS", "").split(",") if m]
 
 # Keep our control pipes out of user subprocesses.
 for _fd in (CTL_IN, CTL_OUT):
@@ -112,7 +120,8 @@ def _warm():
     answers are known, so they are given without the programs."""
     import platform
     import subprocess
-    platform._Processor.get = classmethod(lambda cls: "")
+    if hasattr(platform, "_Processor"):  # a private detail: other versions may lack it
+        platform._Processor.get = classmethod(lambda cls: "")
     real_check_output = subprocess.check_output
 
     def check_output(args, *a, **kw):
@@ -125,6 +134,7 @@ def _warm():
     subprocess.check_output = check_output
     try:
         _warm_imports()
+        _image_imports()
     finally:
         subprocess.check_output = real_check_output
 
@@ -151,15 +161,28 @@ def _warm_imports():
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        plt.show = _show
         # Draw and encode once: builds the font cache and loads the PNG writer.
         fig, ax = plt.subplots(figsize=(1, 1))
         ax.plot([0, 1], [0, 1])
         ax.set_title("warm")
         fig.savefig(io.BytesIO(), format="png")
         plt.close("all")
-        plt.show = _show
     except Exception as e:
         _notes.append(f"matplotlib: {e}")
+
+
+def _image_imports():
+    """The image's python_imports. A module may exit or raise anything while
+    importing; the driver must still come up."""
+    import importlib
+    for mod in _IMPORTS:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            _notes.append(f"{mod}: {e}")
+        except BaseException as e:
+            _notes.append(f"{mod}: {type(e).__name__}: {e}")
 
 
 _figures_sent = 0
@@ -324,6 +347,9 @@ def main():
     signal.signal(signal.SIGINT, _on_sigint)
     _fresh_namespace()
     _warm()
+    # What an imported module may have taken over, back to the driver's.
+    signal.signal(signal.SIGINT, _on_sigint)
+    sys.stdout, sys.stderr = _stdout, _stderr
     for s in (_stdout, _stderr):
         s.flush()
     _send({
