@@ -15,6 +15,7 @@ mod host_tools;
 pub mod kernel;
 pub(crate) mod lock;
 mod mirror;
+pub mod oci;
 mod progress;
 pub mod recipe;
 pub mod rootfs;
