@@ -227,7 +227,7 @@ async fn create(
         )
         .await
         .context("cannot reach the agent of the template VM")?;
-        wait_warm(&client).await?
+        wait_warm(&client, &required_warm(image)).await?
     };
     for note in &not_warm {
         eprintln!("[template] warning: {note}; it will start on first use in each sandbox");
@@ -388,15 +388,26 @@ fn advise_file(path: &Path, advice: libc::c_int) -> Result<()> {
 /// Interpreters the template must have warm; the others are best effort.
 /// (On kvm_pvm, node sometimes dies with SIGSEGV in V8 while starting: the
 /// hypervisor's emulation, not airlock; python and bash are what most
-/// sandboxes use first.)
-const REQUIRED_WARM: [airlock_protocol::Language; 2] = [
-    airlock_protocol::Language::Python,
-    airlock_protocol::Language::Bash,
-];
+/// sandboxes use first.) A custom image requires those of its warm set.
+fn required_warm(image: &Image) -> Vec<airlock_protocol::Language> {
+    use airlock_protocol::Language;
+    let builtin = [Language::Python, Language::Bash];
+    match &image.manifest.custom {
+        None => builtin.to_vec(),
+        Some(custom) => builtin
+            .into_iter()
+            .filter(|l| custom.guest.warm.iter().any(|w| w == l.name()))
+            .collect(),
+    }
+}
 
-/// Waits until every interpreter is warm or has failed; fails if a required
-/// one failed, and returns notes about the optional ones that did.
-async fn wait_warm(client: &AgentClient) -> Result<Vec<String>> {
+/// Waits until every interpreter has settled (warm, failed, not asked for,
+/// or absent from the image); fails if a required one is not warm, and
+/// returns notes about the optional ones that failed.
+async fn wait_warm(
+    client: &AgentClient,
+    required: &[airlock_protocol::Language],
+) -> Result<Vec<String>> {
     use airlock_protocol::InterpreterState;
     let deadline = Instant::now() + WARM_TIMEOUT;
     loop {
@@ -416,12 +427,21 @@ async fn wait_warm(client: &AgentClient) -> Result<Vec<String>> {
                 frame.message
             );
         };
-        let settled = !status.interpreters.is_empty()
-            && status
-                .interpreters
-                .iter()
-                .all(|i| matches!(i.state, InterpreterState::Warm | InterpreterState::Failed));
-        if settled {
+        if status.settled() {
+            for i in &status.interpreters {
+                if required.contains(&i.language)
+                    && matches!(
+                        i.state,
+                        InterpreterState::Stopped | InterpreterState::Unavailable
+                    )
+                {
+                    bail!(
+                        "the template needs the {} interpreter warm, and the agent reports it {:?}",
+                        i.language.name(),
+                        i.state
+                    );
+                }
+            }
             let mut notes = Vec::new();
             for i in status
                 .interpreters
@@ -433,7 +453,7 @@ async fn wait_warm(client: &AgentClient) -> Result<Vec<String>> {
                     i.language.name(),
                     i.detail.as_deref().unwrap_or("no detail")
                 );
-                if REQUIRED_WARM.contains(&i.language) {
+                if required.contains(&i.language) {
                     bail!("the template needs it warm: {why}");
                 }
                 notes.push(why);

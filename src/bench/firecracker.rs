@@ -138,15 +138,7 @@ async fn make_snapshot(
     };
     loop {
         let status = client.warm_status(Some(Duration::from_secs(30))).await?;
-        let settled = !status.interpreters.is_empty()
-            && status.interpreters.iter().all(|i| {
-                matches!(
-                    i.state,
-                    airlock_protocol::InterpreterState::Warm
-                        | airlock_protocol::InterpreterState::Failed
-                )
-            });
-        if settled {
+        if status.settled() {
             break;
         }
         if Instant::now() > deadline {

@@ -11,10 +11,13 @@
 
 mod agent;
 mod command;
+pub mod commands;
+pub mod custom;
 mod host_tools;
 pub mod kernel;
 pub(crate) mod lock;
 mod mirror;
+pub mod names;
 pub mod oci;
 mod progress;
 pub mod recipe;
@@ -41,6 +44,14 @@ pub struct Image {
 }
 
 impl Image {
+    /// The name sandboxes and clients know it by.
+    pub fn name(&self) -> &str {
+        self.manifest
+            .custom
+            .as_ref()
+            .map_or(names::DEFAULT_IMAGE, |c| c.name.as_str())
+    }
+
     pub fn vmlinux(&self) -> PathBuf {
         self.dir.join("vmlinux")
     }
@@ -59,6 +70,9 @@ pub struct Manifest {
     pub kernel: ManifestKernel,
     pub rootfs: ManifestRootfs,
     pub agent: ManifestAgent,
+    /// What a recipe added; none for the built-in image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom: Option<custom::CustomManifest>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,6 +172,7 @@ pub fn ensure(cache: &Path) -> Result<(Image, Outcome)> {
             sha256: agent_sha256,
             bytes: agent_bytes.len() as u64,
         },
+        custom: None,
     };
     write_json(&out.join("manifest.json"), &manifest)?;
     publish(&out, &dir)?;

@@ -134,8 +134,43 @@ pub fn ensure(cache: &Path) -> Result<Rootfs> {
     trim(&tree)?;
     prepare_guest_files(&tree)?;
 
-    let content_bytes = tree_bytes(&tree)?;
-    let files = tree_files(&tree)?;
+    let out = scratch.path().join("out");
+    std::fs::create_dir(&out).context("cannot create the rootfs output directory")?;
+    let packed = pack_ext4(&tree, &out.join("rootfs.ext4"), &log, &progress)?;
+
+    let info = RootfsInfo {
+        suite: recipe::SUITE.to_string(),
+        mirror,
+        packages: installed,
+        ext4_bytes: packed.image_bytes,
+        content_bytes: packed.content_bytes,
+        build_seconds: progress.elapsed().as_secs_f64(),
+    };
+    super::write_json(&out.join("rootfs.json"), &info)?;
+    publish(&out, &dir)?;
+    progress.step(&format!(
+        "done: {} packages in {}",
+        info.packages.len(),
+        dir.display()
+    ));
+    Ok(Rootfs { key, dir, info })
+}
+
+/// What packing a tree gave.
+pub(super) struct Packed {
+    pub image_bytes: u64,
+    pub content_bytes: u64,
+}
+
+/// Packs `tree` into a new read-only ext4 file at `ext4`, sized to fit.
+pub(super) fn pack_ext4(
+    tree: &Path,
+    ext4: &Path,
+    log: &Path,
+    progress: &Progress,
+) -> Result<Packed> {
+    let content_bytes = tree_bytes(tree)?;
+    let files = tree_files(tree)?;
     // Room for ext4 metadata plus a little slack; the image is read-only.
     let image_bytes = round_up(content_bytes + content_bytes / 6 + (64 << 20), 1 << 20);
     progress.step(&format!(
@@ -143,10 +178,7 @@ pub fn ensure(cache: &Path) -> Result<Rootfs> {
         files,
         content_bytes >> 20
     ));
-    let out = scratch.path().join("out");
-    std::fs::create_dir(&out).context("cannot create the rootfs output directory")?;
-    let ext4 = out.join("rootfs.ext4");
-    std::fs::File::create(&ext4)
+    std::fs::File::create(ext4)
         .and_then(|f| f.set_len(image_bytes))
         .context("cannot create the ext4 image file")?;
     let mut mkfs = Command::new("mkfs.ext4");
@@ -165,26 +197,13 @@ pub fn ensure(cache: &Path) -> Result<Rootfs> {
     .arg("-N")
     .arg((files + files / 5 + 4096).to_string())
     .arg("-d")
-    .arg(&tree)
-    .arg(&ext4);
-    run_logged(mkfs, "mkfs.ext4", &log, |_| {})?;
-
-    let info = RootfsInfo {
-        suite: recipe::SUITE.to_string(),
-        mirror,
-        packages: installed,
-        ext4_bytes: image_bytes,
+    .arg(tree)
+    .arg(ext4);
+    run_logged(mkfs, "mkfs.ext4", log, |_| {})?;
+    Ok(Packed {
+        image_bytes,
         content_bytes,
-        build_seconds: progress.elapsed().as_secs_f64(),
-    };
-    super::write_json(&out.join("rootfs.json"), &info)?;
-    publish(&out, &dir)?;
-    progress.step(&format!(
-        "done: {} packages in {}",
-        info.packages.len(),
-        dir.display()
-    ));
-    Ok(Rootfs { key, dir, info })
+    })
 }
 
 fn read_info(dir: &Path) -> Option<RootfsInfo> {
@@ -213,7 +232,7 @@ pub fn parse_package_list(text: &str) -> Vec<Package> {
 
 /// apt-get inside the new root, with the host's DNS, /proc mounted, and no
 /// service started by a package's scripts.
-fn install_packages(tree: &Path, packages: &[&str], log: &Path) -> Result<()> {
+pub(super) fn install_packages(tree: &Path, packages: &[&str], log: &Path) -> Result<()> {
     std::fs::copy("/etc/resolv.conf", tree.join("etc/resolv.conf"))
         .context("cannot copy /etc/resolv.conf into the new root")?;
     let policy = tree.join("usr/sbin/policy-rc.d");
@@ -260,17 +279,41 @@ fn install_packages(tree: &Path, packages: &[&str], log: &Path) -> Result<()> {
 }
 
 /// A mount that is undone when dropped, so an error path leaves none behind.
-struct Mount {
+pub(super) struct Mount {
     target: PathBuf,
 }
 
 impl Mount {
-    fn new(fstype: &str, target: &Path) -> Result<Mount> {
+    pub(super) fn new(fstype: &str, target: &Path) -> Result<Mount> {
         std::fs::create_dir_all(target)
             .with_context(|| format!("cannot create {}", target.display()))?;
         let mut cmd = Command::new("mount");
         cmd.args(["-t", fstype, fstype]).arg(target);
         run_captured(cmd, &format!("mounting {fstype}"))?;
+        Ok(Mount {
+            target: target.to_path_buf(),
+        })
+    }
+
+    /// An ext4 image mounted read-only through a loop device.
+    pub(super) fn loop_read_only(image: &Path, target: &Path) -> Result<Mount> {
+        std::fs::create_dir_all(target)
+            .with_context(|| format!("cannot create {}", target.display()))?;
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", "ext4", "-o", "loop,ro"])
+            .arg(image)
+            .arg(target);
+        run_captured(cmd, &format!("mounting {} read-only", image.display()))?;
+        Ok(Mount {
+            target: target.to_path_buf(),
+        })
+    }
+
+    /// `source` bound onto `target` (which exists).
+    pub(super) fn bind(source: &Path, target: &Path) -> Result<Mount> {
+        let mut cmd = Command::new("mount");
+        cmd.arg("--bind").arg(source).arg(target);
+        run_captured(cmd, &format!("binding {}", source.display()))?;
         Ok(Mount {
             target: target.to_path_buf(),
         })
@@ -287,7 +330,7 @@ impl Drop for Mount {
 }
 
 /// Drops what a sandbox never reads; the image is smaller and faster to copy.
-fn trim(tree: &Path) -> Result<()> {
+pub(super) fn trim(tree: &Path) -> Result<()> {
     for sub in [
         "usr/share/doc",
         "usr/share/man",
@@ -313,7 +356,7 @@ fn trim(tree: &Path) -> Result<()> {
 }
 
 /// Files the guest expects: mount points the agent uses, and a hostname.
-fn prepare_guest_files(tree: &Path) -> Result<()> {
+pub(super) fn prepare_guest_files(tree: &Path) -> Result<()> {
     for dir in ["proc", "sys", "dev", "tmp", "run"] {
         std::fs::create_dir_all(tree.join(dir))
             .with_context(|| format!("cannot create /{dir} in the rootfs"))?;

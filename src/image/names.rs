@@ -1,0 +1,151 @@
+//! Image names: the built-in image is `default`; a recipe's image is known
+//! by its recipe's name, which `names/<name>` in the cache maps to the key
+//! of its latest build. Listing, showing and removing go through here.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use super::{Image, read_image};
+
+/// The name of the built-in image.
+pub const DEFAULT_IMAGE: &str = "default";
+
+fn names_dir(cache: &Path) -> PathBuf {
+    cache.join("names")
+}
+
+/// Records that `name` is now the image `key` (atomically: a reader sees
+/// the old key or the new one).
+pub fn record(cache: &Path, name: &str, key: &str) -> Result<()> {
+    let dir = names_dir(cache);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(name);
+    if std::fs::read_to_string(&path).is_ok_and(|k| k.trim() == key) {
+        return Ok(());
+    }
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+    std::fs::write(&tmp, format!("{key}\n"))
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The image built last under `name`, if it is still in the cache.
+pub fn lookup(cache: &Path, name: &str) -> Result<Option<Image>> {
+    if !super::custom::recipe::is_image_name(name) {
+        bail!("{name:?} is not an image name");
+    }
+    let path = names_dir(cache).join(name);
+    let key = match std::fs::read_to_string(&path) {
+        Ok(key) => key.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("{} does not hold an image key", path.display());
+    }
+    Ok(read_image(&cache.join("images").join(key)))
+}
+
+/// One image in the cache.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub image: Image,
+    /// Whether its name points at it (an older build of a name does not).
+    pub current: bool,
+    pub disk_bytes: u64,
+}
+
+/// Every image in the cache, named ones first, then by build date.
+pub fn list(cache: &Path) -> Result<Vec<Listed>> {
+    let images = cache.join("images");
+    let entries = match std::fs::read_dir(&images) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", images.display())),
+    };
+    let mut listed = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot read {}", images.display()))?;
+        let Some(image) = read_image(&entry.path()) else {
+            continue;
+        };
+        let current = image.manifest.custom.is_some()
+            && lookup(cache, image.name())
+                .ok()
+                .flatten()
+                .is_some_and(|named| named.dir == image.dir);
+        let disk_bytes = disk_usage(&image.dir);
+        listed.push(Listed {
+            image,
+            current,
+            disk_bytes,
+        });
+    }
+    listed.sort_by(|a, b| {
+        (b.current, a.image.name(), &b.image.manifest.build_date).cmp(&(
+            a.current,
+            b.image.name(),
+            &a.image.manifest.build_date,
+        ))
+    });
+    Ok(listed)
+}
+
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// Finds an image by name (the latest build) or by key.
+pub fn find(cache: &Path, name_or_key: &str) -> Result<Option<Image>> {
+    if name_or_key.len() == 32 && name_or_key.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Ok(read_image(&cache.join("images").join(name_or_key)));
+    }
+    if name_or_key == DEFAULT_IMAGE {
+        bail!(
+            "the built-in image is found by `airlock image build` (no name needed); \
+             `airlock image list` shows its key"
+        );
+    }
+    lookup(cache, name_or_key)
+}
+
+/// Removes an image (by name or key), its templates and its name. The
+/// caller holds the build lock.
+pub fn remove(cache: &Path, name_or_key: &str) -> Result<Image> {
+    let image = find(cache, name_or_key)?
+        .with_context(|| format!("no image {name_or_key:?} in {}", cache.display()))?;
+    let key = image.manifest.recipe_hash.clone();
+    let templates = cache.join("templates");
+    if let Ok(entries) = std::fs::read_dir(&templates) {
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{key}-"))
+            {
+                // A sealed template's directory may be read-only.
+                use std::os::unix::fs::PermissionsExt;
+                let _ =
+                    std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o755));
+                super::lock::remove_tree(&entry.path())?;
+            }
+        }
+    }
+    super::lock::remove_tree(&image.dir)?;
+    if image.manifest.custom.is_some() {
+        let path = names_dir(cache).join(image.name());
+        if std::fs::read_to_string(&path).is_ok_and(|k| k.trim() == key) {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(image)
+}
