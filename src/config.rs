@@ -16,6 +16,7 @@
 //! egress_allow = ["api.example.com:443"]         # replaces [egress] allow for alice
 //! max_sandboxes = 4
 //! max_snapshot_bytes = "1G"
+//! images = ["data", "default"]                   # the images alice may use; the first is hers by default
 //! ```
 
 use std::collections::BTreeMap;
@@ -56,6 +57,9 @@ pub struct PrincipalSection {
     pub max_sandboxes: Option<usize>,
     /// Bytes such as "1G".
     pub max_snapshot_bytes: Option<String>,
+    /// The images this principal may use (`--image` names), the first being
+    /// its default; absent: every image served.
+    pub images: Option<Vec<String>>,
 }
 
 /// The longest principal name: it shows in metrics and logs.
@@ -99,6 +103,17 @@ impl ConfigFile {
                 parse_bytes(bytes)
                     .with_context(|| format!("principal {name}: max_snapshot_bytes"))?;
             }
+            if let Some(images) = &section.images {
+                if images.is_empty() {
+                    bail!("principal {name}: images must name at least one image");
+                }
+                if let Some(bad) = images
+                    .iter()
+                    .find(|i| !crate::image::custom::recipe::is_image_name(i))
+                {
+                    bail!("principal {name}: images: {bad:?} is not an image name");
+                }
+            }
         }
         if let Some(t) = &config.egress.idle_timeout {
             parse_duration(t).context("[egress] idle_timeout")?;
@@ -124,6 +139,7 @@ impl ConfigFile {
                 crate::sandbox::registry::PrincipalLimits {
                     max_sandboxes: section.max_sandboxes,
                     max_snapshot_bytes,
+                    images: section.images.clone(),
                 },
             );
         }

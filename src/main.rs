@@ -70,6 +70,12 @@ enum SnapshotCommands {
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// Serve sandboxes of this image: `default` (the built-in image), a
+    /// name built by `airlock image build --recipe`, or a recipe file
+    /// (built on first use). Repeatable; the first is the default, and a
+    /// call that creates a sandbox may choose another with `image`.
+    #[arg(long = "image", value_name = "NAME|RECIPE")]
+    images: Vec<String>,
     /// Listen for Streamable HTTP on this address (e.g. 127.0.0.1:8080)
     /// instead of speaking MCP on stdin/stdout.
     #[arg(long, value_name = "ADDR")]
@@ -171,7 +177,25 @@ enum ImageCommands {
     /// Build the guest image if the current recipe has none yet, then print
     /// its directory. Needs root the first time (debootstrap); takes ~10 min
     /// on a fresh machine and well under a second once built.
-    Build,
+    Build {
+        /// Build a custom image from this recipe file (TOML; see the
+        /// README's "Custom images") instead of the built-in one.
+        #[arg(long, value_name = "FILE")]
+        recipe: Option<std::path::PathBuf>,
+    },
+    /// List the images in the cache: name, key, base, size and build date.
+    List,
+    /// Print an image's manifest: every Debian, pip and npm package with its
+    /// version, the base (with its OCI digest) and the recipe.
+    Show {
+        /// An image name, or a key from `airlock image list`.
+        name: String,
+    },
+    /// Remove an image and its templates from the cache.
+    Remove {
+        /// An image name, or a key from `airlock image list`.
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -197,18 +221,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Commands::Image {
-            command: ImageCommands::Build,
-        } => {
+        Commands::Image { command } => {
             let cache = paths::ensure_cache_root()?;
-            let (image, outcome) = image::ensure(&cache)?;
-            if outcome == image::Outcome::AlreadyBuilt {
-                eprintln!(
-                    "airlock: image {} is up to date",
-                    image.manifest.recipe_hash
-                );
+            match command {
+                ImageCommands::Build { recipe } => {
+                    let (image, outcome) = match recipe {
+                        Some(path) => {
+                            let recipe = image::custom::RecipeFile::load(&path)?;
+                            image::custom::ensure(&cache, &recipe)?
+                        }
+                        None => image::ensure(&cache)?,
+                    };
+                    if outcome == image::Outcome::AlreadyBuilt {
+                        eprintln!(
+                            "airlock: image {} ({}) is up to date",
+                            image.name(),
+                            image.manifest.recipe_hash
+                        );
+                    }
+                    println!("{}", image.dir.display());
+                }
+                ImageCommands::List => print!("{}", image::commands::list(&cache)?),
+                ImageCommands::Show { name } => print!("{}", image::commands::show(&cache, &name)?),
+                ImageCommands::Remove { name } => {
+                    eprintln!("{}", image::commands::remove(&cache, &name)?);
+                }
             }
-            println!("{}", image.dir.display());
             Ok(ExitCode::SUCCESS)
         }
         Commands::Serve(args) => {
@@ -218,6 +256,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => airlock::config::ConfigFile::default(),
             };
             let options = airlock::mcp::ServeOptions {
+                images: args.images,
                 config,
                 egress: args.egress,
                 http: args.http,

@@ -292,7 +292,7 @@ struct Boxes {
 impl Provider for Boxes {
     type Sandbox = TestBox;
 
-    async fn take(&self) -> anyhow::Result<TestBox> {
+    async fn take(&self, _image: Option<&str>) -> anyhow::Result<TestBox> {
         if let Some(stalled) = self.stalled.lock().await.take() {
             return Ok(stalled);
         }
@@ -348,7 +348,7 @@ async fn a_guest_that_grants_no_credit_holds_up_neither_the_reaper_nor_shutdown(
 
     // A call into the stalled guest: 8 MiB that it never reads.
     let stalled = registry
-        .create_explicit("p")
+        .create_explicit("p", None)
         .await
         .expect("the stalled sandbox");
     let stalled_id = stalled.id().to_string();
@@ -370,7 +370,7 @@ async fn a_guest_that_grants_no_credit_holds_up_neither_the_reaper_nor_shutdown(
 
     // Another sandbox, used once, then left idle.
     let other = registry
-        .create_explicit("q")
+        .create_explicit("q", None)
         .await
         .expect("another sandbox");
     let other_id = other.id().to_string();

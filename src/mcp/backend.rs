@@ -1,7 +1,7 @@
-//! Where the gateway's sandboxes come from: the warm pool, made ready in the
-//! background so the MCP server answers `initialize` at once even when the
-//! guest image or the template still has to be built (minutes, once). A tool
-//! call that arrives before then waits for it.
+//! Where the gateway's sandboxes come from: one warm pool per image served,
+//! each made ready in the background so the MCP server answers `initialize`
+//! at once even when a guest image or its template still has to be built
+//! (minutes, once). A tool call that arrives before then waits for it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,7 +27,62 @@ enum Readiness {
     Failed(String, Instant),
 }
 
+/// Where an image served comes from.
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    /// airlock's own image, built on first use.
+    Builtin,
+    /// An image built before by `airlock image build --recipe`.
+    Named(String),
+    /// A recipe file, built on first use.
+    Recipe(Box<crate::image::custom::RecipeFile>),
+}
+
+impl ImageSource {
+    /// `default`, an image name, or a recipe file's path (`*.toml`, or
+    /// anything with a `/`).
+    pub fn parse(arg: &str) -> Result<ImageSource> {
+        if arg == crate::image::names::DEFAULT_IMAGE {
+            return Ok(ImageSource::Builtin);
+        }
+        if arg.ends_with(".toml") || arg.contains('/') {
+            let recipe = crate::image::custom::RecipeFile::load(std::path::Path::new(arg))?;
+            return Ok(ImageSource::Recipe(Box::new(recipe)));
+        }
+        if !crate::image::custom::recipe::is_image_name(arg) {
+            anyhow::bail!(
+                "--image {arg:?}: name an image (`airlock image list`), `default`, or a recipe file (*.toml)"
+            );
+        }
+        Ok(ImageSource::Named(arg.to_string()))
+    }
+
+    /// The name clients choose it by.
+    pub fn name(&self) -> &str {
+        match self {
+            ImageSource::Builtin => crate::image::names::DEFAULT_IMAGE,
+            ImageSource::Named(name) => name,
+            ImageSource::Recipe(recipe) => &recipe.recipe.name,
+        }
+    }
+
+    /// The image, built first if its source says so.
+    fn prepare(&self, cache: &std::path::Path) -> Result<crate::image::Image> {
+        match self {
+            ImageSource::Builtin => Ok(crate::image::ensure(cache)?.0),
+            ImageSource::Recipe(recipe) => Ok(crate::image::custom::ensure(cache, recipe)?.0),
+            ImageSource::Named(name) => crate::image::names::lookup(cache, name)?.with_context(|| {
+                format!(
+                    "no image named {name:?} in {}: build it with `airlock image build --recipe FILE`",
+                    cache.display()
+                )
+            }),
+        }
+    }
+}
+
 struct Recipe {
+    source: ImageSource,
     cache: PathBuf,
     airlock_exe: PathBuf,
     shape: TemplateShape,
@@ -36,29 +91,126 @@ struct Recipe {
     options: StartOptions,
 }
 
-/// The warm pool, once the image and the template exist.
+/// Every image served, the first being the default.
 pub struct LazyPool {
-    state: watch::Sender<Readiness>,
-    recipe: Arc<Recipe>,
-    closed: Arc<AtomicBool>,
+    images: Vec<ImagePool>,
 }
 
 impl LazyPool {
-    /// Starts preparing the image, the template and a pool of `pool_size`
-    /// sandboxes of `shape` (growing with demand to `pool_max`) in the
-    /// background.
+    /// Starts preparing each image, its template and its pool of
+    /// `pool_size` sandboxes of `shape` (growing with demand to `pool_max`)
+    /// in the background. No image means the built-in one.
     pub fn start(
+        images: Vec<ImageSource>,
         cache: PathBuf,
         airlock_exe: PathBuf,
         shape: TemplateShape,
         pool_size: usize,
         pool_max: usize,
         options: StartOptions,
-    ) -> LazyPool {
+    ) -> Result<LazyPool> {
+        let mut sources = images;
+        if sources.is_empty() {
+            sources.push(ImageSource::Builtin);
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for source in &sources {
+            if !seen.insert(source.name().to_string()) {
+                anyhow::bail!("the image {:?} is served twice", source.name());
+            }
+        }
+        let images = sources
+            .into_iter()
+            .map(|source| {
+                ImagePool::start(
+                    source,
+                    cache.clone(),
+                    airlock_exe.clone(),
+                    shape,
+                    pool_size,
+                    pool_max,
+                    options.clone(),
+                )
+            })
+            .collect();
+        Ok(LazyPool { images })
+    }
+
+    /// The names of the images served, the default first.
+    pub fn image_names(&self) -> Vec<String> {
+        self.images
+            .iter()
+            .map(|i| i.recipe.source.name().to_string())
+            .collect()
+    }
+
+    fn find(&self, image: Option<&str>) -> Result<&ImagePool> {
+        let Some(name) = image else {
+            return self.images.first().context("this server serves no image");
+        };
+        self.images
+            .iter()
+            .find(|i| i.recipe.source.name() == name)
+            .with_context(|| {
+                format!(
+                    "this server does not serve the image {name:?}; it serves {}",
+                    self.image_names().join(", ")
+                )
+            })
+    }
+
+    /// Whether the default image or its template is still being made.
+    pub fn is_preparing(&self) -> bool {
+        self.images.first().is_some_and(ImagePool::is_preparing)
+    }
+
+    /// Whether sandboxes can be made now (for /healthz): failed if any
+    /// image failed, preparing if any is, else ready.
+    pub fn status(&self) -> (&'static str, Option<String>) {
+        let mut preparing = false;
+        for image in &self.images {
+            match image.status() {
+                ("failed", message) => {
+                    let name = image.recipe.source.name();
+                    return (
+                        "failed",
+                        Some(format!("image {name}: {}", message.unwrap_or_default())),
+                    );
+                }
+                ("preparing", _) => preparing = true,
+                _ => {}
+            }
+        }
+        if preparing {
+            ("preparing", None)
+        } else {
+            ("ready", None)
+        }
+    }
+}
+
+/// One image's warm pool, once the image and the template exist.
+struct ImagePool {
+    state: watch::Sender<Readiness>,
+    recipe: Arc<Recipe>,
+    closed: Arc<AtomicBool>,
+}
+
+impl ImagePool {
+    fn start(
+        source: ImageSource,
+        cache: PathBuf,
+        airlock_exe: PathBuf,
+        shape: TemplateShape,
+        pool_size: usize,
+        pool_max: usize,
+        options: StartOptions,
+    ) -> ImagePool {
         let (state, _) = watch::channel(Readiness::Preparing);
-        let lazy = LazyPool {
+        let lazy = ImagePool {
             state,
             recipe: Arc::new(Recipe {
+                source,
                 cache,
                 airlock_exe,
                 shape,
@@ -82,13 +234,14 @@ impl LazyPool {
                 Ok(pool) => pool,
                 Err(err) => {
                     let message = format!("{err:#}");
-                    tracing::error!(err = %message, "cannot prepare sandboxes");
+                    tracing::error!(image = recipe.source.name(), err = %message, "cannot prepare sandboxes");
                     tx.send_replace(Readiness::Failed(message, Instant::now()));
                     return;
                 }
             };
             if !closed.load(Ordering::SeqCst) {
                 tracing::info!(
+                    image = recipe.source.name(),
                     pool_size = recipe.pool_size,
                     pool_max = recipe.pool_max,
                     "sandboxes ready"
@@ -139,12 +292,12 @@ impl LazyPool {
     }
 
     /// Whether the image and the template are still being made.
-    pub fn is_preparing(&self) -> bool {
+    fn is_preparing(&self) -> bool {
         matches!(*self.state.borrow(), Readiness::Preparing)
     }
 
-    /// Whether sandboxes can be made now (for /healthz).
-    pub fn status(&self) -> (&'static str, Option<String>) {
+    /// Whether sandboxes can be made now.
+    fn status(&self) -> (&'static str, Option<String>) {
         match &*self.state.borrow() {
             Readiness::Preparing => ("preparing", None),
             Readiness::Ready(_) => ("ready", None),
@@ -155,16 +308,26 @@ impl LazyPool {
 
 async fn prepare(recipe: &Recipe) -> Result<Arc<WarmPool>> {
     let image_cache = recipe.cache.clone();
+    let source = recipe.source.clone();
     // Builds the image if missing (minutes, once), with progress on stderr.
-    let (image, _) = tokio::task::spawn_blocking(move || crate::image::ensure(&image_cache))
+    let image = tokio::task::spawn_blocking(move || source.prepare(&image_cache))
         .await
         .context("the image task failed")?
-        .context("cannot prepare the guest image")?;
-    let template =
-        crate::template::ensure(&recipe.cache, &image, recipe.shape, &recipe.airlock_exe)
-            .await
-            .context("cannot prepare the warm template")?;
-    tracing::info!(template = %template.dir.display(), "warm template ready");
+        .with_context(|| format!("cannot prepare the guest image {}", recipe.source.name()))?;
+    // A recipe may give its own shape.
+    let shape = image
+        .manifest
+        .custom
+        .as_ref()
+        .and_then(|c| c.recipe.shape)
+        .map_or(recipe.shape, |s| TemplateShape {
+            vcpus: s.vcpus,
+            memory_mib: s.memory_mib,
+        });
+    let template = crate::template::ensure(&recipe.cache, &image, shape, &recipe.airlock_exe)
+        .await
+        .context("cannot prepare the warm template")?;
+    tracing::info!(image = image.name(), template = %template.dir.display(), "warm template ready");
     Ok(WarmPool::start(
         template,
         recipe.airlock_exe.clone(),
@@ -174,33 +337,13 @@ async fn prepare(recipe: &Recipe) -> Result<Arc<WarmPool>> {
     ))
 }
 
-impl Provider for LazyPool {
-    type Sandbox = Sandbox;
-
-    async fn take(&self) -> Result<Sandbox> {
-        self.pool().await?.take().await
-    }
-
+impl ImagePool {
     async fn ready(&self) -> usize {
         let pool = match &*self.state.borrow() {
             Readiness::Ready(pool) => pool.clone(),
             _ => return 0,
         };
         pool.ready_count().await
-    }
-
-    async fn resume(&self, saved: &SavedSandbox) -> Result<Sandbox> {
-        self.pool().await?.resume(saved).await
-    }
-
-    fn load_saved(&self, name: &str) -> Result<SavedSandbox> {
-        let root = self
-            .recipe
-            .options
-            .staging_root
-            .as_deref()
-            .context("this server keeps no paused sandboxes")?;
-        SavedSandbox::load(root, name)
     }
 
     async fn close(&self) {
@@ -211,6 +354,49 @@ impl Provider for LazyPool {
         };
         if let Some(pool) = pool {
             pool.close().await;
+        }
+    }
+}
+
+impl Provider for LazyPool {
+    type Sandbox = Sandbox;
+
+    async fn take(&self, image: Option<&str>) -> Result<Sandbox> {
+        self.find(image)?.pool().await?.take().await
+    }
+
+    async fn ready(&self) -> usize {
+        let mut ready = 0;
+        for image in &self.images {
+            ready += image.ready().await;
+        }
+        ready
+    }
+
+    async fn resume(&self, saved: &SavedSandbox) -> Result<Sandbox> {
+        let image = self.find(Some(&saved.image)).with_context(|| {
+            format!(
+                "the sandbox runs the image {:?}: serve it too (--image {}) to resume it",
+                saved.image, saved.image
+            )
+        })?;
+        image.pool().await?.resume(saved).await
+    }
+
+    fn load_saved(&self, name: &str) -> Result<SavedSandbox> {
+        let image = self.images.first().context("this server serves no image")?;
+        let root = image
+            .recipe
+            .options
+            .staging_root
+            .as_deref()
+            .context("this server keeps no paused sandboxes")?;
+        SavedSandbox::load(root, name)
+    }
+
+    async fn close(&self) {
+        for image in &self.images {
+            image.close().await;
         }
     }
 }

@@ -41,6 +41,9 @@ pub const DEFAULT_POOL_SIZE_HTTP: usize = 2;
 /// Everything `airlock serve` was asked for.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
+    /// The images served (`--image`: names or recipe files), the first
+    /// being the default; none: the built-in image.
+    pub images: Vec<String>,
     /// Streamable HTTP on this address; stdio when `None`.
     pub http: Option<SocketAddr>,
     pub tokens_file: Option<PathBuf>,
@@ -131,9 +134,25 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         egress: egress.clone(),
         ..Default::default()
     };
+    let sources = options
+        .images
+        .iter()
+        .map(|arg| backend::ImageSource::parse(arg))
+        .collect::<Result<Vec<_>>>()?;
     let backend = Arc::new(backend::LazyPool::start(
-        cache, exe, shape, pool_size, pool_max, start,
-    ));
+        sources, cache, exe, shape, pool_size, pool_max, start,
+    )?);
+    let served_images = backend.image_names();
+    for (principal, section) in &options.config.principals {
+        for image in section.images.iter().flatten() {
+            if !served_images.contains(image) {
+                bail!(
+                    "principal {principal} may use the image {image:?}, which this server does not serve (--image); it serves {}",
+                    served_images.join(", ")
+                );
+            }
+        }
+    }
     let metrics = Arc::new(Metrics::new());
     let mut limits = options.limits.clone();
     limits.principals = Arc::new(options.config.principal_limits()?);

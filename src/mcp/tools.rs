@@ -166,8 +166,17 @@ impl AirlockServer {
         &self,
         ctx: &RequestContext<RoleServer>,
         sandbox_id: Option<String>,
+        image: Option<String>,
     ) -> Result<(Lease<Sandbox>, bool), Fail> {
         let (principal, target) = self.target(ctx, sandbox_id)?;
+        if let Some(name) = &image
+            && !crate::image::custom::recipe::is_image_name(name)
+        {
+            return Err(Fail(format!(
+                "image {name:?} is not an image name; this server serves {}",
+                self.registry.provider().image_names().join(", ")
+            )));
+        }
         let in_session = self.in_session(ctx);
         if in_session {
             self.log.attach(&ctx.peer, self.registry.events());
@@ -181,13 +190,24 @@ impl AirlockServer {
             match &target {
                 Target::Conversation(c) => self
                     .registry
-                    .acquire(c, &principal)
+                    .acquire(c, &principal, image.as_deref())
                     .await
                     .map(|l| (l, false)),
-                Target::Explicit(id) => self.registry.get(id, &principal).await.map(|l| (l, false)),
+                Target::Explicit(id) => {
+                    let lease = self.registry.get(id, &principal).await?;
+                    let running = self.registry.info(&lease).image;
+                    if let Some(wanted) = &image
+                        && *wanted != running
+                    {
+                        return Err(crate::sandbox::registry::RegistryError::Invalid(format!(
+                            "sandbox {id} runs the image {running:?}; `image` chooses the image of a new sandbox only"
+                        )));
+                    }
+                    Ok((lease, false))
+                }
                 Target::New => self
                     .registry
-                    .create_explicit(&principal)
+                    .create_explicit(&principal, image.as_deref())
                     .await
                     .map(|l| (l, true)),
             }

@@ -41,6 +41,8 @@ pub struct RestoreTiming {
 
 pub struct Sandbox {
     id: String,
+    /// The name of the image its template was made from.
+    image: String,
     vm: Vm,
     client: AgentClient,
     // Holds the VM's sockets and console log until the sandbox goes.
@@ -206,6 +208,7 @@ impl Sandbox {
         };
         Ok(Sandbox {
             id,
+            image: template.image.name().to_string(),
             vm,
             client,
             _run_dir: run_dir,
@@ -231,6 +234,11 @@ impl Sandbox {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The name of the image it runs.
+    pub fn image(&self) -> &str {
+        &self.image
     }
 
     pub fn client(&self) -> &AgentClient {

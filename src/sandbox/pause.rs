@@ -74,6 +74,7 @@ impl Sandbox {
         let started = Instant::now();
         let Sandbox {
             id,
+            image,
             mut vm,
             client,
             _run_dir,
@@ -108,6 +109,7 @@ impl Sandbox {
                 };
                 let sandbox = Sandbox {
                     id,
+                    image,
                     vm,
                     client,
                     _run_dir,
@@ -242,6 +244,8 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct SavedSandbox {
     pub dir: PathBuf,
+    /// The image whose template it resumes over (from its name: see `keep`).
+    pub image: String,
     pub dirty_bytes: u64,
     pub disk_bytes: u64,
 }
@@ -250,8 +254,9 @@ impl SavedSandbox {
     /// Pauses `sandbox` and keeps its state beside its staging directory's
     /// parent (a rename on one disk, then flushed).
     pub async fn pause(sandbox: Sandbox) -> Result<SavedSandbox, PauseFailed> {
+        let image = sandbox.image().to_string();
         let paused = sandbox.pause().await?;
-        let kept = match keep(&paused.dir) {
+        let kept = match keep(&paused.dir, &image) {
             Ok(dir) => dir,
             Err(err) => {
                 remove_staging(Some(&paused.dir));
@@ -260,6 +265,7 @@ impl SavedSandbox {
         };
         Ok(SavedSandbox {
             dir: kept,
+            image,
             dirty_bytes: paused.dirty_bytes,
             disk_bytes: paused.disk_bytes,
         })
@@ -281,9 +287,9 @@ impl SavedSandbox {
     /// The saved state kept as `root/name` by an earlier run (made durable
     /// then): checked as a pause checks what its VMM wrote.
     pub fn load(root: &Path, name: &str) -> Result<SavedSandbox> {
-        if !name.starts_with(KEPT_PREFIX) || name.contains('/') || name.contains("..") {
+        let Some(image) = image_of(name) else {
             bail!("{name:?} is not the name of a saved sandbox");
-        }
+        };
         let dir = root.join(name);
         let meta = std::fs::symlink_metadata(&dir)
             .with_context(|| format!("the saved sandbox {} is missing", dir.display()))?;
@@ -293,22 +299,41 @@ impl SavedSandbox {
         let disk_bytes = check_saved_files(&dir, false)?;
         Ok(SavedSandbox {
             dir,
+            image,
             dirty_bytes: 0,
             disk_bytes,
         })
     }
 }
 
-/// Kept states are `root/<KEPT_PREFIX><random>`.
+/// Kept states are `root/<KEPT_PREFIX><random>`, with `.<image>` after it
+/// for an image other than the built-in one: the name is all a durable
+/// record keeps, and the image says which template the state resumes over.
 const KEPT_PREFIX: &str = "paused-";
 
-/// Moves `root/.staging/<id>` to `root/paused-<random>`.
-fn keep(staging: &Path) -> Result<PathBuf> {
+/// The image a kept state's name records; none if it is not such a name.
+fn image_of(name: &str) -> Option<String> {
+    let rest = name.strip_prefix(KEPT_PREFIX)?;
+    let (id, image) = match rest.split_once('.') {
+        Some((id, image)) => (id, image),
+        None => (rest, crate::image::names::DEFAULT_IMAGE),
+    };
+    let id_ok = id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit());
+    (id_ok && crate::image::custom::recipe::is_image_name(image) && !image.contains(".."))
+        .then(|| image.to_string())
+}
+
+/// Moves `root/.staging/<id>` to `root/paused-<random>[.<image>]`.
+fn keep(staging: &Path, image: &str) -> Result<PathBuf> {
     let root = staging
         .parent()
         .and_then(Path::parent)
         .context("a staging directory outside its root")?;
-    let name = format!("{KEPT_PREFIX}{}", super::new_id()?);
+    let name = if image == crate::image::names::DEFAULT_IMAGE {
+        format!("{KEPT_PREFIX}{}", super::new_id()?)
+    } else {
+        format!("{KEPT_PREFIX}{}.{image}", super::new_id()?)
+    };
     let kept = root.join(name);
     std::fs::rename(staging, &kept)
         .with_context(|| format!("cannot move {} to {}", staging.display(), kept.display()))?;
@@ -319,6 +344,28 @@ fn keep(staging: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_name_records_its_image() {
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            image_of(&format!("paused-{id}")).as_deref(),
+            Some("default")
+        );
+        assert_eq!(
+            image_of(&format!("paused-{id}.data-1.0")).as_deref(),
+            Some("data-1.0")
+        );
+        for bad in [
+            "paused-x".to_string(),
+            format!("paused-{id}./etc"),
+            format!("paused-{id}.."),
+            format!("paused-{id}.a..b"),
+            format!("other-{id}"),
+        ] {
+            assert_eq!(image_of(&bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn only_the_saved_files_as_regular_files_are_made_durable() {

@@ -161,6 +161,11 @@ impl WarmPool {
     }
 
     /// A paused sandbox, resumed over this pool's template.
+    /// The name of the image its sandboxes run.
+    pub fn image_name(&self) -> &str {
+        self.template.image.name()
+    }
+
     pub async fn resume(&self, saved: &SavedSandbox) -> Result<Sandbox> {
         Sandbox::start(
             &self.template,

@@ -42,6 +42,12 @@ pub struct RunCodeArgs {
     #[serde(default)]
     #[schemars(with = "String", transform = optional)]
     pub sandbox_id: Option<String>,
+    /// The image of the sandbox this call creates (see sandbox_info's
+    /// `images`); default: the server's first. Ignored by calls that use an
+    /// existing sandbox, which must name the image it runs if they name one.
+    #[serde(default)]
+    #[schemars(with = "String", transform = optional)]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -63,6 +69,10 @@ pub struct RunCommandArgs {
     #[serde(default)]
     #[schemars(with = "String", transform = optional)]
     pub sandbox_id: Option<String>,
+    /// The image of the sandbox this call creates: see run_code.
+    #[serde(default)]
+    #[schemars(with = "String", transform = optional)]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
@@ -90,6 +100,10 @@ pub struct WriteFileArgs {
     #[serde(default)]
     #[schemars(with = "String", transform = optional)]
     pub sandbox_id: Option<String>,
+    /// The image of the sandbox this call creates: see run_code.
+    #[serde(default)]
+    #[schemars(with = "String", transform = optional)]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -108,6 +122,10 @@ pub struct ReadFileArgs {
     #[serde(default)]
     #[schemars(with = "String", transform = optional)]
     pub sandbox_id: Option<String>,
+    /// The image of the sandbox this call creates: see run_code.
+    #[serde(default)]
+    #[schemars(with = "String", transform = optional)]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -124,6 +142,10 @@ pub struct ListFilesArgs {
     #[serde(default)]
     #[schemars(with = "String", transform = optional)]
     pub sandbox_id: Option<String>,
+    /// The image of the sandbox this call creates: see run_code.
+    #[serde(default)]
+    #[schemars(with = "String", transform = optional)]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

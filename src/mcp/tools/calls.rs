@@ -16,7 +16,7 @@ impl AirlockServer {
             )));
         }
         let timeout = self.timeout(args.timeout_seconds)?;
-        let (lease, created) = self.lease(ctx, args.sandbox_id).await?;
+        let (lease, created) = self.lease(ctx, args.sandbox_id, args.image).await?;
         lease.count_run();
         let client = lease.sandbox().client();
         let run = RunCode {
@@ -109,7 +109,7 @@ impl AirlockServer {
             check_path("cwd", cwd)?;
         }
         let timeout = self.timeout(args.timeout_seconds)?;
-        let (lease, created) = self.lease(ctx, args.sandbox_id).await?;
+        let (lease, created) = self.lease(ctx, args.sandbox_id, args.image).await?;
         lease.count_run();
         let client = lease.sandbox().client();
         let exec = Exec {
@@ -190,7 +190,7 @@ impl AirlockServer {
                 bytes.len()
             )));
         }
-        let (lease, created) = self.lease(ctx, args.sandbox_id).await?;
+        let (lease, created) = self.lease(ctx, args.sandbox_id, args.image).await?;
         let write = WriteFile {
             path: args.path,
             mode: None,
@@ -237,7 +237,7 @@ impl AirlockServer {
             Some(n) => n,
             None => MAX_FILE_BYTES as u64,
         };
-        let (lease, created) = self.lease(ctx, args.sandbox_id).await?;
+        let (lease, created) = self.lease(ctx, args.sandbox_id, args.image).await?;
         let client = lease.sandbox().client();
         let agent_started = Instant::now();
         let (data, bytes) = tokio::select! {
@@ -328,7 +328,7 @@ impl AirlockServer {
             .filter(|p| !p.is_empty())
             .unwrap_or_else(|| SANDBOX_HOME.to_string());
         check_path("path", &path)?;
-        let (lease, created) = self.lease(ctx, args.sandbox_id).await?;
+        let (lease, created) = self.lease(ctx, args.sandbox_id, args.image).await?;
         let list = ListFiles {
             path: path.clone(),
             recursive: args.recursive.unwrap_or(false),
@@ -382,7 +382,7 @@ impl AirlockServer {
             match &target {
                 Target::Conversation(c) => self.registry.reset_conversation(c, &principal).await,
                 Target::Explicit(id) => self.registry.reset_explicit(id, &principal).await,
-                Target::New => self.registry.create_explicit(&principal).await,
+                Target::New => self.registry.create_explicit(&principal, None).await,
             }
         };
         let lease = with_progress(ctx, "starting a fresh sandbox", None, resetting).await?;
@@ -413,6 +413,8 @@ impl AirlockServer {
         let limits = self.registry.limits();
         let mut info = InfoResult {
             sandbox_id: None,
+            image: None,
+            images: self.registry.provider().image_names(),
             age_seconds: 0.0,
             expires_in_seconds: limits.idle_timeout.as_secs_f64(),
             lifetime_left_seconds: limits.max_lifetime.as_secs_f64(),
@@ -452,6 +454,7 @@ impl AirlockServer {
             Some(lease) => {
                 let i = self.registry.info(lease);
                 info.sandbox_id = Some(i.id.clone());
+                info.image = Some(i.image.clone());
                 info.age_seconds = i.age.as_secs_f64();
                 info.expires_in_seconds = i.expires_in.as_secs_f64();
                 info.lifetime_left_seconds = i.lifetime_left.as_secs_f64();
@@ -502,9 +505,10 @@ impl AirlockServer {
                     ));
                 }
                 text.push_str(&format!(
-                    "Sandbox {}: {} old; destroyed after {} without tool calls, and in any case in {} (maximum lifetime).\n\
+                    "Sandbox {} (image {}): {} old; destroyed after {} without tool calls, and in any case in {} (maximum lifetime).\n\
                      Usage so far: {:.2} vCPU-seconds, {:.1} memory GB-seconds, {} runs.\n",
                     i.id,
+                    i.image,
                     fmt_duration(i.age),
                     fmt_duration(limits.idle_timeout),
                     fmt_duration(i.lifetime_left),

@@ -101,6 +101,11 @@ pub struct ExceptionInfo {
 pub struct InfoResult {
     /// Null until the conversation's first tool call creates the sandbox.
     pub sandbox_id: Option<String>,
+    /// The image the sandbox runs (null before it exists).
+    pub image: Option<String>,
+    /// The images this server serves, the first being the default; a
+    /// call that creates a sandbox may choose one with `image`.
+    pub images: Vec<String>,
     pub age_seconds: f64,
     /// Seconds until the sandbox is destroyed if no tool uses it.
     pub expires_in_seconds: f64,

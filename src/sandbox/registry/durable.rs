@@ -239,6 +239,17 @@ impl<P: Provider> Registry<P> {
         *lock(&handle.created_wall) = row.created;
         *lock(&handle.last_used) = instant_of(row.last_used);
         let saved_at = saved.as_ref().map(|(_, at)| *at);
+        let image = match (&from_checkpoint, &saved) {
+            (Some((id, _)), _) => checkpoints
+                .iter()
+                .find(|c| &c.id == id)
+                .map(|c| P::Sandbox::saved_image(&c.saved)),
+            (None, Some((s, _))) => Some(P::Sandbox::saved_image(s)),
+            (None, None) => None,
+        };
+        if let Some(image) = image {
+            *lock(&handle.image) = image;
+        }
         let mut superseded = None;
         *lock(&handle.checkpoints) = checkpoints;
         match from_checkpoint {

@@ -25,6 +25,8 @@ pub struct Usage {
 #[derive(Debug, Clone)]
 pub struct Info {
     pub id: String,
+    /// The image it runs.
+    pub image: String,
     pub age: Duration,
     pub idle: Duration,
     /// Time until it is destroyed if left idle from now (or reaches its lifetime).
@@ -163,6 +165,9 @@ pub(super) struct Handle<S: Hosted> {
     /// The state its last pause saved (kept after a resume, until a newer
     /// one replaces it), and whether the sandbox is paused now.
     pub(super) saved: Mutex<Option<S::Saved>>,
+    /// The image its VM runs (or its saved state resumes into): a reset
+    /// makes a fresh one of the same image.
+    pub(super) image: Mutex<String>,
     pub(super) saved_at: Mutex<Option<SystemTime>>,
     pub(super) paused: AtomicBool,
     pub(super) record: Mutex<PauseRecord>,
@@ -257,6 +262,7 @@ impl<S: Hosted> Handle<S> {
             resetting: tokio::sync::Mutex::new(()),
             resets_begun: AtomicU64::new(0),
             saved: Mutex::new(None),
+            image: Mutex::new(crate::image::names::DEFAULT_IMAGE.to_string()),
             saved_at: Mutex::new(None),
             paused: AtomicBool::new(false),
             record: Mutex::new(PauseRecord::default()),
@@ -276,6 +282,7 @@ impl<S: Hosted> Handle<S> {
     /// egress belongs to this sandbox and principal.
     pub(super) fn adopt(&self, sandbox: &S) {
         self.set_vm(sandbox.pid());
+        *lock(&self.image) = sandbox.image().to_string();
         sandbox.bind_egress(crate::egress::Binding {
             sandbox_id: self.id.clone(),
             principal: self.principal.clone(),

@@ -15,14 +15,24 @@ impl<P: Provider> Registry<P> {
         &self,
         conversation: &Conversation,
         principal: &str,
+        image: Option<&str>,
     ) -> Result<Lease<P::Sandbox>, RegistryError> {
         self.check_open()?;
         let binding = self.binding(conversation);
         let mut bound = binding.lock().await;
         if let Some(id) = bound.as_ref() {
-            return self.lease(id, principal, Some(conversation)).await;
+            let lease = self.lease(id, principal, Some(conversation)).await?;
+            let running = lock(&lease.handle.image).clone();
+            if let Some(wanted) = image
+                && wanted != running
+            {
+                return Err(RegistryError::Invalid(format!(
+                    "this conversation's sandbox runs the image {running:?}; `image` chooses the                      image of a new sandbox only (reset_sandbox keeps the image)"
+                )));
+            }
+            return Ok(lease);
         }
-        let handle = self.create(principal, Some(conversation)).await?;
+        let handle = self.create(principal, Some(conversation), image).await?;
         *bound = Some(handle.id.clone());
         let still_there = self
             .state()
@@ -59,9 +69,10 @@ impl<P: Provider> Registry<P> {
     pub async fn create_explicit(
         &self,
         principal: &str,
+        image: Option<&str>,
     ) -> Result<Lease<P::Sandbox>, RegistryError> {
         self.check_open()?;
-        let handle = self.create(principal, None).await?;
+        let handle = self.create(principal, None, image).await?;
         self.lease(&handle.id, principal, None).await
     }
 

@@ -25,10 +25,15 @@ impl<P: Provider> Registry<P> {
         &self,
         principal: &str,
         conversation: Option<&Conversation>,
+        image: Option<&str>,
     ) -> Result<Arc<Handle<P::Sandbox>>, RegistryError> {
+        let image = self
+            .limits
+            .image_for(principal, image)
+            .map_err(RegistryError::Invalid)?;
         self.reserve(principal)?;
         let started = Instant::now();
-        let taken = self.provider.take().await;
+        let taken = self.provider.take(image.as_deref()).await;
         let sandbox = match taken {
             Ok(sandbox) => sandbox,
             Err(err) => {
@@ -142,7 +147,7 @@ impl<P: Provider> Registry<P> {
                 self.lease(&handle.id, principal, Some(conversation)).await
             }
             None => {
-                let handle = self.create(principal, Some(conversation)).await?;
+                let handle = self.create(principal, Some(conversation), None).await?;
                 *bound = Some(handle.id.clone());
                 drop(bound);
                 self.lease(&handle.id, principal, Some(conversation)).await
@@ -197,7 +202,8 @@ impl<P: Provider> Registry<P> {
             old.sandbox.destroy().await;
         }
         handle.forget_saved();
-        let fresh = match self.provider.take().await {
+        let image = lock(&handle.image).clone();
+        let fresh = match self.provider.take(Some(&image)).await {
             Ok(sandbox) => sandbox,
             Err(err) => {
                 self.metrics.restore_failed();

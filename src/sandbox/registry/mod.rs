@@ -58,8 +58,12 @@ type SavedOf<P> = <<P as Provider>::Sandbox as Hosted>::Saved;
 /// Where sandboxes come from.
 pub trait Provider: Send + Sync + 'static {
     type Sandbox: Hosted;
-    /// A fresh sandbox, never handed to anyone before.
-    fn take(&self) -> impl Future<Output = anyhow::Result<Self::Sandbox>> + Send;
+    /// A fresh sandbox of `image` (none: the default image), never handed
+    /// to anyone before.
+    fn take(
+        &self,
+        image: Option<&str>,
+    ) -> impl Future<Output = anyhow::Result<Self::Sandbox>> + Send;
     /// Sandboxes ready to hand out at once.
     fn ready(&self) -> impl Future<Output = usize> + Send;
     /// Stops making sandboxes and destroys the ones not handed out.
@@ -101,12 +105,28 @@ pub trait Hosted: Send + Sync + 'static {
     fn saved_name(saved: &Self::Saved) -> String;
     /// Its egress connections belong to `binding` from now on.
     fn bind_egress(&self, _binding: crate::egress::Binding) {}
+    /// The name of the image it runs.
+    fn image(&self) -> &str {
+        crate::image::names::DEFAULT_IMAGE
+    }
+    /// The name of the image a saved state resumes into.
+    fn saved_image(_saved: &Self::Saved) -> String {
+        crate::image::names::DEFAULT_IMAGE.to_string()
+    }
 }
 
 impl Provider for super::pool::WarmPool {
     type Sandbox = super::Sandbox;
 
-    async fn take(&self) -> anyhow::Result<super::Sandbox> {
+    async fn take(&self, image: Option<&str>) -> anyhow::Result<super::Sandbox> {
+        if let Some(image) = image
+            && image != self.image_name()
+        {
+            anyhow::bail!(
+                "this pool makes sandboxes of {}, not {image}",
+                self.image_name()
+            );
+        }
         super::pool::WarmPool::take(self).await
     }
 
@@ -163,6 +183,14 @@ impl Hosted for super::Sandbox {
 
     fn bind_egress(&self, binding: crate::egress::Binding) {
         super::Sandbox::bind_egress(self, binding)
+    }
+
+    fn image(&self) -> &str {
+        super::Sandbox::image(self)
+    }
+
+    fn saved_image(saved: &super::SavedSandbox) -> String {
+        saved.image.clone()
     }
 }
 
@@ -393,6 +421,7 @@ impl<P: Provider> Registry<P> {
         let checkpoints = lock(&handle.checkpoints).len();
         Info {
             id: handle.id.clone(),
+            image: lock(&handle.image).clone(),
             age,
             // This call itself holds a lease, so "idle" is the time before it.
             idle: Duration::ZERO,

@@ -42,13 +42,41 @@ pub struct Limits {
 }
 
 /// One principal's own limits; `None` keeps the server's.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PrincipalLimits {
     pub max_sandboxes: Option<usize>,
     pub max_snapshot_bytes: Option<u64>,
+    /// The images this principal may create sandboxes of, the first being
+    /// its default; none: every image served.
+    pub images: Option<Vec<String>>,
 }
 
 impl Limits {
+    /// The image a new sandbox of `principal` gets when it asks for
+    /// `wanted`: refused if its allowlist leaves it out; its first allowed
+    /// image when it asks for none.
+    pub fn image_for(
+        &self,
+        principal: &str,
+        wanted: Option<&str>,
+    ) -> Result<Option<String>, String> {
+        let Some(allowed) = self
+            .principals
+            .get(principal)
+            .and_then(|p| p.images.as_ref())
+        else {
+            return Ok(wanted.map(str::to_string));
+        };
+        match wanted {
+            None => Ok(allowed.first().cloned()),
+            Some(image) if allowed.iter().any(|a| a == image) => Ok(Some(image.to_string())),
+            Some(image) => Err(format!(
+                "the image {image:?} is not allowed for principal {principal}; it may use {}",
+                allowed.join(", ")
+            )),
+        }
+    }
+
     /// Live sandboxes `principal` may have.
     pub fn max_sandboxes_of(&self, principal: &str) -> usize {
         self.principals

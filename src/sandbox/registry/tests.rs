@@ -69,7 +69,7 @@ impl Hosted for FakeSandbox {
 
 impl Provider for Fake {
     type Sandbox = FakeSandbox;
-    async fn take(&self) -> anyhow::Result<FakeSandbox> {
+    async fn take(&self, _image: Option<&str>) -> anyhow::Result<FakeSandbox> {
         if self.fail.load(Ordering::SeqCst) {
             anyhow::bail!("no VM today");
         }
@@ -142,9 +142,9 @@ fn session(s: &str) -> Conversation {
 #[tokio::test]
 async fn one_sandbox_per_conversation() {
     let (r, fake) = registry(Limits::default());
-    let a1 = r.acquire(&session("a"), "p").await.unwrap();
-    let a2 = r.acquire(&session("a"), "p").await.unwrap();
-    let b = r.acquire(&session("b"), "p").await.unwrap();
+    let a1 = r.acquire(&session("a"), "p", None).await.unwrap();
+    let a2 = r.acquire(&session("a"), "p", None).await.unwrap();
+    let b = r.acquire(&session("b"), "p", None).await.unwrap();
     assert_eq!(a1.id(), a2.id());
     assert_ne!(a1.id(), b.id());
     assert_eq!(a1.id().len(), 32);
@@ -159,7 +159,7 @@ async fn one_sandbox_per_conversation() {
     r.shutdown().await;
     assert_eq!(fake.destroyed.load(Ordering::SeqCst), 2);
     assert!(matches!(
-        r.acquire(&session("c"), "p").await,
+        r.acquire(&session("c"), "p", None).await,
         Err(RegistryError::ShuttingDown)
     ));
 }
@@ -168,8 +168,8 @@ async fn one_sandbox_per_conversation() {
 async fn concurrent_first_calls_share_one_sandbox() {
     let (r, fake) = registry(Limits::default());
     let (x, y) = tokio::join!(
-        r.acquire(&Conversation::Stdio, "p"),
-        r.acquire(&Conversation::Stdio, "p")
+        r.acquire(&Conversation::Stdio, "p", None),
+        r.acquire(&Conversation::Stdio, "p", None)
     );
     assert_eq!(x.unwrap().id(), y.unwrap().id());
     assert_eq!(fake.made.load(Ordering::SeqCst), 1);
@@ -178,7 +178,12 @@ async fn concurrent_first_calls_share_one_sandbox() {
 #[tokio::test]
 async fn explicit_ids_are_bound_to_their_principal() {
     let (r, _) = registry(Limits::default());
-    let id = r.create_explicit("alice").await.unwrap().id().to_string();
+    let id = r
+        .create_explicit("alice", None)
+        .await
+        .unwrap()
+        .id()
+        .to_string();
     assert_eq!(r.get(&id, "alice").await.unwrap().id(), id);
     let err = r.get(&id, "mallory").await.err().unwrap();
     assert!(matches!(err, RegistryError::Forbidden(_)), "{err}");
@@ -194,24 +199,24 @@ async fn limits_refuse_with_clear_errors() {
         max_per_principal: 2,
         ..Limits::default()
     });
-    let _a = r.create_explicit("a").await.unwrap();
-    let _b = r.create_explicit("a").await.unwrap();
-    let err = r.create_explicit("a").await.err().unwrap();
+    let _a = r.create_explicit("a", None).await.unwrap();
+    let _b = r.create_explicit("a", None).await.unwrap();
+    let err = r.create_explicit("a", None).await.err().unwrap();
     assert!(
         matches!(err, RegistryError::Limit(_)) && err.to_string().contains("limit"),
         "{err}"
     );
-    let c = r.acquire(&session("s"), "b").await.unwrap();
-    let err = r.acquire(&session("t"), "b").await.err().unwrap();
+    let c = r.acquire(&session("s"), "b", None).await.unwrap();
+    let err = r.acquire(&session("t"), "b", None).await.err().unwrap();
     assert!(err.to_string().contains("limit of 3"), "{err}");
     drop(c);
     // A failed start frees its reservation.
     r.release(&session("s")).await;
     fake.fail.store(true, Ordering::SeqCst);
-    let err = r.acquire(&session("t"), "b").await.err().unwrap();
+    let err = r.acquire(&session("t"), "b", None).await.err().unwrap();
     assert!(matches!(err, RegistryError::Start(_)), "{err}");
     fake.fail.store(false, Ordering::SeqCst);
-    r.acquire(&session("t"), "b").await.unwrap();
+    r.acquire(&session("t"), "b", None).await.unwrap();
 }
 
 #[tokio::test]
@@ -222,6 +227,7 @@ async fn a_principal_s_own_limit_replaces_the_server_s() {
         PrincipalLimits {
             max_sandboxes: Some(1),
             max_snapshot_bytes: Some(1 << 20),
+            images: None,
         },
     );
     let limits = Limits {
@@ -235,12 +241,12 @@ async fn a_principal_s_own_limit_replaces_the_server_s() {
         limits.max_snapshot_bytes_per_principal
     );
     let (r, _fake) = registry(limits);
-    let _s = r.create_explicit("small").await.unwrap();
-    let err = r.create_explicit("small").await.err().unwrap();
+    let _s = r.create_explicit("small", None).await.unwrap();
+    let err = r.create_explicit("small", None).await.err().unwrap();
     assert!(err.to_string().contains("already has 1 live"), "{err}");
-    let _o1 = r.create_explicit("other").await.unwrap();
-    let _o2 = r.create_explicit("other").await.unwrap();
-    assert!(r.create_explicit("other").await.is_err());
+    let _o1 = r.create_explicit("other", None).await.unwrap();
+    let _o2 = r.create_explicit("other", None).await.unwrap();
+    assert!(r.create_explicit("other", None).await.is_err());
 }
 
 #[tokio::test]
@@ -250,22 +256,29 @@ async fn idle_sandboxes_expire_with_a_clear_error() {
         ..Limits::default()
     };
     let (r, fake) = registry(limits);
-    let id = r.create_explicit("p").await.unwrap().id().to_string();
-    drop(r.acquire(&session("s"), "p").await.unwrap());
+    let id = r.create_explicit("p", None).await.unwrap().id().to_string();
+    drop(r.acquire(&session("s"), "p", None).await.unwrap());
     // A held lease keeps its sandbox alive.
-    let held = r.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let held = r.acquire(&Conversation::Stdio, "p", None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(fake.destroyed.load(Ordering::SeqCst), 2);
     let err = r.get(&id, "p").await.err().unwrap();
     assert!(matches!(err, RegistryError::Expired(_)), "{err}");
     assert!(err.to_string().contains("idle timeout"), "{err}");
-    let err = r.acquire(&session("s"), "p").await.err().unwrap();
+    let err = r.acquire(&session("s"), "p", None).await.err().unwrap();
     assert!(err.to_string().contains("reset_sandbox"), "{err}");
     // reset gives the conversation a fresh sandbox.
     let fresh = r.reset_conversation(&session("s"), "p").await.unwrap();
     assert_eq!(fresh.sandbox().n, 3);
     drop(fresh);
-    assert_eq!(r.acquire(&session("s"), "p").await.unwrap().sandbox().n, 3);
+    assert_eq!(
+        r.acquire(&session("s"), "p", None)
+            .await
+            .unwrap()
+            .sandbox()
+            .n,
+        3
+    );
     drop(held);
 }
 
@@ -276,14 +289,18 @@ async fn lifetime_ends_even_a_busy_sandbox() {
         ..Limits::default()
     };
     let (r, _) = registry(limits);
-    let lease = r.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let lease = r.acquire(&Conversation::Stdio, "p", None).await.unwrap();
     // The running call is told to stop, and must let go.
     tokio::time::timeout(Duration::from_secs(5), lease.cancelled())
         .await
         .unwrap();
     drop(lease);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let err = r.acquire(&Conversation::Stdio, "p").await.err().unwrap();
+    let err = r
+        .acquire(&Conversation::Stdio, "p", None)
+        .await
+        .err()
+        .unwrap();
     assert!(
         err.to_string().contains("maximum sandbox lifetime"),
         "{err}"
@@ -293,7 +310,7 @@ async fn lifetime_ends_even_a_busy_sandbox() {
 #[tokio::test]
 async fn reset_keeps_the_id_and_cancels_running_calls() {
     let (r, fake) = registry(Limits::default());
-    let lease = r.create_explicit("p").await.unwrap();
+    let lease = r.create_explicit("p", None).await.unwrap();
     let id = lease.id().to_string();
     let r2 = r.clone();
     let id2 = id.clone();
@@ -329,8 +346,8 @@ async fn twenty_resets_at_once_stay_within_the_limits() {
         ..Limits::default()
     });
     *lock(&fake.slow) = Duration::from_millis(30);
-    let a = r.create_explicit("p").await.unwrap().id().to_string();
-    let b = r.create_explicit("p").await.unwrap().id().to_string();
+    let a = r.create_explicit("p", None).await.unwrap().id().to_string();
+    let b = r.create_explicit("p", None).await.unwrap().id().to_string();
     let resets = (0..20).map(|i| {
         let (r, id) = (r.clone(), if i % 2 == 0 { a.clone() } else { b.clone() });
         tokio::spawn(async move { r.reset_explicit(&id, "p").await.map(|l| l.sandbox().n) })
@@ -363,10 +380,10 @@ async fn a_stalled_call_holds_up_neither_the_reaper_nor_shutdown() {
         ..Limits::default()
     });
     // A call stuck on its guest: it holds its lease and ignores the cancel.
-    let stalled = r.create_explicit("p").await.unwrap();
+    let stalled = r.create_explicit("p", None).await.unwrap();
     let killed = stalled.sandbox().killed.clone();
     let started = Instant::now();
-    let other = r.create_explicit("p").await.unwrap().id().to_string();
+    let other = r.create_explicit("p", None).await.unwrap().id().to_string();
     while fake.destroyed.load(Ordering::SeqCst) == 0 {
         assert!(
             started.elapsed() < Duration::from_secs(2),
@@ -384,7 +401,7 @@ async fn a_stalled_call_holds_up_neither_the_reaper_nor_shutdown() {
         "{err}"
     );
     // Shutdown ends within the grace although the call never lets go.
-    let third = r.create_explicit("q").await.unwrap();
+    let third = r.create_explicit("q", None).await.unwrap();
     let held = third.sandbox().killed.clone();
     let shutdown = Instant::now();
     r.shutdown().await;
@@ -404,7 +421,7 @@ async fn an_idle_sandbox_pauses_and_the_next_call_resumes_it() {
         ..Limits::default()
     };
     let (registry, fake) = registry(limits);
-    let lease = registry.acquire(&session("a"), "p").await.unwrap();
+    let lease = registry.acquire(&session("a"), "p", None).await.unwrap();
     let n = lease.sandbox().n;
     // Held by a call, it is busy, not idle.
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -414,7 +431,7 @@ async fn an_idle_sandbox_pauses_and_the_next_call_resumes_it() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(fake.live.load(Ordering::SeqCst), 0, "paused: no VM");
 
-    let lease = registry.acquire(&session("a"), "p").await.unwrap();
+    let lease = registry.acquire(&session("a"), "p", None).await.unwrap();
     assert_eq!(lease.sandbox().n, n, "the same sandbox came back");
     let record = registry.info(&lease).pauses;
     assert!(!record.paused);
@@ -427,11 +444,11 @@ async fn an_idle_sandbox_pauses_and_the_next_call_resumes_it() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     fake.fail.store(true, Ordering::SeqCst);
     assert!(matches!(
-        registry.acquire(&session("a"), "p").await,
+        registry.acquire(&session("a"), "p", None).await,
         Err(RegistryError::Start(_))
     ));
     fake.fail.store(false, Ordering::SeqCst);
-    let lease = registry.acquire(&session("a"), "p").await.unwrap();
+    let lease = registry.acquire(&session("a"), "p", None).await.unwrap();
     assert_eq!(lease.sandbox().n, n);
     // Two pauses: the first state was discarded when the second was saved.
     assert_eq!(fake.destroyed.load(Ordering::SeqCst), 1000);
@@ -464,11 +481,14 @@ async fn a_kept_sandbox_outlives_a_restart_and_an_unsaved_one_is_reported_lost()
     let root = tempfile::tempdir().unwrap();
     let (explicit_id, n) = {
         let (registry, _fake) = durable(Limits::default(), root.path());
-        let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+        let lease = registry
+            .acquire(&Conversation::Stdio, "p", None)
+            .await
+            .unwrap();
         lease.count_run();
         let n = lease.sandbox().n;
         drop(lease);
-        let explicit = registry.create_explicit("p").await.unwrap();
+        let explicit = registry.create_explicit("p", None).await.unwrap();
         let explicit_id = explicit.id().to_string();
         drop(explicit);
         registry.shutdown().await;
@@ -478,7 +498,10 @@ async fn a_kept_sandbox_outlives_a_restart_and_an_unsaved_one_is_reported_lost()
         // Both were paused at shutdown and come back at the next call.
         let (registry, fake) = durable(Limits::default(), root.path());
         assert_eq!(fake.live.load(Ordering::SeqCst), 0);
-        let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+        let lease = registry
+            .acquire(&Conversation::Stdio, "p", None)
+            .await
+            .unwrap();
         assert_eq!(
             lease.sandbox().n,
             n,
@@ -494,7 +517,7 @@ async fn a_kept_sandbox_outlives_a_restart_and_an_unsaved_one_is_reported_lost()
             Err(RegistryError::Forbidden(_))
         ));
         // A new sandbox, never saved, and then a crash (no shutdown).
-        let unsaved = registry.create_explicit("p").await.unwrap();
+        let unsaved = registry.create_explicit("p", None).await.unwrap();
         let unsaved_id = unsaved.id().to_string();
         drop(unsaved);
         drop(registry);
@@ -528,7 +551,10 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
     };
     let (registry, _fake) = durable(limits.clone(), root.path());
     let mark = |lease: &Lease<FakeSandbox>| lease.sandbox().mark.load(Ordering::SeqCst);
-    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let lease = registry
+        .acquire(&Conversation::Stdio, "p", None)
+        .await
+        .unwrap();
     let id = lease.id().to_string();
     lease.sandbox().mark.store(1, Ordering::SeqCst);
     let first = registry
@@ -536,11 +562,17 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
         .await
         .unwrap();
     assert_eq!(first.label, "one");
-    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let lease = registry
+        .acquire(&Conversation::Stdio, "p", None)
+        .await
+        .unwrap();
     assert_eq!(mark(&lease), 1, "the sandbox runs on from its checkpoint");
     lease.sandbox().mark.store(2, Ordering::SeqCst);
     let second = registry.checkpoint(&sref(lease), None).await.unwrap();
-    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let lease = registry
+        .acquire(&Conversation::Stdio, "p", None)
+        .await
+        .unwrap();
     match registry.checkpoint(&sref(lease), None).await {
         Err(RegistryError::Limit(m)) => assert!(m.contains("8 KiB of its 8 KiB"), "{m}"),
         other => panic!(
@@ -548,21 +580,30 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
             other.map(|c| c.checkpoint_id)
         ),
     }
-    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let lease = registry
+        .acquire(&Conversation::Stdio, "p", None)
+        .await
+        .unwrap();
     assert!(matches!(
         registry.checkpoint(&sref(lease), Some("a\nb".into())).await,
         Err(RegistryError::Invalid(_))
     ));
 
     // Rolled back to the first: its state, the same id, the second gone.
-    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let lease = registry
+        .acquire(&Conversation::Stdio, "p", None)
+        .await
+        .unwrap();
     lease.sandbox().mark.store(3, Ordering::SeqCst);
     let discarded = registry
         .rollback(&sref(lease), &first.checkpoint_id)
         .await
         .unwrap();
     assert_eq!(discarded, vec![second.checkpoint_id.clone()]);
-    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let lease = registry
+        .acquire(&Conversation::Stdio, "p", None)
+        .await
+        .unwrap();
     assert_eq!((lease.id(), mark(&lease)), (id.as_str(), 1));
     let listed = registry.list_checkpoints(&sref_of(&lease));
     assert_eq!(listed.checkpoints, vec![first.clone()]);
@@ -572,7 +613,10 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
 
     // A fork: a new id with the checkpoint's state; another principal
     // cannot use the checkpoint.
-    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let lease = registry
+        .acquire(&Conversation::Stdio, "p", None)
+        .await
+        .unwrap();
     let (child, taken) = registry
         .fork(&sref(lease), Some(&first.checkpoint_id))
         .await
@@ -582,10 +626,13 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
     assert_eq!(mark(&child), 1);
     child.sandbox().mark.store(7, Ordering::SeqCst);
     drop(child);
-    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let lease = registry
+        .acquire(&Conversation::Stdio, "p", None)
+        .await
+        .unwrap();
     assert_eq!(mark(&lease), 1, "the parent does not see the fork's writes");
     drop(lease);
-    let other = registry.create_explicit("q").await.unwrap();
+    let other = registry.create_explicit("q", None).await.unwrap();
     assert!(matches!(
         registry
             .fork(&sref(other), Some(&first.checkpoint_id))
@@ -597,7 +644,10 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
     registry.shutdown().await;
     drop(registry);
     let (registry, _fake) = durable(limits, root.path());
-    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let lease = registry
+        .acquire(&Conversation::Stdio, "p", None)
+        .await
+        .unwrap();
     assert_eq!(
         registry.list_checkpoints(&sref_of(&lease)).checkpoints,
         vec![first.clone()]
@@ -606,7 +656,10 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
         .rollback(&sref(lease), &first.checkpoint_id)
         .await
         .unwrap();
-    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let lease = registry
+        .acquire(&Conversation::Stdio, "p", None)
+        .await
+        .unwrap();
     assert_eq!(mark(&lease), 1);
 
     // A rollback whose resume fails leaves no VM; the checkpoint is what
@@ -614,7 +667,10 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
     drop(lease);
     let fake = _fake;
     fake.fail.store(true, Ordering::SeqCst);
-    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let lease = registry
+        .acquire(&Conversation::Stdio, "p", None)
+        .await
+        .unwrap();
     let target = sref(lease);
     match registry.rollback(&target, &first.checkpoint_id).await {
         Err(RegistryError::Start(m)) => assert!(m.contains("next call tries again"), "{m}"),
@@ -625,7 +681,10 @@ async fn checkpoints_roll_back_fork_and_stay_within_the_quota() {
         .rollback(&target, &first.checkpoint_id)
         .await
         .unwrap();
-    let lease = registry.acquire(&Conversation::Stdio, "p").await.unwrap();
+    let lease = registry
+        .acquire(&Conversation::Stdio, "p", None)
+        .await
+        .unwrap();
     assert_eq!(mark(&lease), 1);
 }
 
@@ -638,7 +697,7 @@ async fn a_sandbox_s_life_is_told_on_the_event_feed_with_one_warning_per_expiry(
     };
     let (r, _fake) = registry(limits);
     let mut events = r.events().subscribe();
-    let lease = r.acquire(&session("s"), "p").await.unwrap();
+    let lease = r.acquire(&session("s"), "p", None).await.unwrap();
     let id = lease.id().to_string();
     drop(lease);
     // Paused at 0.6 s, warned before 2 s, ended at 2 s.
@@ -676,11 +735,11 @@ async fn a_sandbox_s_life_is_told_on_the_event_feed_with_one_warning_per_expiry(
     ));
 
     // A resume is told, and a call moves the deadline: a new warning.
-    let lease = r.acquire(&session("t"), "p").await.unwrap();
+    let lease = r.acquire(&session("t"), "p", None).await.unwrap();
     let id = lease.id().to_string();
     drop(lease);
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    drop(r.acquire(&session("t"), "p").await.unwrap());
+    drop(r.acquire(&session("t"), "p", None).await.unwrap());
     let mut resumed = 0;
     let mut warnings = 0;
     loop {
