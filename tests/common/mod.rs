@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod test_images;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Mutex;

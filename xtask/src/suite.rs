@@ -18,7 +18,7 @@ use crate::nested::{self, HostShape, Invocation, Output};
 use crate::shard;
 
 /// Integration tests that need no KVM: they run on this machine directly.
-const HOST_ONLY_TESTS: &[&str] = &["image", "agent_local"];
+const HOST_ONLY_TESTS: &[&str] = &["image", "agent_local", "custom_images"];
 
 pub struct SuiteOptions {
     pub kvm: Option<TestKvm>,
