@@ -152,6 +152,13 @@ fn fails_cleanly(name: &str, recipe_text: &str, wanted: &[&str]) {
             "{name}: no {fragment:?} in:\n{stderr}"
         );
     }
+    if let Some(log) = stderr.split("Full log: ").nth(1) {
+        let log = log.lines().next().unwrap_or_default().trim();
+        assert!(
+            Path::new(log).is_file(),
+            "{name}: the log it names, {log}, is kept"
+        );
+    }
     let mut show = common::airlock();
     show.args(["image", "show", name]);
     assert!(

@@ -163,6 +163,15 @@ fn http_resources_and_logging_stay_within_their_session() {
     run_script("resources_logging_test.py");
 }
 
+#[test]
+fn http_custom_images_side_by_side() {
+    // Built on the host before the nested hosts start (tests/custom_images.rs
+    // runs there first): found here by their key, or built now on a host
+    // with a correct KVM of its own.
+    common::test_images::ensure_built();
+    run_script("images_test.py");
+}
+
 /// The uid an unprivileged gateway runs as when the tests run as root.
 const UNPRIVILEGED_UID: u32 = 65534;
 

@@ -64,7 +64,8 @@ pub fn ensure(cache: &Path, recipe: &RecipeFile) -> Result<(Image, Outcome)> {
     ));
     let kernel = kernel::ensure(cache, &source_version)?;
     let scratch = Scratch::create(cache, &format!("custom-{name}-{key}"))?;
-    let log = scratch.path().join("build.log");
+    // Outside the scratch space: a failed build's log outlives it.
+    let log = build_log(cache, name)?;
     let root = scratch.path().join("tree");
     std::fs::create_dir(&root).context("cannot create the build tree")?;
 
@@ -130,6 +131,15 @@ pub fn ensure(cache: &Path, recipe: &RecipeFile) -> Result<(Image, Outcome)> {
     super::super::names::record(cache, name, &key)?;
     progress.step(&format!("done: {name} is {}", dir.display()));
     Ok((Image { dir, manifest }, Outcome::Built))
+}
+
+/// `logs/image-<name>.log` in the cache, emptied for this build.
+fn build_log(cache: &Path, name: &str) -> Result<PathBuf> {
+    let dir = cache.join("logs");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let log = dir.join(format!("image-{name}.log"));
+    std::fs::write(&log, b"").with_context(|| format!("cannot create {}", log.display()))?;
+    Ok(log)
 }
 
 /// Fills `root` with the base; returns what the manifest says of it and the
@@ -339,7 +349,8 @@ impl Steps<'_> {
         cmd.env_clear()
             .env("PATH", PATH)
             .env("HOME", "/root")
-            .env("LC_ALL", "C.UTF-8")
+            // Every base has the C locale; Python reads it as UTF-8.
+            .env("LC_ALL", "C")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
             .env("PIP_ROOT_USER_ACTION", "ignore")
