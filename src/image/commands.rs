@@ -28,7 +28,11 @@ pub fn list(cache: &Path) -> Result<String> {
                 (name, custom.base.source.clone())
             }
             None => (
-                names::DEFAULT_IMAGE.to_string(),
+                if item.current {
+                    names::DEFAULT_IMAGE.to_string()
+                } else {
+                    format!("{} (older)", names::DEFAULT_IMAGE)
+                },
                 format!("debian {} (built-in)", manifest.rootfs.suite),
             ),
         };
@@ -83,10 +87,6 @@ pub fn remove(cache: &Path, name: &str) -> Result<String> {
 }
 
 fn find(cache: &Path, name: &str) -> Result<super::Image> {
-    if name == names::DEFAULT_IMAGE {
-        // The built-in image of this airlock (built if missing).
-        return Ok(super::ensure(cache)?.0);
-    }
     names::find(cache, name)?.with_context(|| {
         format!(
             "no image {name:?} in {} (see `airlock image list`)",

@@ -120,6 +120,7 @@ pub fn ensure(cache: &Path) -> Result<(Image, Outcome)> {
     let key = recipe::image_key(&kernel_key, &rootfs_key, &agent_sha256);
     let dir = cache.join("images").join(&key);
     if let Some(image) = read_image(&dir) {
+        names::record(cache, names::DEFAULT_IMAGE, &key)?;
         return Ok((image, Outcome::AlreadyBuilt));
     }
 
@@ -127,6 +128,7 @@ pub fn ensure(cache: &Path) -> Result<(Image, Outcome)> {
     let _lock = BuildLock::acquire(cache)?;
     // Another process may have finished it while we waited for the lock.
     if let Some(image) = read_image(&dir) {
+        names::record(cache, names::DEFAULT_IMAGE, &key)?;
         return Ok((image, Outcome::AlreadyBuilt));
     }
     eprintln!(
@@ -176,6 +178,7 @@ pub fn ensure(cache: &Path) -> Result<(Image, Outcome)> {
     };
     write_json(&out.join("manifest.json"), &manifest)?;
     publish(&out, &dir)?;
+    names::record(cache, names::DEFAULT_IMAGE, &key)?;
     progress.step(&format!("done: {}", dir.display()));
     Ok((Image { dir, manifest }, Outcome::Built))
 }

@@ -70,11 +70,10 @@ pub fn list(cache: &Path) -> Result<Vec<Listed>> {
         let Some(image) = read_image(&entry.path()) else {
             continue;
         };
-        let current = image.manifest.custom.is_some()
-            && lookup(cache, image.name())
-                .ok()
-                .flatten()
-                .is_some_and(|named| named.dir == image.dir);
+        let current = lookup(cache, image.name())
+            .ok()
+            .flatten()
+            .is_some_and(|named| named.dir == image.dir);
         let disk_bytes = disk_usage(&image.dir);
         listed.push(Listed {
             image,
@@ -105,14 +104,8 @@ fn disk_usage(dir: &Path) -> u64 {
 
 /// Finds an image by name (the latest build) or by key.
 pub fn find(cache: &Path, name_or_key: &str) -> Result<Option<Image>> {
-    if name_or_key.len() == 32 && name_or_key.chars().all(|c| c.is_ascii_hexdigit()) {
+    if super::custom::recipe::is_image_key(name_or_key) {
         return Ok(read_image(&cache.join("images").join(name_or_key)));
-    }
-    if name_or_key == DEFAULT_IMAGE {
-        bail!(
-            "the built-in image is found by `airlock image build` (no name needed); \
-             `airlock image list` shows its key"
-        );
     }
     lookup(cache, name_or_key)
 }
@@ -140,12 +133,9 @@ pub fn remove(cache: &Path, name_or_key: &str) -> Result<Image> {
         }
     }
     super::lock::remove_tree(&image.dir)?;
-    if image.manifest.custom.is_some() {
-        let path = names_dir(cache).join(image.name());
-        if std::fs::read_to_string(&path).is_ok_and(|k| k.trim() == key) {
-            std::fs::remove_file(&path)
-                .with_context(|| format!("cannot remove {}", path.display()))?;
-        }
+    let path = names_dir(cache).join(image.name());
+    if std::fs::read_to_string(&path).is_ok_and(|k| k.trim() == key) {
+        std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
     }
     Ok(image)
 }

@@ -341,15 +341,19 @@ pub(super) fn trim(tree: &Path) -> Result<()> {
         "var/cache/debconf/templates.dat-old",
         "var/log",
     ] {
-        let path = tree.join(sub);
-        if path.is_dir() {
-            std::fs::remove_dir_all(&path)
-                .with_context(|| format!("cannot remove {}", path.display()))?;
-            std::fs::create_dir_all(&path)
-                .with_context(|| format!("cannot recreate {}", path.display()))?;
-        } else if path.exists() {
-            std::fs::remove_file(&path)
-                .with_context(|| format!("cannot remove {}", path.display()))?;
+        // Resolved inside the tree: a base's link never leads this onto
+        // the host's own files.
+        let path = super::custom::tree::resolve(tree, &Path::new("/").join(sub), false)?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => {
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+                std::fs::create_dir(&path)
+                    .with_context(|| format!("cannot recreate {}", path.display()))?;
+            }
+            Ok(_) => std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?,
+            Err(_) => {}
         }
     }
     Ok(())
@@ -357,12 +361,12 @@ pub(super) fn trim(tree: &Path) -> Result<()> {
 
 /// Files the guest expects: mount points the agent uses, and a hostname.
 pub(super) fn prepare_guest_files(tree: &Path) -> Result<()> {
-    for dir in ["proc", "sys", "dev", "tmp", "run"] {
-        std::fs::create_dir_all(tree.join(dir))
-            .with_context(|| format!("cannot create /{dir} in the rootfs"))?;
+    use super::custom::tree::{make_dirs, write_file};
+    for dir in ["/proc", "/sys", "/dev", "/tmp", "/run"] {
+        make_dirs(tree, Path::new(dir))
+            .with_context(|| format!("cannot create {dir} in the rootfs"))?;
     }
-    std::fs::write(tree.join("etc/hostname"), "airlock\n").context("cannot write /etc/hostname")?;
-    Ok(())
+    write_file(tree, Path::new("/etc/hostname"), b"airlock\n", 0o644)
 }
 
 fn tree_bytes(root: &Path) -> Result<u64> {

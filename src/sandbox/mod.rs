@@ -43,6 +43,8 @@ pub struct Sandbox {
     id: String,
     /// The name of the image its template was made from.
     image: String,
+    /// Its guest memory (an image's recipe may set its own shape).
+    memory_mib: u32,
     vm: Vm,
     client: AgentClient,
     // Holds the VM's sockets and console log until the sandbox goes.
@@ -209,6 +211,7 @@ impl Sandbox {
         Ok(Sandbox {
             id,
             image: template.image.name().to_string(),
+            memory_mib: template.info.shape.memory_mib,
             vm,
             client,
             _run_dir: run_dir,
@@ -239,6 +242,11 @@ impl Sandbox {
     /// The name of the image it runs.
     pub fn image(&self) -> &str {
         &self.image
+    }
+
+    /// Its guest memory in MiB.
+    pub fn memory_mib(&self) -> u32 {
+        self.memory_mib
     }
 
     pub fn client(&self) -> &AgentClient {

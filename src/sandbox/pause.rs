@@ -75,6 +75,7 @@ impl Sandbox {
         let Sandbox {
             id,
             image,
+            memory_mib,
             mut vm,
             client,
             _run_dir,
@@ -110,6 +111,7 @@ impl Sandbox {
                 let sandbox = Sandbox {
                     id,
                     image,
+                    memory_mib,
                     vm,
                     client,
                     _run_dir,

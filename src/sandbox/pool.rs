@@ -160,12 +160,12 @@ impl WarmPool {
         Ok(sandbox)
     }
 
-    /// A paused sandbox, resumed over this pool's template.
     /// The name of the image its sandboxes run.
     pub fn image_name(&self) -> &str {
         self.template.image.name()
     }
 
+    /// A paused sandbox, resumed over this pool's template.
     pub async fn resume(&self, saved: &SavedSandbox) -> Result<Sandbox> {
         Sandbox::start(
             &self.template,

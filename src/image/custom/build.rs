@@ -13,11 +13,11 @@ use anyhow::{Context, Result, bail};
 
 use super::guest_config::GuestConfig;
 use super::recipe::{Base, RecipeFile};
-use super::{CustomManifest, ManifestBase, inputs, tree};
-use crate::image::command::{run_captured, run_logged};
+use super::{CustomManifest, ManifestBase, inputs, packages, tree};
+use crate::image::command::run_logged;
 use crate::image::lock::{BuildLock, Scratch};
 use crate::image::progress::{Progress, Throttle};
-use crate::image::rootfs::{self, Mount, Package};
+use crate::image::rootfs::{self, Mount};
 use crate::image::{
     Image, Manifest, ManifestAgent, ManifestKernel, ManifestRootfs, Outcome, agent, host_tools,
     kernel, publish, read_image, recipe as builtin, write_json,
@@ -57,6 +57,7 @@ pub fn ensure(cache: &Path, recipe: &RecipeFile) -> Result<(Image, Outcome)> {
         super::super::names::record(cache, name, &key)?;
         return Ok((image, Outcome::AlreadyBuilt));
     }
+    clear_interrupted_builds(cache);
     let progress = Progress::new("image");
     progress.step(&format!(
         "building the image {name:?} ({key}) from {}",
@@ -79,9 +80,9 @@ pub fn ensure(cache: &Path, recipe: &RecipeFile) -> Result<(Image, Outcome)> {
     let guest = built.run_all()?;
 
     progress.step("listing what the image holds");
-    let debian = built.debian_packages()?;
-    let pip = built.python_packages(guest.python.as_deref())?;
-    let npm = npm_packages(&root);
+    let debian = packages::debian(&root)?;
+    let pip = packages::python(&root)?;
+    let npm = packages::npm(&root)?;
     if debian.is_empty() {
         // Without dpkg, trim nothing: the paths below belong to Debian.
     } else {
@@ -131,6 +132,21 @@ pub fn ensure(cache: &Path, recipe: &RecipeFile) -> Result<(Image, Outcome)> {
     super::super::names::record(cache, name, &key)?;
     progress.step(&format!("done: {name} is {}", dir.display()));
     Ok((Image { dir, manifest }, Outcome::Built))
+}
+
+/// Removes what killed custom builds left in the scratch space (their
+/// mounts first); the caller holds the build lock, so none is running.
+fn clear_interrupted_builds(cache: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache.join("tmp")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("custom-")
+            && let Err(err) = crate::image::lock::remove_tree(&entry.path())
+        {
+            eprintln!("warning: cannot clear {}: {err:#}", entry.path().display());
+        }
+    }
 }
 
 /// `logs/image-<name>.log` in the cache, emptied for this build.
@@ -296,10 +312,18 @@ impl Steps<'_> {
         ]
         .map(String::from)
         .to_vec();
-        let staged = self.root.join(WHEELS_IN_TREE);
+        let staged_guest = Path::new("/").join(WHEELS_IN_TREE);
+        let staged = tree::resolve(self.root, &staged_guest, false)?;
         if let Some(dir) = &packages.pip_wheels {
             let dir = self.recipe.resolve(dir);
-            std::fs::create_dir_all(&staged).context("cannot stage the wheels")?;
+            // Staged in a directory of its own, never through the base's links.
+            match std::fs::symlink_metadata(&staged) {
+                Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&staged),
+                Ok(_) => std::fs::remove_file(&staged),
+                Err(_) => Ok(()),
+            }
+            .context("cannot clear the wheel staging directory")?;
+            let staged = tree::make_dirs(self.root, &staged_guest)?;
             let mut wheels = Vec::new();
             for entry in std::fs::read_dir(&dir)
                 .with_context(|| format!("cannot read the wheel directory {}", dir.display()))?
@@ -353,8 +377,7 @@ impl Steps<'_> {
             .env("LC_ALL", "C")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
-            .env("PIP_ROOT_USER_ACTION", "ignore")
-            .envs(&self.recipe.recipe.env);
+            .env("PIP_ROOT_USER_ACTION", "ignore");
         for var in [
             "http_proxy",
             "https_proxy",
@@ -414,100 +437,16 @@ impl Steps<'_> {
         config.write_into(self.root)?;
         Ok(config)
     }
-
-    fn debian_packages(&self) -> Result<Vec<Package>> {
-        if !tree::is_executable(self.root, "/usr/bin/dpkg-query") {
-            return Ok(Vec::new());
-        }
-        let mut query = Command::new("chroot");
-        query
-            .arg(self.root)
-            .args(["dpkg-query", "-W", "-f=${Package}\t${Version}\n"]);
-        Ok(rootfs::parse_package_list(&run_captured(
-            query,
-            "dpkg-query in the new root",
-        )?))
-    }
-
-    fn python_packages(&self, python: Option<&str>) -> Result<Vec<Package>> {
-        let Some(python) = python else {
-            return Ok(Vec::new());
-        };
-        let mut query = Command::new("chroot");
-        query.arg(self.root).args([
-            python,
-            "-c",
-            "import importlib.metadata as m\n\
-             for d in m.distributions():\n    print(d.metadata['Name'], d.version, sep='\\t')",
-        ]);
-        Ok(dedup(rootfs::parse_package_list(&run_captured(
-            query,
-            "listing Python packages in the new root",
-        )?)))
-    }
-}
-
-fn dedup(mut packages: Vec<Package>) -> Vec<Package> {
-    packages.dedup();
-    packages
-}
-
-/// Global npm packages, from their package.json files (no npm needed).
-fn npm_packages(root: &Path) -> Vec<Package> {
-    let mut found = Vec::new();
-    for dir in ["usr/local/lib/node_modules", "usr/lib/node_modules"] {
-        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
-            continue;
-        };
-        let mut dirs: Vec<PathBuf> = Vec::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if entry.file_name().to_string_lossy().starts_with('@') {
-                dirs.extend(
-                    std::fs::read_dir(&path)
-                        .into_iter()
-                        .flatten()
-                        .flatten()
-                        .map(|e| e.path()),
-                );
-            } else {
-                dirs.push(path);
-            }
-        }
-        for package in dirs.into_iter().take(10_000) {
-            let Ok(text) = std::fs::read_to_string(package.join("package.json")) else {
-                continue;
-            };
-            let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
-                continue;
-            };
-            if let (Some(name), Some(version)) = (json["name"].as_str(), json["version"].as_str()) {
-                found.push(Package {
-                    name: name.to_string(),
-                    version: version.to_string(),
-                });
-            }
-        }
-    }
-    found.sort_by(|a, b| a.name.cmp(&b.name).then(a.version.cmp(&b.version)));
-    found.dedup();
-    found
 }
 
 /// The agent at its path in the tree, root's and 0755.
 fn install_agent(root: &Path, agent: &[u8]) -> Result<()> {
-    let guest = Path::new(airlock_protocol::AGENT_GUEST_PATH);
-    let parent = guest.parent().context("the agent path has no parent")?;
-    let dir = tree::make_dirs(root, parent)?;
-    let file_name = guest.file_name().context("the agent path names no file")?;
-    let path = dir.join(file_name);
-    let _ = std::fs::remove_file(&path);
-    std::fs::write(&path, agent).with_context(|| format!("cannot write {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-    std::os::unix::fs::lchown(&path, Some(0), Some(0))
-        .with_context(|| format!("cannot give {} to root", path.display()))
+    tree::write_file(
+        root,
+        Path::new(airlock_protocol::AGENT_GUEST_PATH),
+        agent,
+        0o755,
+    )
 }
 
 /// /proc, DNS and /dev/{null,zero,random,urandom} for one chroot command,
@@ -540,9 +479,14 @@ impl ChrootMounts {
         let mut created = Vec::new();
         for node in ["null", "zero", "random", "urandom"] {
             let target = dev.join(node);
-            if std::fs::symlink_metadata(&target).is_err() {
-                std::fs::write(&target, b"")
-                    .with_context(|| format!("cannot create {}", target.display()))?;
+            // A bind mount follows a link: only a device node or a plain
+            // file of the tree's own is bound over, anything else replaced.
+            let usable = std::fs::symlink_metadata(&target).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_char_device() || m.is_file()
+            });
+            if !usable {
+                tree::write_file(root, &Path::new("/dev").join(node), b"", 0o666)?;
                 created.push(target.clone());
             }
             mounts.push(Mount::bind(&Path::new("/dev").join(node), &target)?);

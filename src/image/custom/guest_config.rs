@@ -43,14 +43,7 @@ impl GuestConfig {
 
     /// Writes it into the tree (root's, world-readable).
     pub fn write_into(&self, root: &Path) -> Result<()> {
-        let dir = super::tree::make_dirs(root, Path::new("/etc/airlock"))?;
         let text = serde_json::to_string_pretty(self).context("cannot serialize image.json")?;
-        let path = dir.join("image.json");
-        let _ = std::fs::remove_file(&path);
-        std::fs::write(&path, text + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
-            .with_context(|| format!("cannot set the mode of {}", path.display()))
+        super::tree::write_file(root, Path::new(GUEST_PATH), (text + "\n").as_bytes(), 0o644)
     }
 }

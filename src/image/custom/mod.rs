@@ -5,6 +5,7 @@
 pub mod build;
 pub mod guest_config;
 mod inputs;
+mod packages;
 pub mod recipe;
 pub mod tree;
 

@@ -219,6 +219,15 @@ impl Recipe {
 }
 
 fn validate(recipe: &Recipe) -> Result<(), ParseError> {
+    if recipe.name == crate::image::names::DEFAULT_IMAGE || is_image_key(&recipe.name) {
+        return Err(invalid(
+            "name",
+            format!(
+                "{:?} is taken: `default` is the built-in image, and 32 hex digits read as an image key",
+                recipe.name
+            ),
+        ));
+    }
     if !is_image_name(&recipe.name) {
         return Err(invalid(
             "name",
@@ -382,6 +391,11 @@ pub fn parse_mode(mode: &str) -> Option<u32> {
     u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o7777)
 }
 
+/// 32 hex digits: how `airlock image` names an image by its key.
+pub fn is_image_key(text: &str) -> bool {
+    text.len() == 32 && text.chars().all(|c| c.is_ascii_hexdigit())
+}
+
 pub fn is_image_name(name: &str) -> bool {
     let mut chars = name.chars();
     name.len() <= 63
@@ -538,6 +552,8 @@ memory_mib = 1024
     fn each_bad_field_is_named() {
         let cases = [
             ("name = \"Data\"", "name"),
+            ("name = \"default\"", "name"),
+            ("name = \"0123456789abcdef0123456789abcdef\"", "name"),
             ("name = \"x\"\nbase = \"ubuntu\"", "base"),
             (
                 "name = \"x\"\n[packages]\napt = [\"-o=Dpkg::Pre-Invoke=x\"]",

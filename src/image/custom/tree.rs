@@ -87,6 +87,70 @@ pub fn find_program(root: &Path, candidates: &[&str]) -> Option<String> {
         .map(|c| c.to_string())
 }
 
+/// Writes `bytes` as the file `guest` in the tree (root's, `mode`): what is
+/// there is removed first, and the new file is created without following a
+/// link, so the tree's links never lead the write onto the host.
+pub fn write_file(root: &Path, guest: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let parent = guest
+        .parent()
+        .with_context(|| format!("{} has no parent directory", guest.display()))?;
+    let name = guest
+        .file_name()
+        .with_context(|| format!("{} names no file", guest.display()))?;
+    let path = make_dirs(root, parent)?.join(name);
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_dir() => {
+            bail!("{} is a directory in the image", guest.display())
+        }
+        Ok(_) => std::fs::remove_file(&path)
+            .with_context(|| format!("cannot replace {} in the image", guest.display()))?,
+        Err(_) => {}
+    }
+    let mut file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(mode)
+        .open(&path)
+        .with_context(|| format!("cannot create {} in the image", guest.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("cannot write {} in the image", guest.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", guest.display()))?;
+    std::os::unix::fs::fchown(&file, Some(0), Some(0))
+        .with_context(|| format!("cannot give {} to root", guest.display()))
+}
+
+/// The content of the regular file `guest` in the tree (links followed
+/// inside the root only), at most `limit` bytes; none if there is none.
+pub fn read_file(root: &Path, guest: &Path, limit: u64) -> Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = resolve(root, guest, true)?;
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_file() => {}
+        _ => return Ok(None),
+    }
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)
+        .with_context(|| format!("cannot read {} in the image", guest.display()))?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {} in the image", guest.display()))?;
+    if bytes.len() as u64 > limit {
+        bail!(
+            "{} in the image is larger than {limit} bytes",
+            guest.display()
+        );
+    }
+    Ok(Some(bytes))
+}
+
 /// Copies `from` (a file or a directory, on the host) to `to` in the tree,
 /// creating parent directories (root's, 0755). Symlinks inside a copied
 /// directory are copied as links; special files are refused.
@@ -202,13 +266,19 @@ fn copy_tree(from: &Path, dest: &Path) -> Result<()> {
 /// Debian build. An existing entry for uid 1000 under another name is
 /// refused: code would run as that user.
 pub fn add_sandbox_user(root: &Path) -> Result<()> {
+    const LIMIT: u64 = 1 << 20;
     let user = super::super::rootfs::SANDBOX_USER;
     let uid = super::super::rootfs::SANDBOX_UID;
-    let etc = make_dirs(root, Path::new("/etc"))?;
-    let passwd = etc.join("passwd");
-    let text = std::fs::read_to_string(&passwd).unwrap_or_default();
+    let passwd_path = Path::new("/etc/passwd");
+    let group_path = Path::new("/etc/group");
+    let text = |path: &Path| -> Result<String> {
+        Ok(read_file(root, path, LIMIT)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default())
+    };
+    let passwd = text(passwd_path)?;
     let mut has_user = false;
-    for line in text.lines() {
+    for line in passwd.lines() {
         let fields: Vec<&str> = line.split(':').collect();
         if fields.len() >= 3 && fields[2] == uid.to_string() {
             if fields[0] != user {
@@ -221,33 +291,31 @@ pub fn add_sandbox_user(root: &Path) -> Result<()> {
             has_user = true;
         }
     }
-    let append = |path: &Path, line: String, mode: u32| -> Result<()> {
-        let mut text = std::fs::read_to_string(path).unwrap_or_default();
-        if !text.is_empty() && !text.ends_with('\n') {
-            text.push('\n');
+    let appended = |text: &str, line: &str| {
+        let mut out = text.to_string();
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
         }
-        text.push_str(&line);
-        let _ = std::fs::remove_file(path);
-        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("cannot set the mode of {}", path.display()))
+        out.push_str(line);
+        out
     };
     if !has_user {
-        if !text.lines().any(|l| l.starts_with("root:")) {
-            append(&passwd, "root:x:0:0:root:/root:/bin/sh\n".into(), 0o644)?;
+        let mut new = passwd.clone();
+        if !new.lines().any(|l| l.starts_with("root:")) {
+            new = appended(&new, "root:x:0:0:root:/root:/bin/sh\n");
         }
-        append(
-            &passwd,
-            format!("{user}:x:{uid}:{uid}::/home/{user}:/bin/bash\n"),
-            0o644,
-        )?;
-        let group = etc.join("group");
-        let groups = std::fs::read_to_string(&group).unwrap_or_default();
+        new = appended(
+            &new,
+            &format!("{user}:x:{uid}:{uid}::/home/{user}:/bin/bash\n"),
+        );
+        write_file(root, passwd_path, new.as_bytes(), 0o644)?;
+        let groups = text(group_path)?;
         if !groups
             .lines()
             .any(|l| l.split(':').nth(2) == Some(&uid.to_string()))
         {
-            append(&group, format!("{user}:x:{uid}:\n"), 0o644)?;
+            let new = appended(&groups, &format!("{user}:x:{uid}:\n"));
+            write_file(root, group_path, new.as_bytes(), 0o644)?;
         }
     }
     let home = make_dirs(root, &Path::new("/home").join(user))?;
@@ -303,6 +371,43 @@ mod tests {
             .unwrap(),
             b"data"
         );
+    }
+
+    #[test]
+    fn hostile_links_in_a_base_never_reach_the_host() {
+        let root = tempfile::tempdir().unwrap();
+        let host = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("etc")).unwrap();
+        let secret = host.path().join("shadow");
+        std::fs::write(&secret, b"root:secret-hash:::\n").unwrap();
+        std::os::unix::fs::symlink(&secret, r.join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink(host.path().join("group"), r.join("etc/group")).unwrap();
+        add_sandbox_user(r).unwrap();
+        let passwd = std::fs::read_to_string(r.join("etc/passwd")).unwrap();
+        assert!(
+            !passwd.contains("secret-hash"),
+            "the host file was read: {passwd}"
+        );
+        assert!(passwd.contains("sandbox:x:1000:1000"));
+        assert_eq!(std::fs::read(&secret).unwrap(), b"root:secret-hash:::\n");
+        assert!(
+            !host.path().join("group").exists(),
+            "a host file was written"
+        );
+
+        std::os::unix::fs::symlink(host.path().join("hostname"), r.join("etc/hostname")).unwrap();
+        write_file(r, Path::new("/etc/hostname"), b"airlock\n", 0o644).unwrap();
+        assert!(!host.path().join("hostname").exists());
+        assert!(
+            !std::fs::symlink_metadata(r.join("etc/hostname"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+
+        std::os::unix::fs::symlink("/dev/zero", r.join("etc/endless")).unwrap();
+        assert_eq!(read_file(r, Path::new("/etc/endless"), 16).unwrap(), None);
     }
 
     #[test]

@@ -455,6 +455,7 @@ impl AirlockServer {
                 let i = self.registry.info(lease);
                 info.sandbox_id = Some(i.id.clone());
                 info.image = Some(i.image.clone());
+                info.memory_mib = i.memory_mib;
                 info.age_seconds = i.age.as_secs_f64();
                 info.expires_in_seconds = i.expires_in.as_secs_f64();
                 info.lifetime_left_seconds = i.lifetime_left.as_secs_f64();

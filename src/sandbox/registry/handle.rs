@@ -27,6 +27,8 @@ pub struct Info {
     pub id: String,
     /// The image it runs.
     pub image: String,
+    /// Its guest memory (the image's shape, or the server's).
+    pub memory_mib: u32,
     pub age: Duration,
     pub idle: Duration,
     /// Time until it is destroyed if left idle from now (or reaches its lifetime).

@@ -27,7 +27,7 @@ impl<P: Provider> Registry<P> {
                 && wanted != running
             {
                 return Err(RegistryError::Invalid(format!(
-                    "this conversation's sandbox runs the image {running:?}; `image` chooses the                      image of a new sandbox only (reset_sandbox keeps the image)"
+                    "this conversation's sandbox runs the image {running:?}; `image` chooses the image of a new sandbox only (reset_sandbox keeps the image)"
                 )));
             }
             return Ok(lease);

@@ -100,11 +100,14 @@ impl<P: Provider> Registry<P> {
                 "the host has no entropy for a sandbox id".into(),
             ));
         };
+        let memory_gb = sandbox
+            .memory_mib()
+            .map_or(self.memory_gb, |mib| f64::from(mib) / 1024.0);
         let handle = Arc::new(Handle::new(
             id.clone(),
             principal,
             sandbox,
-            self.memory_gb,
+            memory_gb,
             stdio,
             self.events.clone(),
         ));

@@ -109,6 +109,11 @@ pub trait Hosted: Send + Sync + 'static {
     fn image(&self) -> &str {
         crate::image::names::DEFAULT_IMAGE
     }
+    /// Its guest memory in MiB, when it is not the server's (metered as
+    /// GB-seconds).
+    fn memory_mib(&self) -> Option<u32> {
+        None
+    }
     /// The name of the image a saved state resumes into.
     fn saved_image(_saved: &Self::Saved) -> String {
         crate::image::names::DEFAULT_IMAGE.to_string()
@@ -187,6 +192,10 @@ impl Hosted for super::Sandbox {
 
     fn image(&self) -> &str {
         super::Sandbox::image(self)
+    }
+
+    fn memory_mib(&self) -> Option<u32> {
+        Some(super::Sandbox::memory_mib(self))
     }
 
     fn saved_image(saved: &super::SavedSandbox) -> String {
@@ -422,6 +431,7 @@ impl<P: Provider> Registry<P> {
         Info {
             id: handle.id.clone(),
             image: lock(&handle.image).clone(),
+            memory_mib: (handle.memory_gb * 1024.0).round() as u32,
             age,
             // This call itself holds a lease, so "idle" is the time before it.
             idle: Duration::ZERO,
