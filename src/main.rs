@@ -65,6 +65,10 @@ enum SnapshotCommands {
         /// Guest memory of the sandboxes, in MiB.
         #[arg(long, default_value_t = airlock::vmm::config::DEFAULT_MEMORY_MIB)]
         memory_mib: u32,
+        /// The image: `default`, a built image's name, or a recipe file
+        /// (built first). A recipe's own shape wins over the flags.
+        #[arg(long, value_name = "NAME|RECIPE", default_value = "default")]
+        image: String,
     },
 }
 
@@ -301,13 +305,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Commands::Snapshot {
-            command: SnapshotCommands::Create { vcpus, memory_mib },
+            command:
+                SnapshotCommands::Create {
+                    vcpus,
+                    memory_mib,
+                    image,
+                },
         } => {
             host_kvm::check_kvm_access(&host_kvm::kvm_device_path())?;
             let cache = paths::ensure_cache_root()?;
-            let (image, _) = image::ensure(&cache).context("cannot prepare the guest image")?;
+            let image = airlock::mcp::backend::ImageSource::parse(&image)?
+                .prepare(&cache)
+                .context("cannot prepare the guest image")?;
             let exe = std::env::current_exe().context("cannot find the airlock executable")?;
-            let shape = airlock::template::TemplateShape { vcpus, memory_mib };
+            let shape = airlock::template::TemplateShape::of(
+                &image,
+                airlock::template::TemplateShape { vcpus, memory_mib },
+            );
             let template =
                 runtime()?.block_on(airlock::template::ensure(&cache, &image, shape, &exe))?;
             println!("{}", template.dir.display());

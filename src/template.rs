@@ -32,6 +32,21 @@ pub struct TemplateShape {
     pub memory_mib: u32,
 }
 
+impl TemplateShape {
+    /// The shape of `image`'s sandboxes: its recipe's, else `default`.
+    pub fn of(image: &Image, default: TemplateShape) -> TemplateShape {
+        image
+            .manifest
+            .custom
+            .as_ref()
+            .and_then(|c| c.recipe.shape)
+            .map_or(default, |s| TemplateShape {
+                vcpus: s.vcpus,
+                memory_mib: s.memory_mib,
+            })
+    }
+}
+
 impl Default for TemplateShape {
     fn default() -> Self {
         TemplateShape {

@@ -67,7 +67,7 @@ impl ImageSource {
     }
 
     /// The image, built first if its source says so.
-    fn prepare(&self, cache: &std::path::Path) -> Result<crate::image::Image> {
+    pub fn prepare(&self, cache: &std::path::Path) -> Result<crate::image::Image> {
         match self {
             ImageSource::Builtin => Ok(crate::image::ensure(cache)?.0),
             ImageSource::Recipe(recipe) => Ok(crate::image::custom::ensure(cache, recipe)?.0),
@@ -314,16 +314,7 @@ async fn prepare(recipe: &Recipe) -> Result<Arc<WarmPool>> {
         .await
         .context("the image task failed")?
         .with_context(|| format!("cannot prepare the guest image {}", recipe.source.name()))?;
-    // A recipe may give its own shape.
-    let shape = image
-        .manifest
-        .custom
-        .as_ref()
-        .and_then(|c| c.recipe.shape)
-        .map_or(recipe.shape, |s| TemplateShape {
-            vcpus: s.vcpus,
-            memory_mib: s.memory_mib,
-        });
+    let shape = TemplateShape::of(&image, recipe.shape);
     let template = crate::template::ensure(&recipe.cache, &image, shape, &recipe.airlock_exe)
         .await
         .context("cannot prepare the warm template")?;
