@@ -36,7 +36,11 @@ pub fn key(recipe: &RecipeFile, kernel_key: &str, agent_sha256: &str) -> Result<
         Base::Debian => field("base", crate::image::recipe::rootfs_key().as_bytes()),
         Base::Oci(spec) => {
             let path = oci_path(&spec);
-            let digest = digest_tree(&recipe.resolve(Path::new(path)), "the OCI base")?;
+            let digest = digest_tree(
+                &recipe.resolve(Path::new(path)),
+                "the OCI base",
+                Links::Follow,
+            )?;
             field("base", digest.as_bytes());
         }
     }
@@ -50,13 +54,16 @@ pub fn key(recipe: &RecipeFile, kernel_key: &str, agent_sha256: &str) -> Result<
         }
         field(
             "wheels",
-            digest_tree(&dir, "packages.pip_wheels")?.as_bytes(),
+            digest_tree(&dir, "packages.pip_wheels", Links::Follow)?.as_bytes(),
         );
     }
     for (i, file) in recipe.recipe.files.iter().enumerate() {
         let from = recipe.resolve(&file.from);
         let what = format!("files[{i}].from");
-        field("file", digest_tree(&from, &what)?.as_bytes());
+        field(
+            "file",
+            digest_tree(&from, &what, Links::AsLinks)?.as_bytes(),
+        );
     }
     let digest = h.finalize();
     Ok(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
@@ -67,14 +74,29 @@ pub fn oci_path(spec: &str) -> &str {
     spec.split_once(':').map_or(spec, |(_, path)| path)
 }
 
+/// How the key sees links: as the build reads them. Wheels and the OCI
+/// base are read through links; copied files keep theirs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Links {
+    Follow,
+    AsLinks,
+}
+
+fn stat(path: &Path, links: Links) -> std::io::Result<std::fs::Metadata> {
+    match links {
+        Links::Follow => std::fs::metadata(path),
+        Links::AsLinks => std::fs::symlink_metadata(path),
+    }
+}
+
 /// A digest of a file, or of a directory's names, modes, link targets and
 /// contents in a stable order.
-fn digest_tree(path: &Path, what: &str) -> Result<String> {
-    let meta = std::fs::symlink_metadata(path)
-        .with_context(|| format!("{what}: cannot read {}", path.display()))?;
+fn digest_tree(path: &Path, what: &str, links: Links) -> Result<String> {
+    let meta =
+        stat(path, links).with_context(|| format!("{what}: cannot read {}", path.display()))?;
     let mut h = Sha256::new();
     let mut count = 0usize;
-    add(&mut h, path, Path::new(""), &meta, &mut count, what)?;
+    add(&mut h, path, Path::new(""), &meta, &mut count, what, links)?;
     Ok(format!("{:x}", h.finalize()))
 }
 
@@ -85,6 +107,7 @@ fn add(
     meta: &std::fs::Metadata,
     count: &mut usize,
     what: &str,
+    links: Links,
 ) -> Result<()> {
     *count += 1;
     if *count > MAX_INPUT_FILES {
@@ -123,7 +146,7 @@ fn add(
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let child = entry.path();
-            let child_meta = std::fs::symlink_metadata(&child)
+            let child_meta = stat(&child, links)
                 .with_context(|| format!("{what}: cannot read {}", child.display()))?;
             add(
                 h,
@@ -132,6 +155,7 @@ fn add(
                 &child_meta,
                 count,
                 what,
+                links,
             )?;
         }
     } else {
@@ -190,6 +214,18 @@ mod tests {
             err.contains("pip_wheels") && err.contains("nowhere"),
             "{err}"
         );
+        // What a link points to is what the key covers.
+        std::fs::write(dir.path().join("v1.tar"), b"one").unwrap();
+        std::fs::write(dir.path().join("v2.tar"), b"two").unwrap();
+        std::os::unix::fs::symlink("v1.tar", dir.path().join("current.tar")).unwrap();
+        let linked = recipe_in(
+            dir.path(),
+            "name = \"t\"\nbase = \"oci-archive:current.tar\"\n",
+        );
+        let before = key(&linked, "k", "a").unwrap();
+        std::fs::remove_file(dir.path().join("current.tar")).unwrap();
+        std::os::unix::fs::symlink("v2.tar", dir.path().join("current.tar")).unwrap();
+        assert_ne!(before, key(&linked, "k", "a").unwrap(), "the link's target");
         let r = recipe_in(
             dir.path(),
             "name = \"t\"\nbase = \"oci-archive:missing.tar\"\n",
