@@ -221,6 +221,25 @@ impl AirlockServer {
         Ok(lease)
     }
 
+    /// The images served that `principal` may use, its default first.
+    pub(super) fn images_for(&self, principal: &str) -> Vec<String> {
+        let served = self.registry.provider().image_names();
+        match self
+            .registry
+            .limits()
+            .principals
+            .get(principal)
+            .and_then(|p| p.images.as_ref())
+        {
+            Some(allowed) => allowed
+                .iter()
+                .filter(|a| served.contains(a))
+                .cloned()
+                .collect(),
+            None => served,
+        }
+    }
+
     fn timeout(&self, seconds: Option<f64>) -> Result<Duration, Fail> {
         let max = self.limits.max_timeout;
         match seconds {

@@ -56,7 +56,8 @@ async def main() -> None:
             r = await run(b, "print(1)")
             check(r.is_error and "has no python" in text_of(r).lower(), f"Python is refused by name in an image without it: {text_of(r)!r}")
             r = await call(b, "sandbox_info")
-            check(r.structured_content["image"] == OCI, "bob's sandbox runs the OCI image")
+            info = r.structured_content
+            check(info["image"] == OCI and info["images"] == [OCI], f"bob's sandbox runs the OCI image, the only one he may use: {info['image']}, {info['images']}")
 
             # A second conversation of alice picks the OCI image.
             r = await call(a2, "run_command", command='echo "$(< /etc/layered)"', image=OCI, timeout=FIRST_CALL_TIMEOUT)

@@ -414,7 +414,7 @@ impl AirlockServer {
         let mut info = InfoResult {
             sandbox_id: None,
             image: None,
-            images: self.registry.provider().image_names(),
+            images: self.images_for(&principal),
             age_seconds: 0.0,
             expires_in_seconds: limits.idle_timeout.as_secs_f64(),
             lifetime_left_seconds: limits.max_lifetime.as_secs_f64(),

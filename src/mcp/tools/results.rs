@@ -103,8 +103,8 @@ pub struct InfoResult {
     pub sandbox_id: Option<String>,
     /// The image the sandbox runs (null before it exists).
     pub image: Option<String>,
-    /// The images this server serves, the first being the default; a
-    /// call that creates a sandbox may choose one with `image`.
+    /// The images this client may use, its default first; a call that
+    /// creates a sandbox may choose one with `image`.
     pub images: Vec<String>,
     pub age_seconds: f64,
     /// Seconds until the sandbox is destroyed if no tool uses it.

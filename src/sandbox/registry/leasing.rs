@@ -21,16 +21,16 @@ impl<P: Provider> Registry<P> {
         let binding = self.binding(conversation);
         let mut bound = binding.lock().await;
         if let Some(id) = bound.as_ref() {
-            let lease = self.lease(id, principal, Some(conversation)).await?;
-            let running = lock(&lease.handle.image).clone();
-            if let Some(wanted) = image
+            // Checked before the lease, which would resume a paused sandbox.
+            let running = self.state().handles.get(id).map(|h| lock(&h.image).clone());
+            if let (Some(wanted), Some(running)) = (image, running)
                 && wanted != running
             {
                 return Err(RegistryError::Invalid(format!(
                     "this conversation's sandbox runs the image {running:?}; `image` chooses the image of a new sandbox only (reset_sandbox keeps the image)"
                 )));
             }
-            return Ok(lease);
+            return self.lease(id, principal, Some(conversation)).await;
         }
         let handle = self.create(principal, Some(conversation), image).await?;
         *bound = Some(handle.id.clone());
