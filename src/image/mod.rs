@@ -106,36 +106,93 @@ pub enum Outcome {
     Built,
 }
 
+/// What every image is made of besides its root filesystem: the kernel
+/// (by its source version and key) and the agent.
+struct BuildInputs {
+    source_version: String,
+    kernel_key: String,
+    agent_bytes: Vec<u8>,
+    agent_sha256: String,
+}
+
+impl BuildInputs {
+    fn gather(cache: &Path) -> Result<BuildInputs> {
+        std::fs::create_dir_all(cache)
+            .with_context(|| format!("cannot create {}", cache.display()))?;
+        let source_version = kernel::source_package_version()?;
+        let agent_path = agent::locate(&cache.join("logs"))?;
+        let agent_bytes = std::fs::read(&agent_path)
+            .with_context(|| format!("cannot read the guest agent {}", agent_path.display()))?;
+        Ok(BuildInputs {
+            kernel_key: recipe::kernel_key(&source_version),
+            agent_sha256: recipe::sha256_hex(&agent_bytes),
+            source_version,
+            agent_bytes,
+        })
+    }
+
+    /// The manifest of an image `key` made of these, `kernel` and `rootfs`.
+    fn manifest(
+        &self,
+        key: &str,
+        kernel: &kernel::Kernel,
+        rootfs: ManifestRootfs,
+        custom: Option<custom::CustomManifest>,
+    ) -> Manifest {
+        Manifest {
+            recipe_hash: key.to_string(),
+            airlock_version: env!("CARGO_PKG_VERSION").to_string(),
+            build_date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            kernel: ManifestKernel {
+                recipe_hash: kernel.key.clone(),
+                version: kernel.info.version.clone(),
+                source_package_version: kernel.info.source_package_version.clone(),
+                patches: kernel.info.patches.clone(),
+                vmlinux_bytes: kernel.info.vmlinux_bytes,
+            },
+            rootfs,
+            agent: ManifestAgent {
+                path_in_guest: airlock_protocol::AGENT_GUEST_PATH.to_string(),
+                sha256: self.agent_sha256.clone(),
+                bytes: self.agent_bytes.len() as u64,
+            },
+            custom,
+        }
+    }
+}
+
+/// The image `key` if it is built, now the one `name` means.
+fn built(cache: &Path, name: &str, key: &str) -> Result<Option<Image>> {
+    let Some(image) = read_image(&cache.join("images").join(key)) else {
+        return Ok(None);
+    };
+    names::record(cache, name, key)?;
+    Ok(Some(image))
+}
+
 /// Returns the image for the current recipe, building whatever part of it is
 /// missing. Progress goes to stderr.
 pub fn ensure(cache: &Path) -> Result<(Image, Outcome)> {
-    std::fs::create_dir_all(cache).with_context(|| format!("cannot create {}", cache.display()))?;
-    let source_version = kernel::source_package_version()?;
-    let agent_path = agent::locate(&cache.join("logs"))?;
-    let agent_bytes = std::fs::read(&agent_path)
-        .with_context(|| format!("cannot read the guest agent {}", agent_path.display()))?;
-    let agent_sha256 = recipe::sha256_hex(&agent_bytes);
-    let kernel_key = recipe::kernel_key(&source_version);
+    let inputs = BuildInputs::gather(cache)?;
     let rootfs_key = recipe::rootfs_key();
-    let key = recipe::image_key(&kernel_key, &rootfs_key, &agent_sha256);
-    let dir = cache.join("images").join(&key);
-    if let Some(image) = read_image(&dir) {
-        names::record(cache, names::DEFAULT_IMAGE, &key)?;
+    let key = recipe::image_key(&inputs.kernel_key, &rootfs_key, &inputs.agent_sha256);
+    let name = names::DEFAULT_IMAGE;
+    if let Some(image) = built(cache, name, &key)? {
         return Ok((image, Outcome::AlreadyBuilt));
     }
 
     host_tools::check_all()?;
     let _lock = BuildLock::acquire(cache)?;
     // Another process may have finished it while we waited for the lock.
-    if let Some(image) = read_image(&dir) {
-        names::record(cache, names::DEFAULT_IMAGE, &key)?;
+    if let Some(image) = built(cache, name, &key)? {
         return Ok((image, Outcome::AlreadyBuilt));
     }
+    let dir = cache.join("images").join(&key);
     eprintln!(
         "airlock: preparing the guest image {key} in {} (first run only)",
         cache.display()
     );
-    let kernel = kernel::ensure(cache, &source_version)?;
+    let kernel = kernel::ensure(cache, &inputs.source_version)?;
     let rootfs = rootfs::ensure(cache)?;
 
     let progress = Progress::new("image");
@@ -148,37 +205,20 @@ pub fn ensure(cache: &Path) -> Result<(Image, Outcome)> {
     std::fs::copy(kernel.vmlinux(), out.join("vmlinux")).context("cannot copy the kernel")?;
     let ext4 = out.join("rootfs.ext4");
     std::fs::copy(rootfs.ext4(), &ext4).context("cannot copy the base root filesystem")?;
-    std::fs::write(scratch.path().join("airlock-agent"), &agent_bytes)
+    std::fs::write(scratch.path().join("airlock-agent"), &inputs.agent_bytes)
         .context("cannot stage the agent")?;
-    install_agent(scratch.path(), &ext4, agent_bytes.len() as u64)?;
+    install_agent(scratch.path(), &ext4, inputs.agent_bytes.len() as u64)?;
 
-    let manifest = Manifest {
-        recipe_hash: key.clone(),
-        airlock_version: env!("CARGO_PKG_VERSION").to_string(),
-        build_date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        kernel: ManifestKernel {
-            recipe_hash: kernel.key.clone(),
-            version: kernel.info.version.clone(),
-            source_package_version: kernel.info.source_package_version.clone(),
-            patches: kernel.info.patches.clone(),
-            vmlinux_bytes: kernel.info.vmlinux_bytes,
-        },
-        rootfs: ManifestRootfs {
-            recipe_hash: rootfs.key.clone(),
-            suite: rootfs.info.suite.clone(),
-            ext4_bytes: rootfs.info.ext4_bytes,
-            packages: rootfs.info.packages.clone(),
-        },
-        agent: ManifestAgent {
-            path_in_guest: airlock_protocol::AGENT_GUEST_PATH.to_string(),
-            sha256: agent_sha256,
-            bytes: agent_bytes.len() as u64,
-        },
-        custom: None,
+    let rootfs = ManifestRootfs {
+        recipe_hash: rootfs.key.clone(),
+        suite: rootfs.info.suite.clone(),
+        ext4_bytes: rootfs.info.ext4_bytes,
+        packages: rootfs.info.packages.clone(),
     };
+    let manifest = inputs.manifest(&key, &kernel, rootfs, None);
     write_json(&out.join("manifest.json"), &manifest)?;
     publish(&out, &dir)?;
-    names::record(cache, names::DEFAULT_IMAGE, &key)?;
+    names::record(cache, name, &key)?;
     progress.step(&format!("done: {}", dir.display()));
     Ok((Image { dir, manifest }, Outcome::Built))
 }

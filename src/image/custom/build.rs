@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -19,8 +19,8 @@ use crate::image::lock::{BuildLock, Scratch};
 use crate::image::progress::{Progress, Throttle};
 use crate::image::rootfs::{self, Mount};
 use crate::image::{
-    Image, Manifest, ManifestAgent, ManifestKernel, ManifestRootfs, Outcome, agent, host_tools,
-    kernel, publish, read_image, recipe as builtin, write_json,
+    BuildInputs, Image, ManifestRootfs, Outcome, built, host_tools, kernel, publish,
+    recipe as builtin, write_json,
 };
 
 /// Where wheels are staged inside the tree while pip runs.
@@ -29,18 +29,11 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 /// Returns the image `recipe` describes, building it if the cache has none.
 pub fn ensure(cache: &Path, recipe: &RecipeFile) -> Result<(Image, Outcome)> {
-    std::fs::create_dir_all(cache).with_context(|| format!("cannot create {}", cache.display()))?;
-    let source_version = kernel::source_package_version()?;
-    let agent_path = agent::locate(&cache.join("logs"))?;
-    let agent_bytes = std::fs::read(&agent_path)
-        .with_context(|| format!("cannot read the guest agent {}", agent_path.display()))?;
-    let agent_sha256 = builtin::sha256_hex(&agent_bytes);
-    let kernel_key = builtin::kernel_key(&source_version);
-    let key = inputs::key(recipe, &kernel_key, &agent_sha256)?;
+    let made_of = BuildInputs::gather(cache)?;
+    let key = inputs::key(recipe, &made_of.kernel_key, &made_of.agent_sha256)?;
     let dir = cache.join("images").join(&key);
     let name = &recipe.recipe.name;
-    if let Some(image) = read_image(&dir) {
-        super::super::names::record(cache, name, &key)?;
+    if let Some(image) = built(cache, name, &key)? {
         return Ok((image, Outcome::AlreadyBuilt));
     }
     // SAFETY: geteuid has no preconditions.
@@ -53,8 +46,7 @@ pub fn ensure(cache: &Path, recipe: &RecipeFile) -> Result<(Image, Outcome)> {
     }
     host_tools::check_all()?;
     let _lock = BuildLock::acquire(cache)?;
-    if let Some(image) = read_image(&dir) {
-        super::super::names::record(cache, name, &key)?;
+    if let Some(image) = built(cache, name, &key)? {
         return Ok((image, Outcome::AlreadyBuilt));
     }
     clear_interrupted_builds(cache);
@@ -63,7 +55,7 @@ pub fn ensure(cache: &Path, recipe: &RecipeFile) -> Result<(Image, Outcome)> {
         "building the image {name:?} ({key}) from {}",
         recipe.path.display()
     ));
-    let kernel = kernel::ensure(cache, &source_version)?;
+    let kernel = kernel::ensure(cache, &made_of.source_version)?;
     let scratch = Scratch::create(cache, &format!("custom-{name}-{key}"))?;
     // Outside the scratch space: a failed build's log outlives it.
     let log = build_log(cache, name)?;
@@ -89,44 +81,28 @@ pub fn ensure(cache: &Path, recipe: &RecipeFile) -> Result<(Image, Outcome)> {
         rootfs::trim(&root)?;
     }
     rootfs::prepare_guest_files(&root)?;
-    install_agent(&root, &agent_bytes)?;
+    install_agent(&root, &made_of.agent_bytes)?;
 
     let out = scratch.path().join("out");
     std::fs::create_dir(&out).context("cannot create the image output directory")?;
     let packed = rootfs::pack_ext4(&root, &out.join("rootfs.ext4"), &log, &progress)?;
     std::fs::copy(kernel.vmlinux(), out.join("vmlinux")).context("cannot copy the kernel")?;
-    let manifest = Manifest {
+    let rootfs = ManifestRootfs {
         recipe_hash: key.clone(),
-        airlock_version: env!("CARGO_PKG_VERSION").to_string(),
-        build_date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        kernel: ManifestKernel {
-            recipe_hash: kernel.key.clone(),
-            version: kernel.info.version.clone(),
-            source_package_version: kernel.info.source_package_version.clone(),
-            patches: kernel.info.patches.clone(),
-            vmlinux_bytes: kernel.info.vmlinux_bytes,
-        },
-        rootfs: ManifestRootfs {
-            recipe_hash: key.clone(),
-            suite: debian_suite,
-            ext4_bytes: packed.image_bytes,
-            packages: debian,
-        },
-        agent: ManifestAgent {
-            path_in_guest: airlock_protocol::AGENT_GUEST_PATH.to_string(),
-            sha256: agent_sha256,
-            bytes: agent_bytes.len() as u64,
-        },
-        custom: Some(CustomManifest {
-            name: name.clone(),
-            base,
-            recipe: recipe.recipe.clone(),
-            pip,
-            npm,
-            guest,
-            build_seconds: progress.elapsed().as_secs_f64(),
-        }),
+        suite: debian_suite,
+        ext4_bytes: packed.image_bytes,
+        packages: debian,
     };
+    let custom = CustomManifest {
+        name: name.clone(),
+        base,
+        recipe: recipe.recipe.clone(),
+        pip,
+        npm,
+        guest,
+        build_seconds: progress.elapsed().as_secs_f64(),
+    };
+    let manifest = made_of.manifest(&key, &kernel, rootfs, Some(custom));
     write_json(&out.join("manifest.json"), &manifest)?;
     publish(&out, &dir)?;
     super::super::names::record(cache, name, &key)?;
