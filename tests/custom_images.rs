@@ -37,18 +37,13 @@ fn names(packages: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-fn image_file(name: &str, guest_path: &str) -> String {
-    let dir = PathBuf::from(
-        String::from_utf8(
-            test_images::build(&match name {
-                test_images::DATA => test_images::data_recipe(),
-                _ => test_images::oci_recipe(),
-            })
-            .stdout,
-        )
-        .expect("utf-8")
-        .trim(),
-    );
+/// The image directory a successful build printed.
+fn built_dir(out: &std::process::Output) -> PathBuf {
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// A file's content in an image's root filesystem.
+fn image_file(dir: &Path, guest_path: &str) -> String {
     common::debugfs(&dir.join("rootfs.ext4"), &format!("cat {guest_path}"))
 }
 
@@ -72,11 +67,11 @@ fn a_recipe_with_a_debian_package_and_a_local_wheel_builds_and_lists_its_package
     assert_eq!(guest["warm"], serde_json::json!(["python", "bash"]));
     assert_eq!(guest["env"]["DEMO_GREETING"], "hello from the recipe");
     assert_eq!(
-        image_file(test_images::DATA, "/etc/airlock-test/motd.txt"),
+        image_file(&built_dir(&first), "/etc/airlock-test/motd.txt"),
         "copied in by the recipe\n"
     );
     assert_eq!(
-        image_file(test_images::DATA, "/etc/airlock-test/build-ran"),
+        image_file(&built_dir(&first), "/etc/airlock-test/build-ran"),
         "built\n"
     );
 
@@ -99,10 +94,10 @@ fn a_recipe_with_a_debian_package_and_a_local_wheel_builds_and_lists_its_package
 fn an_oci_base_has_its_layers_applied_with_whiteouts_and_overrides() {
     let out = test_images::build(&test_images::oci_recipe());
     assert!(out.status.success(), "the build failed");
-    let dir = PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim());
+    let dir = built_dir(&out);
     let ext4 = dir.join("rootfs.ext4");
     assert_eq!(
-        common::debugfs(&ext4, "cat /etc/layered"),
+        image_file(&dir, "/etc/layered"),
         "from layer 2\n",
         "a later layer's file wins"
     );
@@ -120,8 +115,8 @@ fn an_oci_base_has_its_layers_applied_with_whiteouts_and_overrides() {
         opaque.contains("upper") && !opaque.contains("lower"),
         "{opaque}"
     );
-    assert_eq!(common::debugfs(&ext4, "cat /etc/build-ran"), "built\n");
-    let passwd = common::debugfs(&ext4, "cat /etc/passwd");
+    assert_eq!(image_file(&dir, "/etc/build-ran"), "built\n");
+    let passwd = image_file(&dir, "/etc/passwd");
     assert!(passwd.contains("sandbox:x:1000:1000"), "{passwd}");
 
     let manifest = manifest_of(test_images::OCI);

@@ -194,16 +194,20 @@ impl AirlockServer {
                     .await
                     .map(|l| (l, false)),
                 Target::Explicit(id) => {
-                    let lease = self.registry.get(id, &principal).await?;
-                    let running = self.registry.info(&lease).image;
-                    if let Some(wanted) = &image
-                        && *wanted != running
-                    {
-                        return Err(crate::sandbox::registry::RegistryError::Invalid(format!(
-                            "sandbox {id} runs the image {running:?}; `image` chooses the image of a new sandbox only"
-                        )));
+                    // Checked before the lease, which would resume it.
+                    if let Some(wanted) = &image {
+                        let running = self
+                            .registry
+                            .resolve(None, Some(id), &principal)
+                            .await?
+                            .image();
+                        if *wanted != running {
+                            return Err(crate::sandbox::registry::RegistryError::Invalid(format!(
+                                "sandbox {id} runs the image {running:?}; `image` chooses the image of a new sandbox only"
+                            )));
+                        }
                     }
-                    Ok((lease, false))
+                    self.registry.get(id, &principal).await.map(|l| (l, false))
                 }
                 Target::New => self
                     .registry

@@ -440,6 +440,11 @@ impl<S: Hosted> SandboxRef<S> {
     pub fn id(&self) -> &str {
         &self.0.id
     }
+
+    /// The image it runs (or its saved state resumes into).
+    pub fn image(&self) -> String {
+        lock(&self.0.image).clone()
+    }
 }
 
 /// Use of one sandbox by one tool call. While any lease is held the sandbox
