@@ -200,6 +200,10 @@ enum ImageCommands {
         /// An image name, or a key from `airlock image list`.
         name: String,
     },
+    /// Remove what nothing can use any more: older builds of each name
+    /// (unless running or saved sandboxes need them), their templates, and
+    /// older kernels and base filesystems. Every build does this too.
+    Prune,
 }
 
 fn main() -> ExitCode {
@@ -250,6 +254,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ImageCommands::Remove { name } => {
                     eprintln!("{}", image::commands::remove(&cache, &name)?);
                 }
+                ImageCommands::Prune => print!("{}", image::commands::prune(&cache)?),
             }
             Ok(ExitCode::SUCCESS)
         }

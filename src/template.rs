@@ -79,6 +79,8 @@ pub struct Template {
     pub info: TemplateInfo,
     /// The verified seal over its files and the image's.
     pub seal: Sealed,
+    /// Keeps a prune from removing the image while sandboxes come from it.
+    pub hold: std::sync::Arc<crate::image::ImageHold>,
 }
 
 /// What a template's seal covers inside its directory.
@@ -131,6 +133,7 @@ pub fn open(cache: &Path, dir: &Path, image: &Image) -> Result<Option<Template>>
 }
 
 fn read_template(cache: &Path, dir: &Path, image: &Image) -> Result<Option<Template>> {
+    let hold = crate::image::ImageHold::acquire(image)?;
     if !dir.join(crate::seal::SEAL_FILE).is_file() {
         return Ok(None);
     }
@@ -154,6 +157,7 @@ fn read_template(cache: &Path, dir: &Path, image: &Image) -> Result<Option<Templ
         image: image.clone(),
         info,
         seal,
+        hold: std::sync::Arc::new(hold),
     }))
 }
 
@@ -201,6 +205,12 @@ async fn create(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let hold = crate::image::ImageHold::acquire(image)?;
+    crate::image::make_room(
+        cache,
+        u64::from(shape.memory_mib) << 20,
+        "making the warm template",
+    )?;
     let scratch = Scratch::create(cache, &format!("template-{name}"))?;
     let run_dir = tempfile::Builder::new()
         .prefix("airlock-tpl-")
@@ -310,6 +320,7 @@ async fn create(
         image: image.clone(),
         info,
         seal,
+        hold: std::sync::Arc::new(hold),
     })
 }
 
@@ -488,16 +499,7 @@ mod tests {
     use super::*;
 
     fn image() -> Image {
-        let manifest = serde_json::json!({
-            "recipe_hash": "e9ff", "airlock_version": "0", "build_date": "",
-            "kernel": {"recipe_hash": "", "version": "", "source_package_version": "", "patches": [], "vmlinux_bytes": 0},
-            "rootfs": {"recipe_hash": "", "suite": "", "ext4_bytes": 0, "packages": []},
-            "agent": {"path_in_guest": "", "sha256": "", "bytes": 0}
-        });
-        Image {
-            dir: PathBuf::from("/cache/images/e9ff"),
-            manifest: serde_json::from_value(manifest).unwrap(),
-        }
+        crate::image::tests::fake_image(Path::new("/cache/images/e9ff"))
     }
 
     #[test]

@@ -216,3 +216,50 @@ fn bad_inputs_give_one_clear_error_each_and_leave_no_image() {
         "a layer wrote outside the build directory"
     );
 }
+
+#[test]
+fn a_rebuilt_recipe_replaces_its_older_build_and_prune_has_nothing_left() {
+    let name = "test-prune";
+    let recipe_with = |greeting: &str| {
+        test_images::scratch_recipe(
+            name,
+            &format!(
+                "name = \"{name}\"\nbase = \"oci-archive:bash-layers.tar\"\n[env]\nGREETING = \"{greeting}\"\n"
+            ),
+        )
+    };
+    let first = test_images::build(&recipe_with("one"));
+    assert!(first.status.success(), "the first build failed");
+    let older = built_dir(&first);
+    let second = test_images::build(&recipe_with("two"));
+    assert!(second.status.success(), "the second build failed");
+    let newer = built_dir(&second);
+    assert_ne!(older, newer, "a changed recipe is a new image");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("older build(s) from the cache"),
+        "the build says what it pruned:\n{stderr}"
+    );
+    assert!(!older.exists(), "the older build is gone");
+    assert!(newer.join("rootfs.ext4").is_file());
+
+    let mut list = common::airlock();
+    list.args(["image", "list"]);
+    let listed = String::from_utf8_lossy(&common::run(list).stdout).into_owned();
+    let lines: Vec<_> = listed.lines().filter(|l| l.contains(name)).collect();
+    assert_eq!(lines.len(), 1, "{listed}");
+    assert!(!lines[0].contains("(older)"), "{listed}");
+
+    let mut prune = common::airlock();
+    prune.args(["image", "prune"]);
+    let pruned = common::run(prune);
+    assert!(pruned.status.success());
+    let report = String::from_utf8_lossy(&pruned.stdout);
+    assert!(report.contains("freed "), "{report}");
+    assert!(!report.contains(&newer.display().to_string()), "{report}");
+    assert!(newer.exists(), "the current build stays");
+
+    let mut remove = common::airlock();
+    remove.args(["image", "remove", name]);
+    assert!(common::run(remove).status.success());
+}

@@ -86,6 +86,12 @@ pub fn remove(cache: &Path, name: &str) -> Result<String> {
     ))
 }
 
+/// Removes what no one can use any more; says what went and what stayed.
+pub fn prune(cache: &Path) -> Result<String> {
+    let _lock = super::lock::BuildLock::acquire(cache)?;
+    Ok(super::prune::prune(cache)?.describe())
+}
+
 fn find(cache: &Path, name: &str) -> Result<super::Image> {
     names::find(cache, name)?.with_context(|| {
         format!(

@@ -13,6 +13,7 @@ mod agent;
 mod command;
 pub mod commands;
 pub mod custom;
+mod hold;
 mod host_tools;
 pub mod kernel;
 pub(crate) mod lock;
@@ -20,8 +21,10 @@ mod mirror;
 pub mod names;
 pub mod oci;
 mod progress;
+pub mod prune;
 pub mod recipe;
 pub mod rootfs;
+pub mod space;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,6 +38,7 @@ use lock::{BuildLock, Scratch};
 use progress::Progress;
 
 pub use agent::elf_has_interpreter;
+pub use hold::ImageHold;
 
 /// A finished guest image.
 #[derive(Debug, Clone)]
@@ -188,6 +192,7 @@ pub fn ensure(cache: &Path) -> Result<(Image, Outcome)> {
         return Ok((image, Outcome::AlreadyBuilt));
     }
     let dir = cache.join("images").join(&key);
+    make_room(cache, space::IMAGE_BUILD_BYTES, "building the guest image")?;
     eprintln!(
         "airlock: preparing the guest image {key} in {} (first run only)",
         cache.display()
@@ -220,7 +225,33 @@ pub fn ensure(cache: &Path) -> Result<(Image, Outcome)> {
     publish(&out, &dir)?;
     names::record(cache, name, &key)?;
     progress.step(&format!("done: {}", dir.display()));
+    prune_and_say(cache, &progress);
     Ok((Image { dir, manifest }, Outcome::Built))
+}
+
+/// Prunes the cache and says what that freed: after a build (which makes
+/// the one it replaces unused) or to make room for one. The caller holds
+/// the build lock. A failure here costs only disk space.
+fn prune_and_say(cache: &Path, progress: &Progress) {
+    match prune::prune(cache) {
+        Ok(report) if report.removed.is_empty() => {}
+        Ok(report) => progress.step(&format!(
+            "removed {} older build(s) from the cache, freeing {} MiB (`airlock image prune` tells what)",
+            report.removed.len(),
+            report.freed_bytes() >> 20
+        )),
+        Err(err) => progress.step(&format!("warning: cannot prune the cache: {err:#}")),
+    }
+}
+
+/// Before writing `needed` bytes into the cache: prunes if the filesystem
+/// has less free, then fails with the numbers if it still has. The caller
+/// holds the build lock.
+pub(crate) fn make_room(cache: &Path, needed: u64, what: &str) -> Result<()> {
+    if space::free_bytes(cache)? < needed {
+        prune_and_say(cache, &Progress::new("cache"));
+    }
+    space::ensure_free(cache, needed, what)
 }
 
 fn read_image(dir: &Path) -> Option<Image> {
@@ -287,4 +318,29 @@ fn publish(built: &Path, dest: &Path) -> Result<()> {
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("cannot serialize build metadata")?;
     std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A built-in image's manifest with these keys and nothing else.
+    pub fn manifest(key: &str, kernel_key: &str, rootfs_key: &str) -> Manifest {
+        let manifest = serde_json::json!({
+            "recipe_hash": key, "airlock_version": "0", "build_date": "",
+            "kernel": {"recipe_hash": kernel_key, "version": "", "source_package_version": "", "patches": [], "vmlinux_bytes": 0},
+            "rootfs": {"recipe_hash": rootfs_key, "suite": "", "ext4_bytes": 0, "packages": []},
+            "agent": {"path_in_guest": "", "sha256": "", "bytes": 0}
+        });
+        serde_json::from_value(manifest).unwrap()
+    }
+
+    /// An image at `dir` named by its directory; its files may not exist.
+    pub fn fake_image(dir: &Path) -> Image {
+        let key = dir.file_name().unwrap().to_string_lossy().into_owned();
+        Image {
+            dir: dir.to_path_buf(),
+            manifest: manifest(&key, "k", "r"),
+        }
+    }
 }

@@ -74,7 +74,7 @@ pub fn list(cache: &Path) -> Result<Vec<Listed>> {
             .ok()
             .flatten()
             .is_some_and(|named| named.dir == image.dir);
-        let disk_bytes = disk_usage(&image.dir);
+        let disk_bytes = super::prune::disk_bytes(&image.dir);
         listed.push(Listed {
             image,
             current,
@@ -91,17 +91,6 @@ pub fn list(cache: &Path) -> Result<Vec<Listed>> {
     Ok(listed)
 }
 
-fn disk_usage(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.blocks() * 512)
-        .sum()
-}
-
 /// Finds an image by name (the latest build) or by key.
 pub fn find(cache: &Path, name_or_key: &str) -> Result<Option<Image>> {
     if super::custom::recipe::is_image_key(name_or_key) {
@@ -110,11 +99,18 @@ pub fn find(cache: &Path, name_or_key: &str) -> Result<Option<Image>> {
     lookup(cache, name_or_key)
 }
 
-/// Removes an image (by name or key), its templates and its name. The
-/// caller holds the build lock.
+/// Removes an image (by name or key), its templates and its name, unless a
+/// running airlock uses it. The caller holds the build lock.
 pub fn remove(cache: &Path, name_or_key: &str) -> Result<Image> {
     let image = find(cache, name_or_key)?
         .with_context(|| format!("no image {name_or_key:?} in {}", cache.display()))?;
+    let Some(_claim) = super::hold::claim_unused(&image.dir) else {
+        anyhow::bail!(
+            "the image {} ({}) is in use by a running airlock; stop it first",
+            image.name(),
+            image.manifest.recipe_hash
+        );
+    };
     let key = image.manifest.recipe_hash.clone();
     let templates = cache.join("templates");
     if let Ok(entries) = std::fs::read_dir(&templates) {
@@ -124,10 +120,7 @@ pub fn remove(cache: &Path, name_or_key: &str) -> Result<Image> {
                 .to_string_lossy()
                 .starts_with(&format!("{key}-"))
             {
-                // A sealed template's directory may be read-only.
-                use std::os::unix::fs::PermissionsExt;
-                let _ =
-                    std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o755));
+                super::prune::make_writable(&entry.path());
                 super::lock::remove_tree(&entry.path())?;
             }
         }

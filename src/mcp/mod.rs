@@ -271,6 +271,10 @@ fn open_store(options: &ServeOptions, cache: &std::path::Path) -> Result<ServerS
     };
     let root = state_dir.join(name);
     let store = crate::sandbox::registry::Store::open(&root)?;
+    if !ephemeral {
+        // Its paused sandboxes pin their images against `image prune`.
+        crate::image::prune::register_state_root(cache, &root)?;
+    }
     tracing::info!(dir = %root.display(), pause_after = ?options.limits.pause_after, kept_across_runs = !ephemeral, "sandbox state directory");
     Ok(ServerStore {
         store: Arc::new(store),

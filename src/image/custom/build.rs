@@ -50,6 +50,11 @@ pub fn ensure(cache: &Path, recipe: &RecipeFile) -> Result<(Image, Outcome)> {
         return Ok((image, Outcome::AlreadyBuilt));
     }
     clear_interrupted_builds(cache);
+    super::super::make_room(
+        cache,
+        super::super::space::IMAGE_BUILD_BYTES,
+        &format!("building the image {name:?}"),
+    )?;
     let progress = Progress::new("image");
     progress.step(&format!(
         "building the image {name:?} ({key}) from {}",
@@ -107,6 +112,7 @@ pub fn ensure(cache: &Path, recipe: &RecipeFile) -> Result<(Image, Outcome)> {
     publish(&out, &dir)?;
     super::super::names::record(cache, name, &key)?;
     progress.step(&format!("done: {name} is {}", dir.display()));
+    super::super::prune_and_say(cache, &progress);
     Ok((Image { dir, manifest }, Outcome::Built))
 }
 

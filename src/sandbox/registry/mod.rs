@@ -50,6 +50,7 @@ pub use events::{EventFeed, Notice, SandboxEvent};
 pub use handle::{CheckpointInfo, Info, Lease, PauseRecord, SandboxRef, SnapshotUsage, Usage};
 use handle::{Handle, lock};
 pub use policy::*;
+pub use store::LOCK_FILE as STATE_LOCK_FILE;
 pub use store::Store;
 
 /// The saved state of a provider's sandboxes.

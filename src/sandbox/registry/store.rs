@@ -21,7 +21,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::handle::lock;
 
 pub const DATABASE_FILE: &str = "registry.sqlite3";
-const LOCK_FILE: &str = "lock";
+pub const LOCK_FILE: &str = "lock";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sandboxes (
