@@ -40,6 +40,17 @@ pub fn locate(log_dir: &Path) -> Result<PathBuf> {
     Ok(beside)
 }
 
+/// Flags for a static agent whose bytes do not depend on where the
+/// workspace is (CARGO_ENCODED_RUSTFLAGS: one flag per 0x1f-separated
+/// field, so a path with spaces stays one flag).
+fn reproducible_rustflags(workspace: &Path) -> std::ffi::OsString {
+    let mut flags =
+        std::ffi::OsString::from("-Ctarget-feature=+crt-static\x1f--remap-path-prefix=");
+    flags.push(workspace.as_os_str());
+    flags.push("=/airlock");
+    flags
+}
+
 fn build_from_workspace(workspace: &Path, log_dir: &Path) -> Result<PathBuf> {
     // Its own target directory: no lock contention with the cargo that is
     // running us, and the host build's flags stay untouched.
@@ -58,8 +69,11 @@ fn build_from_workspace(workspace: &Path, log_dir: &Path) -> Result<PathBuf> {
         ])
         .arg("--target-dir")
         .arg(&target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+        // The checkout's path would land in the binary (debug info, build
+        // scripts' output paths) and so in the image key: two clones would
+        // build two images and two templates of the same code.
+        .env("CARGO_ENCODED_RUSTFLAGS", reproducible_rustflags(workspace))
+        .env_remove("RUSTFLAGS");
     std::fs::create_dir_all(log_dir).context("cannot create the log directory")?;
     run_logged(
         cmd,
@@ -138,6 +152,20 @@ mod tests {
     fn dynamic_host_binary_has_an_interpreter() {
         let sh = std::fs::read("/bin/sh").unwrap();
         assert_eq!(elf_has_interpreter(&sh), Some(true));
+    }
+
+    #[test]
+    fn the_checkout_path_is_remapped_as_one_flag_even_with_spaces() {
+        let flags = reproducible_rustflags(Path::new("/home/a b/airlock"));
+        let flags = flags.to_str().unwrap();
+        let fields: Vec<&str> = flags.split('\x1f').collect();
+        assert_eq!(
+            fields,
+            [
+                "-Ctarget-feature=+crt-static",
+                "--remap-path-prefix=/home/a b/airlock=/airlock"
+            ]
+        );
     }
 
     #[test]
