@@ -74,7 +74,7 @@ mod tests {
         assert!(claim_unused(dir.path()).is_none());
         drop(hold);
         let claim = claim_unused(dir.path()).expect("free once released");
-        // A claim in progress does not stop a second claim attempt from failing.
+        // A second claim fails while the first is held.
         assert!(claim_unused(dir.path()).is_none());
         drop(claim);
     }

@@ -119,9 +119,8 @@ pub fn prune(cache: &Path) -> Result<Report> {
             kept_images.push(image);
             continue;
         }
-        let saved = std::fs::read_dir(&dir).is_ok()
-            && crate::vmm::snapshot::identity::fingerprint(&dir.join("rootfs.ext4"))
-                .is_ok_and(|f| saved_from.contains(&f));
+        let saved = crate::vmm::snapshot::identity::fingerprint(&dir.join("rootfs.ext4"))
+            .is_ok_and(|f| saved_from.contains(&f));
         if saved {
             report.kept.push(Kept {
                 path: dir,
@@ -141,7 +140,10 @@ pub fn prune(cache: &Path) -> Result<Report> {
     for dir in subdirs(&cache.join("templates"))? {
         let name = file_name(&dir);
         let image_key = name.split('-').next().unwrap_or_default();
-        if !kept_keys.contains(image_key) || template_format(&name) < Some(current_format()) {
+        // A name without a format is older than formats in names.
+        let outdated = template_format(&name)
+            .is_none_or(|format| format < crate::vmm::snapshot::FORMAT_VERSION);
+        if !kept_keys.contains(image_key) || outdated {
             remove(&dir, &mut report)?;
         }
     }
@@ -271,10 +273,6 @@ fn collect_saved(dir: &Path, depth: usize, found: &mut HashSet<String>) {
 fn template_format(name: &str) -> Option<u32> {
     name.split('-')
         .find_map(|part| part.strip_prefix('f')?.parse().ok())
-}
-
-fn current_format() -> u32 {
-    crate::vmm::snapshot::FORMAT_VERSION
 }
 
 fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
